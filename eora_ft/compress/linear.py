@@ -1,0 +1,91 @@
+"""CompressedLinear: a frozen linear layer stored as packed integer codes plus group grids."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from eora_ft.kernels.packing import pack_codes
+from eora_ft.kernels.reference import dequantize
+
+from .result import QuantizedWeight
+
+
+class CompressedLinear(nn.Module):
+    """Drop-in replacement for ``nn.Linear`` whose weight lives as packed codes (buffers, not parameters).
+
+    Buffers: ``qweight`` int32 ``[K*bits/32, N]``, ``scales`` ``[G, N]`` (compute dtype), ``zeros``
+    uint8 ``[G, N]``, optional ``mask`` bool ``[N, K]``; ``bias`` stays a frozen parameter if present.
+    The forward pass dequantizes with the pure-torch reference; the Triton kernels plug in here.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        masked: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = 1 if group_size == -1 else in_features // group_size
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
+        self.register_buffer("zeros", torch.zeros(groups, out_features, dtype=torch.uint8, device=device))
+        self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device) if masked else None)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_quantized(cls, quantized: QuantizedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> "CompressedLinear":
+        """Pack a compressor's :class:`QuantizedWeight` (codes ``[K, N]``)."""
+        k, n = quantized.codes.shape
+        spec = quantized.spec
+        layer = cls(k, n, spec.bits, spec.group_size, bias=bias is not None, masked=quantized.mask is not None, dtype=dtype, device=quantized.codes.device)
+        layer.qweight.copy_(pack_codes(quantized.codes, spec.bits))
+        layer.scales.copy_(quantized.scales.to(dtype))
+        layer.zeros.copy_(quantized.zeros.to(torch.uint8))
+        if quantized.mask is not None:
+            layer.mask.copy_(quantized.mask)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach().to(dtype))
+        return layer
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense weight ``[N, K]`` (exactly the compressor's ``W_c``)."""
+        return dequantize(
+            self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
+            mask=self.mask, dtype=dtype or self.scales.dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, sparse_mask={self.mask is not None}"
+        )
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every :class:`CompressedLinear` in ``model`` by a plain ``nn.Linear`` holding ``W_c`` (in place).
+
+    The result is an ordinary transformers model that plain PEFT, vLLM-free tooling and
+    ``save_pretrained`` understand; its outputs equal the compressed model's.
+    """
+    for path, module in list(model.named_modules()):
+        if isinstance(module, CompressedLinear):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              dtype=module.scales.dtype, device=module.scales.device)
+            dense.weight.data.copy_(module.dequantize())
+            if module.bias is not None:
+                dense.bias.data.copy_(module.bias)
+            dense.requires_grad_(False)
+            parent_path, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, child, dense)
+    return model

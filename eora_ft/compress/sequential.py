@@ -1,0 +1,170 @@
+"""The one layer-by-layer driver: every compressor and every initializer runs through it.
+
+For each decoder layer (GPTQ's sequential scheme): hooks collect one :class:`ActivationStats` per
+distinct linear input while the calibration activations of the already-compressed prefix flow
+through the layer; each target linear is compressed and every requested initializer factors its
+error from those same statistics; the linears become :class:`CompressedLinear`; the layer's
+outputs are recomputed with the compressed weights and feed the next layer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from eora_ft.init import LowRankFactors, get_initializer
+
+from .linear import CompressedLinear
+from .stats import ActivationStats, StatsCollector
+
+
+@dataclass
+class SequentialResult:
+    """Output of :func:`compress_model`.
+
+    Attributes:
+        factors: ``{module_path: {init_name: LowRankFactors}}`` (paths as in ``model.named_modules()``).
+        layers: one row per linear: relative output error ``||dW X^T|| / ||W X^T||`` before and after
+            each init's correction, and each init's effective rank.
+        calib_tokens: calibration tokens seen by every layer; seconds: wall time.
+    """
+
+    factors: dict[str, dict[str, LowRankFactors]] = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)
+    calib_tokens: int = 0
+    seconds: float = 0.0
+
+
+class _Captured(Exception):
+    pass
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks of a causal LM: ``(path, ModuleList)``; raises if the model has none."""
+    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):
+            if expected is None or len(module) == expected:
+                return name, module
+    raise ValueError(
+        f"no decoder layers found in {type(model).__name__}: expected a ModuleList named 'layers', 'h' or "
+        "'blocks' (Llama, Mistral, Qwen, GPT-2 style causal LMs)"
+    )
+
+
+def target_linears(layer: nn.Module, targets: list[str] | None) -> dict[str, nn.Linear]:
+    """Linears of one decoder layer whose last name component is in ``targets`` (None = all)."""
+    return {
+        name: m for name, m in layer.named_modules()
+        if isinstance(m, nn.Linear) and (targets is None or name.split(".")[-1] in targets)
+    }
+
+
+def _capture_layer_inputs(model: nn.Module, first_layer: nn.Module, calib_ids: torch.Tensor, batch_size: int):
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def pre_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "hidden_states")}
+        captured.append((hidden.detach(), kwargs))
+        raise _Captured
+
+    handle = first_layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, calib_ids.shape[0], batch_size):
+            try:
+                model(input_ids=calib_ids[start:start + batch_size].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], collector: StatsCollector | None = None):
+    outputs = []
+    for hidden, kwargs in inputs:
+        if collector is not None:
+            collector.next_batch()
+        out = layer(hidden, **kwargs)
+        outputs.append(((out[0] if isinstance(out, tuple) else out).detach(), kwargs))
+    return outputs
+
+
+def _relative_output_error(delta: torch.Tensor, weight: torch.Tensor, cov: torch.Tensor) -> float:
+    """``||delta X^T||_F / ||W X^T||_F`` from the covariance, without touching activations."""
+    num = torch.einsum("nk,kj,nj->", delta, cov, delta)
+    den = torch.einsum("nk,kj,nj->", weight, cov, weight)
+    return float(torch.sqrt(num.clamp_min(0) / den))
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, child, module)
+
+
+@torch.no_grad()
+def compress_model(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    compressor,
+    init_methods: list[str] = (),
+    rank: int = 16,
+    init_options: dict | None = None,
+    target_modules: list[str] | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> SequentialResult:
+    """Compress every target linear of ``model`` in place and factor each init's correction.
+
+    Args:
+        calib_ids: int64 ``[num_samples, seq_len]`` calibration tokens (no padding).
+        compressor: an object from :func:`eora_ft.compress.make_compressor`.
+        init_methods: names from :data:`eora_ft.init.INITIALIZERS`, all computed from the same pass.
+    """
+    if calib_ids.ndim != 2 or calib_ids.numel() == 0:
+        raise ValueError(f"calib_ids must be a non-empty [num_samples, seq_len] tensor, got shape {tuple(calib_ids.shape)}")
+    initializers = {name: get_initializer(name) for name in init_methods}
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    prefix, layers = find_decoder_layers(model)
+    result = SequentialResult(calib_tokens=int(calib_ids.numel()))
+    was_training = model.training
+    model.eval()
+    inputs = _capture_layer_inputs(model, layers[0], calib_ids, batch_size)
+
+    for index, layer in enumerate(tqdm(layers, desc=f"compress ({type(compressor).__name__})", disable=not progress)):
+        linears = target_linears(layer, target_modules)
+        collector = StatsCollector(linears)
+        try:
+            _run_layer(layer, inputs, collector)
+        finally:
+            collector.remove()
+        for name, linear in linears.items():
+            path = f"{prefix}.{index}.{name}"
+            stats: ActivationStats = collector.stats[name]
+            weight = linear.weight.detach().to(torch.float32)
+            quantized = compressor.compress(weight, stats)
+            packed = CompressedLinear.from_quantized(quantized, linear.bias, dtype=linear.weight.dtype)
+            delta = weight - packed.dequantize(torch.float32)
+            cov = stats.covariance().to(torch.float32)
+            row = {"layer": path, "tokens": stats.tokens, "rel_out_err/compressed": _relative_output_error(delta, weight, cov)}
+            result.factors[path] = {}
+            for init_name, init in initializers.items():
+                factors = init(delta, stats, rank, generator=generator, **(init_options or {}).get(init_name, {}))
+                result.factors[path][init_name] = factors
+                row[f"rel_out_err/{init_name}"] = _relative_output_error(delta - factors.delta(), weight, cov)
+                row[f"effective_rank/{init_name}"] = factors.effective_rank
+            result.layers.append(row)
+            _set_module(layer, name, packed)
+        inputs = _run_layer(layer, inputs)
+
+    model.train(was_training)
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,143 @@
+"""Every knob of a run, as dataclasses parsed by TRL's ``TrlParser`` from flat YAML + CLI flags.
+
+The YAML keys equal the field names; a key that no dataclass has is an error. TRL's own
+``ModelConfig`` (model id, dtype, ``lora_r``/``lora_alpha``/``lora_dropout``/``lora_target_modules``)
+and ``SFTConfig`` (the training loop) are used as they are; what is ours lives below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
+
+from eora_ft.compress import COMPRESSORS
+from eora_ft.compress.quantizer import QuantSpec
+from eora_ft.init import INITIALIZERS
+from eora_ft.init.eora import EIGEN_MODES
+
+_ASSETS = "eora_ft/assets"
+DEFAULT_MODEL = f"{_ASSETS}/models/nano-llama-5m"
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TaskArguments(ScriptArguments):
+    """What to train on and evaluate. ``dataset_name`` is a hub id or a local .json/.jsonl file/dir."""
+
+    task: str = field(default="arc_challenge", metadata={"help": "Task format: arc_challenge."})
+    dataset_name: str | None = field(
+        default=f"{_ASSETS}/data/arc/ARC-Challenge/ARC-Challenge-Train.jsonl",
+        metadata={"help": "Training data: hub id (e.g. allenai/ai2_arc) or local .json/.jsonl path."},
+    )
+    eval_dataset_name: str | None = field(
+        default=f"{_ASSETS}/data/arc/ARC-Challenge/ARC-Challenge-Dev.jsonl",
+        metadata={"help": "Evaluation data (hub id or local path); None = dataset_name with dataset_test_split."},
+    )
+    dataset_test_split: str = field(default="validation", metadata={"help": "Split evaluated when loading from the hub."})
+    train_limit: int | None = field(default=None, metadata={"help": "Use only the first N training items."})
+    eval_limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
+    ppl_dataset: str | None = field(
+        default=f"{_ASSETS}/data/wikitext2/wikitext-2-raw-v1.test.joined.txt",
+        metadata={"help": "Text for perplexity (WikiText-2 test joined); None skips perplexity."},
+    )
+    ppl_window: int = field(default=512, metadata={"help": "Perplexity window length in tokens."})
+    ppl_max_windows: int | None = field(default=40, metadata={"help": "Use only the first N windows (None = all)."})
+    ppl_after_finetune: bool = field(default=True, metadata={"help": "Also measure perplexity after fine-tuning."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Sequences per evaluation forward pass."})
+
+    def __post_init__(self) -> None:
+        if self.task != "arc_challenge":
+            raise ValueError(f"task={self.task!r} is not supported yet; valid: ['arc_challenge']")
+        if self.ppl_window < 2:
+            raise ValueError(f"ppl_window={self.ppl_window} must be at least 2")
+
+
+@dataclass
+class CompressionArguments:
+    """How the base model is compressed and which calibration data feeds the statistics."""
+
+    compress_method: str = field(default="gptq", metadata={"help": f"One of {sorted(COMPRESSORS)}."})
+    bits: int = field(default=2, metadata={"help": "Bits per weight: 2, 3, 4 or 8."})
+    group_size: int = field(default=128, metadata={"help": "Group length along in_features; -1 = per channel."})
+    sym: bool = field(default=False, metadata={"help": "Symmetric grid (zero point in the middle)."})
+    damp_percent: float = field(default=0.01, metadata={"help": "GPTQ damping, relative to mean(diag(H))."})
+    calib_dataset: str = field(
+        default=f"{_ASSETS}/data/c4/c4_en_train_head1000.jsonl",
+        metadata={"help": "Calibration text: local .jsonl (text field) / .txt, or a hub id."},
+    )
+    calib_num_samples: int = field(default=64, metadata={"help": "Calibration sequences."})
+    calib_seq_len: int = field(default=512, metadata={"help": "Tokens per calibration sequence."})
+    calib_seed: int = field(default=0, metadata={"help": "Seed for drawing calibration windows."})
+    calib_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass while compressing."})
+
+    def __post_init__(self) -> None:
+        if self.compress_method not in COMPRESSORS:
+            raise ValueError(f"compress_method={self.compress_method!r} is unknown; valid: {sorted(COMPRESSORS)}")
+        QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym)  # validates bits / group size
+        if self.calib_num_samples < 1 or self.calib_seq_len < 2:
+            raise ValueError(
+                f"calib_num_samples={self.calib_num_samples} and calib_seq_len={self.calib_seq_len} must be >= 1 and >= 2"
+            )
+
+    @property
+    def calib_tokens(self) -> int:
+        return self.calib_num_samples * self.calib_seq_len
+
+
+@dataclass
+class AdapterInitArguments:
+    """How the LoRA factors start (rank and alpha come from TRL's ``ModelConfig.lora_r``/``lora_alpha``)."""
+
+    init_method: str = field(default="eora", metadata={"help": f"One of {sorted(INITIALIZERS)}."})
+    eora_eigen_mode: str = field(default="inverse_free", metadata={"help": f"EoRA eigenvalue handling: {list(EIGEN_MODES)}."})
+    eora_shrink: float = field(default=0.0, metadata={"help": "Covariance shrinkage to a scaled identity: 0 = EoRA, 1 = SVD."})
+
+    def __post_init__(self) -> None:
+        if self.init_method not in INITIALIZERS:
+            raise ValueError(f"init_method={self.init_method!r} is unknown; valid: {sorted(INITIALIZERS)}")
+        if self.eora_eigen_mode not in EIGEN_MODES:
+            raise ValueError(f"eora_eigen_mode={self.eora_eigen_mode!r} is unknown; valid: {list(EIGEN_MODES)}")
+        if not 0.0 <= self.eora_shrink <= 1.0:
+            raise ValueError(f"eora_shrink={self.eora_shrink} must lie in [0, 1]")
+
+    def options(self) -> dict[str, dict]:
+        """Per-initializer keyword options for :func:`eora_ft.compress.sequential.compress_model`."""
+        return {"eora": {"eigen_mode": self.eora_eigen_mode, "shrink": self.eora_shrink}}
+
+
+@dataclass
+class EoraSFTConfig(SFTConfig):
+    """TRL's SFTConfig with defaults that work on any machine: bf16 only where the GPU supports it."""
+
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None = on iff a bf16-capable GPU."})
+    report_to: str | list[str] = field(default="tensorboard", metadata={"help": "Logging integrations (tensorboard, none, ...)."})
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        super().__post_init__()
+
+
+@dataclass
+class EoraModelConfig(ModelConfig):
+    """TRL's ModelConfig defaulting to the bundled nano model and the Llama projection names."""
+
+    model_name_or_path: str | None = field(default=DEFAULT_MODEL, metadata={"help": "Hub id or local directory."})
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: list(LLAMA_LINEARS), metadata={"help": "Linear names to compress and adapt."}
+    )
+
+
+RECIPE_DATACLASSES = (TaskArguments, CompressionArguments, AdapterInitArguments, EoraSFTConfig, EoraModelConfig)
+
+
+def make_parser() -> TrlParser:
+    """The parser every recipe uses: ``--config file.yaml`` plus flag overrides."""
+    return TrlParser(RECIPE_DATACLASSES)
+
+
+def parse_recipe_args(args: list[str] | None = None):
+    """Parse ``args`` (default ``sys.argv[1:]``) into the five recipe dataclasses; unknown keys raise."""
+    return make_parser().parse_args_and_config(args=args)

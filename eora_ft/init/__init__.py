@@ -1,0 +1,55 @@
+"""Adapter initializers behind one registry and one signature.
+
+Every entry is ``fn(delta_w, stats, rank, **options) -> LowRankFactors`` with ``delta_w = W - W_c``
+``[N, K]`` and ``stats`` the layer input's :class:`~eora_ft.compress.stats.ActivationStats`, so a
+comparison of initializers is a list of names.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from eora_ft.compress.stats import ActivationStats
+
+from .eora import eora_factors
+from .factors import LowRankFactors
+from .qlora import qlora_factors
+from .svd import svd_factors
+
+Initializer = Callable[..., LowRankFactors]
+
+
+def _eora(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, generator=None, **options) -> LowRankFactors:
+    if stats is None:
+        raise ValueError("eora needs activation statistics for every target layer; none were collected")
+    return eora_factors(delta_w, stats, rank, **options)
+
+
+def _svd(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, generator=None, **options) -> LowRankFactors:
+    return svd_factors(delta_w, rank)
+
+
+def _qlora(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, generator=None, **options) -> LowRankFactors:
+    return qlora_factors(delta_w, rank, generator=generator)
+
+
+INITIALIZERS: dict[str, Initializer] = {"eora": _eora, "svd": _svd, "qlora": _qlora}
+
+
+def get_initializer(name: str) -> Initializer:
+    """The initializer registered as ``name``; raises with the valid names otherwise."""
+    if name not in INITIALIZERS:
+        raise ValueError(f"unknown init method {name!r}; valid: {sorted(INITIALIZERS)}")
+    return INITIALIZERS[name]
+
+
+def check_rank(rank: int, in_features: int, out_features: int, layer: str = "layer") -> None:
+    """Raise unless ``1 <= rank <= min(in_features, out_features)``."""
+    limit = min(in_features, out_features)
+    if not 1 <= rank <= limit:
+        raise ValueError(f"rank={rank} is invalid for {layer} ({out_features}x{in_features}); valid: 1..{limit}")
+
+
+__all__ = ["INITIALIZERS", "LowRankFactors", "check_rank", "eora_factors", "get_initializer", "qlora_factors", "svd_factors"]

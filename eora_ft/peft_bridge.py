@@ -1,0 +1,92 @@
+"""PEFT LoRA over a compressed model: the adapter layer for CompressedLinear, factor loading, checks.
+
+The adapters are ordinary PEFT LoRA modules (``lora_A`` / ``lora_B``), so ``save_pretrained``
+writes the standard adapter files that plain PEFT reloads over the dequantized base.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+
+from eora_ft.compress.linear import CompressedLinear
+from eora_ft.init import LowRankFactors, check_rank
+
+
+class CompressedLoraLinear(LoraLinear):
+    """PEFT's LoRA ``Linear`` with a :class:`CompressedLinear` base (frozen packed weights)."""
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise RuntimeError(
+            "refusing to merge a LoRA adapter into packed quantized/sparse weights: it would re-quantize the "
+            "correction away. Call eora_ft.compress.linear.dequantize_model() first and merge into the dense copy."
+        )
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``scaling * B @ A`` ``[N, K]`` for ``adapter``."""
+        return self.scaling[adapter] * (self.lora_B[adapter].weight @ self.lora_A[adapter].weight)
+
+
+def lora_config(r: int, lora_alpha: float, lora_dropout: float, target_modules: list[str] | None) -> LoraConfig:
+    """A causal-LM LoraConfig that also knows how to wrap :class:`CompressedLinear`."""
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM",
+        target_modules=target_modules or "all-linear",
+    )
+    config._register_custom_module({CompressedLinear: CompressedLoraLinear})
+    return config
+
+
+def build_lora_model(
+    model: nn.Module,
+    factors: dict[str, LowRankFactors] | None,
+    config: LoraConfig,
+    adapter_name: str = "default",
+) -> PeftModel:
+    """Wrap ``model`` in PEFT LoRA and, if given, load ``factors`` (``{module_path: LowRankFactors}``).
+
+    ``lora_alpha != r`` is handled by dividing PEFT's scaling out of the factors, so the model's
+    correction is exactly ``B @ A`` of the initializer.
+    """
+    for path, module in model.named_modules():
+        if isinstance(module, (CompressedLinear, nn.Linear)) and factors and path in factors:
+            check_rank(config.r, module.in_features, module.out_features, path)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    if factors:
+        load_factors(peft_model, factors, adapter_name)
+    return peft_model
+
+
+@torch.no_grad()
+def load_factors(peft_model: PeftModel, factors: dict[str, LowRankFactors], adapter_name: str = "default") -> None:
+    """Copy ``A`` ``[r, K]`` and ``B`` ``[N, r]`` into each target's ``lora_A`` / ``lora_B`` (scaling divided out)."""
+    base = peft_model.base_model.model
+    missing = [path for path in factors if not hasattr(base.get_submodule(path), "lora_A")]
+    if missing:
+        raise ValueError(f"no LoRA adapter on {missing[:3]}...: target_modules must cover every layer with factors")
+    for path, factor in factors.items():
+        module = base.get_submodule(path)
+        scaled = factor.scaled_for_peft(module.scaling[adapter_name])
+        if not (torch.isfinite(scaled.a).all() and torch.isfinite(scaled.b).all()):
+            raise FloatingPointError(f"non-finite initial factors for {path}")
+        lora_a, lora_b = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+        if tuple(lora_a.shape) != tuple(scaled.a.shape) or tuple(lora_b.shape) != tuple(scaled.b.shape):
+            raise ValueError(f"{path}: factor shapes {tuple(scaled.a.shape)}/{tuple(scaled.b.shape)} do not match "
+                             f"the adapter's {tuple(lora_a.shape)}/{tuple(lora_b.shape)}")
+        lora_a.copy_(scaled.a.to(lora_a.dtype))
+        lora_b.copy_(scaled.b.to(lora_b.dtype))
+
+
+def trainable_summary(model: nn.Module) -> dict[str, int]:
+    """Count trainable and total parameters; raise if anything but LoRA adapters would train."""
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    stray = [name for name in trainable if "lora_" not in name]
+    if stray:
+        raise RuntimeError(f"only LoRA adapters may train, but these are trainable too: {stray[:5]}")
+    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    return {"trainable": sum(trainable.values()), "total": total}

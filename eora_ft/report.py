@@ -1,0 +1,67 @@
+"""results.json / results.md of a run, written atomically (temp file, then rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+STAGE_DESCRIPTIONS = {
+    "base": "uncompressed model",
+    "compressed": "compressed weights, no adapter",
+    "compensated": "compressed + initial adapter, before training",
+    "finetuned": "compressed + trained adapter",
+}
+METRICS = [("arc_challenge/acc", "ARC-C acc", "pct"), ("arc_challenge/acc_norm", "ARC-C acc_norm", "pct"),
+           ("wikitext2/ppl", "WikiText-2 ppl", "ppl")]
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _cell(value, kind: str) -> str:
+    if value is None:
+        return "–"
+    return f"{100 * value:.2f}" if kind == "pct" else f"{value:.2f}"
+
+
+def results_markdown(results: dict) -> str:
+    """A table with one row per stage and one column per metric, plus the run's settings."""
+    lines = [f"# {results.get('title', 'eora_ft results')}", ""]
+    header = ["stage", *[label for _, label, _ in METRICS], "what it is"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for stage, metrics in results["stages"].items():
+        cells = [_cell(metrics.get(key), kind) for key, _, kind in METRICS]
+        lines.append(f"| {stage} | " + " | ".join(cells) + f" | {STAGE_DESCRIPTIONS.get(stage, '')} |")
+    lines.append("")
+    lines.append("Accuracies in %, log-likelihood over the choices (acc_norm: divided by the choice's length);"
+                 " perplexity over non-overlapping windows.")
+    if results.get("summary"):
+        lines += ["", "| setting | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in results["summary"].items()]
+    if results.get("timings"):
+        lines += ["", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in results["timings"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(output_dir: str | Path, results: dict) -> tuple[Path, Path]:
+    """Write ``results.json`` and ``results.md`` into ``output_dir``; returns their paths."""
+    output_dir = Path(output_dir)
+    json_path, md_path = output_dir / "results.json", output_dir / "results.md"
+    atomic_write_text(json_path, json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write_text(md_path, results_markdown(results))
+    return json_path, md_path

@@ -1,0 +1,71 @@
+"""Bit packing of quantization codes along K (GPTQ layout), pure torch.
+
+Codes ``q`` are ``[K, N]`` integers in ``[0, 2**bits)``. They are packed into int32 words along K:
+``qweight`` is ``[K * bits / 32, N]`` for 2, 4 and 8 bits, element ``k`` of a word sitting at bit
+offset ``bits * (k % (32 / bits))``, the layout GPTQ checkpoints and their kernels use. 3-bit codes
+are stored planar (DESIGN.md): a 2-bit plane of the low bits ``[K / 16, N]`` stacked on a 1-bit
+plane of the high bit ``[K / 32, N]``, so every plane keeps whole words per K slab.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+_WORD = 32
+
+
+def _check(bits: int, k: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported; valid: {SUPPORTED_BITS}")
+    if k % _WORD:
+        raise ValueError(f"in_features={k} must be a multiple of {_WORD} to pack codes into int32 words")
+
+
+def _pack_plane(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    k, n = codes.shape
+    per_word = _WORD // bits
+    grouped = codes.to(torch.int64).reshape(k // per_word, per_word, n)
+    shifts = (torch.arange(per_word, dtype=torch.int64) * bits).view(1, per_word, 1)
+    words = (grouped << shifts).sum(dim=1)  # disjoint bit fields: sum == bitwise or
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
+    return words.to(torch.int32)
+
+
+def _unpack_plane(words: torch.Tensor, bits: int) -> torch.Tensor:
+    per_word = _WORD // bits
+    unsigned = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = (torch.arange(per_word, dtype=torch.int64, device=words.device) * bits).view(1, per_word, 1)
+    codes = (unsigned.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(-1, words.shape[-1])
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes ``[K, N]`` (any int dtype, values in ``[0, 2**bits)``) into int32 words.
+
+    Returns ``[K * bits / 32, N]`` int32 (3-bit: the 2-bit plane ``[K/16, N]`` then the 1-bit plane
+    ``[K/32, N]``, concatenated along dim 0).
+    """
+    _check(bits, codes.shape[0])
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits}) for bits={bits}")
+    if bits == 3:
+        codes = codes.to(torch.int64)
+        return torch.cat([_pack_plane(codes & 0b11, 2), _pack_plane(codes >> 2, 1)], dim=0)
+    return _pack_plane(codes, bits)
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 ``[K * bits / 32, N]`` -> int64 codes ``[K, N]``."""
+    _check(bits, in_features)
+    if bits == 3:
+        low_rows = in_features * 2 // _WORD
+        low = _unpack_plane(qweight[:low_rows], 2)
+        high = _unpack_plane(qweight[low_rows:], 1)
+        return low | (high << 2)
+    return _unpack_plane(qweight, bits)
+
+
+def packed_rows(in_features: int, bits: int) -> int:
+    """Number of int32 rows that ``in_features`` codes of ``bits`` bits occupy."""
+    return in_features * bits // _WORD

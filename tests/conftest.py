@@ -1,0 +1,30 @@
+"""Shared test setup: offline hub access, a 2-thread torch, and the bundled nano model."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+_ASSETS = Path(__file__).resolve().parents[1] / "eora_ft" / "assets"
+
+
+@pytest.fixture(scope="session")
+def assets_dir() -> Path:
+    return _ASSETS
+
+
+@pytest.fixture(scope="session")
+def nano_model_and_tokenizer():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _ASSETS / "models" / "nano-llama-5m"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
