@@ -78,7 +78,8 @@ def loglikelihoods(
 
     Model input is `(ctx + cont)[:-1]` left-truncated to `max_length` tokens (default: the model's
     position limit); requests are batched longest-first, right-padded with an attention mask.
-    Log-softmax runs in fp32 on the continuation positions only (`[cont_len, vocab]` per request).
+    Log-softmax runs in fp32 on the continuation positions only (`[continuation tokens in the
+    batch, vocab]`), sums in fp64.
     Returns python floats in request order.
     """
     max_length = max_length or _max_length(model, tokenizer)

@@ -12,14 +12,14 @@ import logging
 import sys
 from pathlib import Path
 
+from eora_ft.config import parse_recipe_args
+from eora_ft.pipeline import run
+from eora_ft.report import results_markdown
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "arc_nano_gptq2_eora.yaml"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from eora_ft.config import parse_recipe_args
-    from eora_ft.pipeline import run
-    from eora_ft.report import results_markdown
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         argv = ["--config", str(DEFAULT_CONFIG)]

@@ -1,0 +1,54 @@
+"""``eora-ft``: the command-line entry point.
+
+    eora-ft info                      versions and the registered compressors / initializers
+    eora-ft arc --config FILE.yaml    the ARC recipe in this process (same flags as recipes/arc.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import sys
+
+
+def _info() -> int:
+    from eora_ft.compress import COMPRESSORS
+    from eora_ft.init import INITIALIZERS
+
+    for package in ("eora_ft", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "deepspeed",
+                    "bitsandbytes", "triton"):
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"{package:14s} {version}")
+    print(f"compressors    {', '.join(sorted(COMPRESSORS))}")
+    print(f"initializers   {', '.join(sorted(INITIALIZERS))}")
+    return 0
+
+
+def _arc(argv: list[str]) -> int:
+    from eora_ft.config import parse_recipe_args
+    from eora_ft.pipeline import run
+    from eora_ft.report import results_markdown
+
+    results = run(*parse_recipe_args(argv))
+    if results.get("stages", {}).get("base"):
+        print(results_markdown(results))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="eora-ft", description="Fine-tune compressed LLMs from EoRA-initialised adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="print versions and registered methods")
+    sub.add_parser("arc", help="run the ARC recipe (flags as recipes/arc.py; --help lists them)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "info":
+        return _info()
+    return _arc(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

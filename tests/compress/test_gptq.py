@@ -1,0 +1,83 @@
+"""GPTQ against round-to-nearest on a toy layer with correlated inputs, and CompressedLinear storage."""
+
+import pytest
+import torch
+
+from eora_ft.compress import GPTQ, RTN, ActivationStats, CompressedLinear, make_compressor
+from eora_ft.compress.quantizer import QuantSpec
+
+
+def _toy_layer(seed=0, n=48, k=128, tokens=4096):
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(k, k, generator=g) / k**0.5 + torch.eye(k)
+    scales = torch.logspace(-1, 1, k)  # strongly unequal input channel energies
+    x = (torch.randn(tokens, k, generator=g) @ mixing) * scales
+    stats = ActivationStats(k)
+    stats.add_batch(x)
+    return torch.randn(n, k, generator=g), x, stats
+
+
+def _output_error(w, w_hat, x):
+    return float(torch.linalg.norm((w - w_hat) @ x.t()) / torch.linalg.norm(w @ x.t()))
+
+
+@pytest.mark.parametrize("bits,group", [(2, 128), (3, -1), (4, 32), (8, 64)])
+def test_gptq_beats_rtn_on_correlated_inputs(bits, group):
+    w, x, stats = _toy_layer()
+    rtn = RTN(bits=bits, group_size=group).compress(w, stats).dequantize()
+    gptq = GPTQ(bits=bits, group_size=group).compress(w, stats).dequantize()
+    assert _output_error(w, gptq, x) < _output_error(w, rtn, x)
+
+
+def test_gptq_codes_and_grids_are_consistent():
+    w, _, stats = _toy_layer(1)
+    q = GPTQ(bits=3, group_size=32).compress(w, stats)
+    assert q.codes.shape == (128, 48) and q.scales.shape == q.zeros.shape == (4, 48)
+    assert int(q.codes.min()) >= 0 and int(q.codes.max()) <= 7
+    assert torch.equal(q.zeros, q.zeros.round())
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_compressed_linear_round_trips_exactly(method, bits):
+    w, x, stats = _toy_layer(2)
+    quantized = make_compressor(method, bits=bits, group_size=64).compress(w, stats)
+    layer = CompressedLinear.from_quantized(quantized)
+    assert torch.equal(layer.dequantize(), quantized.dequantize())
+    assert torch.allclose(layer(x[:5]), x[:5] @ quantized.dequantize().t(), atol=1e-4)
+    assert not any(p.requires_grad for p in layer.parameters())
+    assert layer.qweight.numel() * 4 == 128 * 48 * bits // 8  # packed bytes are what the bits say
+
+
+def test_dead_input_columns_are_zeroed():
+    w, x, _ = _toy_layer(3)
+    x[:, 5] = 0
+    stats = ActivationStats(128)
+    stats.add_batch(x)
+    q = GPTQ(bits=4, group_size=-1).compress(w, stats).dequantize()
+    assert torch.all(q[:, 5].abs() <= q.abs().max())  # finite and on the grid, no NaN from a singular H
+    assert torch.isfinite(q).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"bits": 5}, "bits=5"), ({"bits": 4, "group_size": 100}, "group_size=100"),
+])
+def test_bad_quant_spec(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantSpec(**kwargs)
+
+
+def test_group_must_divide_in_features():
+    with pytest.raises(ValueError, match="does not divide in_features=96"):
+        QuantSpec(bits=4, group_size=64).group(96)
+
+
+def test_unknown_method_lists_valid_ones():
+    with pytest.raises(ValueError, match="valid: .*gptq"):
+        make_compressor("awq")
+
+
+def test_nan_activations_are_rejected():
+    stats = ActivationStats(4)
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        stats.add_batch(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))

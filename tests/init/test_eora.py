@@ -1,0 +1,114 @@
+"""EoRA is the optimum of min ||(dW - BA) X^T||_F; the baselines order as the theory says."""
+
+import pytest
+import torch
+
+from eora_ft.compress import ActivationStats
+from eora_ft.init import INITIALIZERS, check_rank, eora_factors, get_initializer, qlora_factors, svd_factors
+
+
+def _problem(seed=0, n=12, k=20, tokens=400, rank_deficient=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=g, dtype=torch.float64) @ torch.randn(k, k, generator=g, dtype=torch.float64)
+    x = x * torch.logspace(-1, 1, k, dtype=torch.float64)
+    if rank_deficient:
+        x[:, k // 2:] = x[:, : k - k // 2] @ torch.randn(k - k // 2, k // 2, generator=g, dtype=torch.float64)
+    stats = ActivationStats(k)
+    stats.add_batch(x)
+    return torch.randn(n, k, generator=g, dtype=torch.float64), x, stats
+
+
+def _weighted_error(delta, approx, x):
+    return float(torch.linalg.norm((delta - approx) @ x.t()))
+
+
+def _cholesky_optimum(delta, cov, rank):
+    """SVD-LLM / QERA-exact route: whiten with the Cholesky factor, truncate, unwhiten."""
+    chol = torch.linalg.cholesky(cov)
+    u, s, vh = torch.linalg.svd(delta @ chol, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank] @ torch.linalg.inv(chol)
+
+
+def _alternating_least_squares(delta, x, rank, starts=5, iters=300):
+    """Brute force: ALS on ||(dW - B A) X^T|| from several random starts, best objective kept."""
+    best = None
+    for seed in range(starts):
+        b = torch.randn(delta.shape[0], rank, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        for _ in range(iters):
+            a = torch.linalg.pinv(b) @ delta  # exact minimiser over A for fixed B (X has full column rank)
+            b = torch.linalg.lstsq((a @ x.t()).t(), (delta @ x.t()).t()).solution.t()
+        err = _weighted_error(delta, b @ a, x)
+        best = err if best is None else min(best, err)
+    return best
+
+
+@pytest.mark.parametrize("rank", [1, 3, 6])
+def test_eora_equals_brute_force_and_cholesky_optimum(rank):
+    delta, x, stats = _problem()
+    eora = eora_factors(delta, stats, rank).delta().double()
+    cholesky = _cholesky_optimum(delta, stats.covariance(), rank)
+    assert torch.allclose(eora, cholesky, atol=1e-4, rtol=1e-4)  # fp32 factors: round-off of fp32
+    optimum = _alternating_least_squares(delta, x, rank)
+    assert _weighted_error(delta, eora, x) == pytest.approx(optimum, rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ordering_eora_svd_none(seed):
+    delta, x, stats = _problem(seed)
+    errs = {name: _weighted_error(delta, get_initializer(name)(delta, stats, 4).delta().double(), x)
+            for name in ("eora", "svd", "qlora")}
+    none = _weighted_error(delta, torch.zeros_like(delta), x)
+    assert errs["eora"] <= errs["svd"] <= none
+    assert errs["qlora"] == pytest.approx(none)  # B = 0: outputs unchanged
+
+
+def test_clamp_and_damp_modes_match_inverse_free_on_full_rank_covariance():
+    delta, x, stats = _problem(1)
+    base = eora_factors(delta, stats, 5).delta()
+    assert torch.allclose(eora_factors(delta, stats, 5, eigen_mode="clamp").delta(), base, atol=1e-4)
+    damped = eora_factors(delta, stats, 5, eigen_mode="damp", damp=1e-6).delta()
+    assert torch.allclose(damped, base, atol=1e-3)
+
+
+def test_rank_deficient_covariance_gives_finite_factors():
+    delta, x, stats = _problem(2, rank_deficient=True)
+    for mode in ("inverse_free", "clamp", "damp"):
+        f = eora_factors(delta, stats, 8, eigen_mode=mode)
+        assert torch.isfinite(f.a).all() and torch.isfinite(f.b).all()
+    f = eora_factors(delta, stats, 8)
+    assert _weighted_error(delta, f.delta().double(), x) <= _weighted_error(delta, torch.zeros_like(delta), x)
+
+
+def test_effective_rank_reported_when_singular_values_vanish():
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(10, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 16, generator=g, dtype=torch.float64)
+    stats = ActivationStats(16)
+    stats.add_batch(torch.randn(100, 16, generator=g))
+    f = eora_factors(delta, stats, 5)
+    assert f.effective_rank == 2 and f.rank == 5
+    assert torch.all(f.a[2:] == 0) and torch.all(f.b[:, 2:] == 0)
+    assert torch.allclose(f.delta().double(), delta, atol=1e-4)
+    assert svd_factors(delta, 5).effective_rank == 2
+
+
+def test_shrink_one_is_svd():
+    delta, x, stats = _problem(3)
+    assert torch.allclose(eora_factors(delta, stats, 4, shrink=1.0).delta(), svd_factors(delta, 4).delta(), atol=1e-4)
+
+
+def test_qlora_is_peft_default_shape_and_zero_b():
+    f = qlora_factors(torch.zeros(6, 10), 3, generator=torch.Generator().manual_seed(0))
+    assert f.a.shape == (3, 10) and f.b.shape == (6, 3) and torch.all(f.b == 0) and f.a.abs().max() > 0
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="unknown init method 'pissa'; valid: .*eora"):
+        get_initializer("pissa")
+    with pytest.raises(ValueError, match="rank=0 .* valid: 1..8"):
+        check_rank(0, 8, 12)
+    with pytest.raises(ValueError, match="rank=9 .* valid: 1..8"):
+        check_rank(9, 8, 12)
+    with pytest.raises(ValueError, match="statistics"):
+        INITIALIZERS["eora"](torch.zeros(3, 4), None, 2)
+    with pytest.raises(ValueError, match="eigen_mode"):
+        eora_factors(torch.zeros(3, 4), torch.eye(4), 2, eigen_mode="nope")

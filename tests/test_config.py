@@ -1,0 +1,71 @@
+"""Every shipped config parses; bad input stops before any work with an actionable message."""
+
+from pathlib import Path
+
+import pytest
+
+from eora_ft.config import parse_recipe_args
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_parses_and_starts_with_its_command(path):
+    task, compress, init, training, model = parse_recipe_args(["--config", str(path)])
+    assert model.lora_r >= 1 and compress.bits in (2, 3, 4, 8) and init.init_method
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# accelerate launch") and path.name in first
+
+
+def _args(tmp_path, **overrides):
+    cfg = ROOT / "recipes" / "configs" / "arc_nano_gptq2_eora.yaml"
+    flags = ["--config", str(cfg), "--output_dir", str(tmp_path / "out")]
+    for key, value in overrides.items():
+        flags += [f"--{key}", str(value)]
+    return flags
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("lora_r: 8\nlora_rnak: 4\n")
+    with pytest.raises(ValueError, match="lora_rnak"):
+        parse_recipe_args(["--config", str(cfg)])
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("bits", 5, r"bits=5 is not supported; valid: \[2, 3, 4, 8\]"),
+    ("group_size", 100, "group_size=100"),
+    ("compress_method", "awq", "compress_method='awq' is unknown; valid"),
+    ("init_method", "pissa", "init_method='pissa' is unknown; valid"),
+])
+def test_invalid_values_are_rejected_at_parse_time(tmp_path, key, value, match):
+    with pytest.raises(ValueError, match=match):
+        parse_recipe_args(_args(tmp_path, **{key: value}))
+
+
+def _run(tmp_path, **overrides):
+    from eora_ft.pipeline import run
+
+    return run(*parse_recipe_args(_args(tmp_path, **overrides)))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("model_name_or_path", "./no/such/model", "model_name_or_path './no/such/model' does not exist"),
+    ("dataset_name", "data/missing-train.jsonl", "dataset_name 'data/missing-train.jsonl' does not exist"),
+    ("calib_dataset", "/nope/c4.jsonl", "calib_dataset '/nope/c4.jsonl' does not exist"),
+])
+def test_missing_paths_stop_before_any_work(tmp_path, key, value, match):
+    with pytest.raises(FileNotFoundError, match=match):
+        _run(tmp_path, **{key: value})
+    assert not (tmp_path / "out").exists()
+
+
+def test_rank_above_layer_dimensions_stops_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"rank=200 is invalid for self_attn.k_proj \(128x256\); valid: 1..128"):
+        _run(tmp_path, lora_r=200)
+    assert not (tmp_path / "out").exists()

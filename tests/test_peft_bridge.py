@@ -1,0 +1,74 @@
+"""PEFT LoRA over CompressedLinear: factors load exactly, alpha != r is divided out, files reload in plain PEFT."""
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+
+from eora_ft.compress import CompressedLinear, make_compressor
+from eora_ft.compress.linear import dequantize_model
+from eora_ft.compress.sequential import compress_model
+from eora_ft.peft_bridge import build_lora_model, lora_config, trainable_summary
+
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def compressed(nano_model_and_tokenizer):
+    model = copy.deepcopy(nano_model_and_tokenizer[0])
+    ids = torch.randint(1, 8192, (4, 64), generator=torch.Generator().manual_seed(0))
+    result = compress_model(model, ids, make_compressor("gptq", bits=2, group_size=128), ["eora"], rank=8,
+                            target_modules=LINEARS, batch_size=2, progress=False)
+    return model, {p: f["eora"] for p, f in result.factors.items()}, ids[:2]
+
+
+def _peft(compressed, r=8, alpha=8):
+    model, factors, _ = compressed
+    return build_lora_model(copy.deepcopy(model), factors, lora_config(r, alpha, 0.0, LINEARS))
+
+
+def test_adapter_holds_exactly_the_factors(compressed):
+    _, factors, _ = compressed
+    peft_model = _peft(compressed)
+    path = "model.layers.1.mlp.down_proj"
+    module = peft_model.base_model.model.get_submodule(path)
+    assert isinstance(module.base_layer, CompressedLinear)
+    assert torch.allclose(module.get_delta_weight("default"), factors[path].delta(), atol=1e-6)
+
+
+def test_alpha_different_from_r_gives_the_same_correction(compressed):
+    _, _, ids = compressed
+    with torch.no_grad():
+        same = _peft(compressed, alpha=8)(input_ids=ids).logits
+        other = _peft(compressed, alpha=32)(input_ids=ids).logits
+    assert torch.allclose(same, other, atol=1e-4)
+
+
+def test_only_adapters_train(compressed):
+    peft_model = _peft(compressed)
+    counts = trainable_summary(peft_model)
+    assert counts["trainable"] == 4 * 8 * sum([256 + 256, 256 + 128, 256 + 128, 256 + 256, 256 + 768, 256 + 768, 768 + 256])
+    peft_model.base_model.model.model.norm.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="only LoRA adapters may train"):
+        trainable_summary(peft_model)
+
+
+def test_merge_is_refused(compressed):
+    with pytest.raises(RuntimeError, match="re-quantize"):
+        _peft(compressed).merge_and_unload()
+
+
+def test_saved_adapter_reloads_in_plain_peft_over_dequantized_base(compressed, tmp_path):
+    model, _, ids = compressed
+    peft_model = _peft(compressed, alpha=16)
+    peft_model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
+    dense = dequantize_model(copy.deepcopy(model))
+    assert not any(isinstance(m, CompressedLinear) for m in dense.modules())
+    reloaded = PeftModel.from_pretrained(dense, tmp_path)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        got = reloaded(input_ids=ids).logits
+    # identical math in a different op order (dequantize-then-matmul vs stored dense weight): fp32 round-off only
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
