@@ -6,24 +6,45 @@ QuantizedWeight`` plus ``needs_stats``; the driver collects the statistics once 
 
 from __future__ import annotations
 
+from functools import partial
+
 from .gptq import GPTQ
 from .linear import CompressedLinear
+from .nf4 import NF4
+from .prune import PruneSpec
 from .quantizer import QuantSpec
-from .result import QuantizedWeight
+from .result import QuantizedWeight, SparseWeight
 from .rtn import RTN
+from .sparsegpt import SparseGPT
 from .stats import ActivationStats, StatsCollector
+from .wanda import Wanda
 
-COMPRESSORS = {"gptq": GPTQ, "rtn": RTN}
+# "gptq+sparsegpt" is the EoRA paper's joint setting: SparseGPT's sweep quantizes what it keeps.
+COMPRESSORS = {
+    "rtn": RTN,
+    "gptq": GPTQ,
+    "sparsegpt": partial(SparseGPT, bits=None),
+    "wanda": Wanda,
+    "gptq+sparsegpt": SparseGPT,
+    "nf4": NF4,
+}
+# which options each method reads (others are ignored), for clear errors and the CLI
+USES_BITS = {"rtn", "gptq", "gptq+sparsegpt"}
+USES_SPARSITY = {"sparsegpt", "wanda", "gptq+sparsegpt"}
 
 
 def make_compressor(method: str, **options):
     """Instantiate the compressor registered as ``method`` (see :data:`COMPRESSORS`)."""
     if method not in COMPRESSORS:
         raise ValueError(f"unknown compression method {method!r}; valid: {sorted(COMPRESSORS)}")
+    if method not in USES_BITS:  # e.g. a config's bits is meaningless for a pure pruner
+        options = {k: v for k, v in options.items() if k not in ("bits", "group_size", "sym")}
+    elif method == "gptq+sparsegpt" and not options.get("bits"):
+        options["bits"] = 4
     return COMPRESSORS[method](**options)
 
 
 __all__ = [
-    "COMPRESSORS", "ActivationStats", "CompressedLinear", "GPTQ", "QuantSpec", "QuantizedWeight", "RTN",
-    "StatsCollector", "make_compressor",
+    "COMPRESSORS", "NF4", "USES_BITS", "USES_SPARSITY", "ActivationStats", "CompressedLinear", "GPTQ", "PruneSpec",
+    "QuantSpec", "QuantizedWeight", "RTN", "SparseGPT", "SparseWeight", "StatsCollector", "Wanda", "make_compressor",
 ]

@@ -8,22 +8,24 @@ from torch import nn
 from eora_ft.kernels.packing import pack_codes
 from eora_ft.kernels.reference import dequantize
 
-from .result import QuantizedWeight
+from .result import QuantizedWeight, SparseWeight
 
 
 class CompressedLinear(nn.Module):
     """Drop-in replacement for ``nn.Linear`` whose weight lives as packed codes (buffers, not parameters).
 
-    Buffers: ``qweight`` int32 ``[K*bits/32, N]``, ``scales`` ``[G, N]`` (compute dtype), ``zeros``
-    uint8 ``[G, N]``, optional ``mask`` bool ``[N, K]``; ``bias`` stays a frozen parameter if present.
-    The forward pass dequantizes with the pure-torch reference; the Triton kernels plug in here.
+    Quantized (``bits`` in 2, 3, 4, 8): buffers ``qweight`` int32 ``[K*bits/32, N]``, ``scales``
+    ``[G, N]`` (compute dtype), ``zeros`` uint8 ``[G, N]``. Pruned only (``bits=None``): buffer
+    ``weight`` ``[N, K]`` (compute dtype). Either may carry ``mask`` bool ``[N, K]`` (False = pruned,
+    always exactly zero). ``bias`` stays a frozen parameter if present. The forward pass dequantizes
+    with the pure-torch reference; the Triton kernels plug in here.
     """
 
     def __init__(
         self,
         in_features: int,
         out_features: int,
-        bits: int,
+        bits: int | None,
         group_size: int,
         bias: bool = False,
         masked: bool = False,
@@ -33,12 +35,24 @@ class CompressedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
-        groups = 1 if group_size == -1 else in_features // group_size
-        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
-        self.register_buffer("zeros", torch.zeros(groups, out_features, dtype=torch.uint8, device=device))
+        if bits is None:
+            self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=dtype, device=device))
+        else:
+            groups = 1 if group_size == -1 else in_features // group_size
+            self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device))
+            self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
+            self.register_buffer("zeros", torch.zeros(groups, out_features, dtype=torch.uint8, device=device))
         self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device) if masked else None)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Dtype of the dequantized weight (PEFT reads this name to place adapters)."""
+        return (self.weight if self.bits is None else self.scales).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return (self.weight if self.bits is None else self.scales).device
 
     @classmethod
     def from_quantized(cls, quantized: QuantizedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> "CompressedLinear":
@@ -55,11 +69,24 @@ class CompressedLinear(nn.Module):
             layer.bias.data.copy_(bias.detach().to(dtype))
         return layer
 
+    @classmethod
+    def from_sparse(cls, sparse: SparseWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> "CompressedLinear":
+        """Store a pruned, unquantized weight ``[N, K]`` with its mask."""
+        n, k = sparse.weight.shape
+        layer = cls(k, n, None, -1, bias=bias is not None, masked=True, dtype=dtype, device=sparse.weight.device)
+        layer.weight.copy_((sparse.weight * sparse.mask).to(dtype))
+        layer.mask.copy_(sparse.mask)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach().to(dtype))
+        return layer
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense weight ``[N, K]`` (exactly the compressor's ``W_c``)."""
+        if self.bits is None:
+            return self.weight.to(dtype or self.compute_dtype)
         return dequantize(
             self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
-            mask=self.mask, dtype=dtype or self.scales.dtype,
+            mask=self.mask, dtype=dtype or self.compute_dtype,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,7 +94,7 @@ class CompressedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits or 'dense'}, "
             f"group_size={self.group_size}, sparse_mask={self.mask is not None}"
         )
 
@@ -81,7 +108,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     for path, module in list(model.named_modules()):
         if isinstance(module, CompressedLinear):
             dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                              dtype=module.scales.dtype, device=module.scales.device)
+                              dtype=module.compute_dtype, device=module.device)
             dense.weight.data.copy_(module.dequantize())
             if module.bias is not None:
                 dense.bias.data.copy_(module.bias)

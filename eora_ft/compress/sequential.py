@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from eora_ft.init import LowRankFactors, get_initializer
 
-from .linear import CompressedLinear
 from .stats import ActivationStats, StatsCollector
 
 
@@ -108,6 +107,14 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_path) if parent_path else root, child, module)
 
 
+def _stages(collector: StatsCollector) -> list[list[str]]:
+    """Linears grouped by shared input, in execution order: q/k/v, o, gate/up, down for Llama."""
+    groups: dict[int, list[str]] = {}
+    for name, stats in collector.stats.items():
+        groups.setdefault(id(stats), []).append(name)
+    return list(groups.values())
+
+
 @torch.no_grad()
 def compress_model(
     model: nn.Module,
@@ -119,6 +126,7 @@ def compress_model(
     target_modules: list[str] | None = None,
     batch_size: int = 8,
     seed: int = 0,
+    true_sequential: bool = True,
     progress: bool = True,
 ) -> SequentialResult:
     """Compress every target linear of ``model`` in place and factor each init's correction.
@@ -127,6 +135,8 @@ def compress_model(
         calib_ids: int64 ``[num_samples, seq_len]`` calibration tokens (no padding).
         compressor: an object from :func:`eora_ft.compress.make_compressor`.
         init_methods: names from :data:`eora_ft.init.INITIALIZERS`, all computed from the same pass.
+        true_sequential: within a layer, compress q/k/v first and re-collect the statistics of o,
+            then gate/up, then down, from the partly compressed layer (GPTQ's ``--true-sequential``).
     """
     if calib_ids.ndim != 2 or calib_ids.numel() == 0:
         raise ValueError(f"calib_ids must be a non-empty [num_samples, seq_len] tensor, got shape {tuple(calib_ids.shape)}")
@@ -141,30 +151,46 @@ def compress_model(
 
     for index, layer in enumerate(tqdm(layers, desc=f"compress ({type(compressor).__name__})", disable=not progress)):
         linears = target_linears(layer, target_modules)
-        collector = StatsCollector(linears)
-        try:
-            _run_layer(layer, inputs, collector)
-        finally:
-            collector.remove()
-        for name, linear in linears.items():
-            path = f"{prefix}.{index}.{name}"
-            stats: ActivationStats = collector.stats[name]
-            weight = linear.weight.detach().to(torch.float32)
-            quantized = compressor.compress(weight, stats)
-            packed = CompressedLinear.from_quantized(quantized, linear.bias, dtype=linear.weight.dtype)
-            delta = weight - packed.dequantize(torch.float32)
-            cov = stats.covariance().to(torch.float32)
-            row = {"layer": path, "tokens": stats.tokens, "rel_out_err/compressed": _relative_output_error(delta, weight, cov)}
-            result.factors[path] = {}
-            for init_name, init in initializers.items():
-                factors = init(delta, stats, rank, generator=generator, **(init_options or {}).get(init_name, {}))
-                result.factors[path][init_name] = factors
-                row[f"rel_out_err/{init_name}"] = _relative_output_error(delta - factors.delta(), weight, cov)
-                row[f"effective_rank/{init_name}"] = factors.effective_rank
-            result.layers.append(row)
-            _set_module(layer, name, packed)
+        if not linears:
+            raise ValueError(f"no target linears {target_modules} in decoder layer {index}")
+        collector = _collect(layer, inputs, linears)
+        stats = dict(collector.stats)
+        for stage_index, stage in enumerate(_stages(collector)):
+            if true_sequential and stage_index:
+                stats.update(_collect(layer, inputs, {name: linears[name] for name in stage}).stats)
+            for name in stage:
+                path = f"{prefix}.{index}.{name}"
+                result.layers.append(_compress_linear(layer, name, linears[name], stats[name], compressor,
+                                                      initializers, rank, init_options, generator, result, path))
         inputs = _run_layer(layer, inputs)
 
     model.train(was_training)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _collect(layer: nn.Module, inputs, linears: dict[str, nn.Module]) -> StatsCollector:
+    collector = StatsCollector(linears)
+    try:
+        _run_layer(layer, inputs, collector)
+    finally:
+        collector.remove()
+    return collector
+
+
+def _compress_linear(layer, name, linear, stats: ActivationStats, compressor, initializers, rank, init_options,
+                     generator, result: SequentialResult, path: str) -> dict:
+    """Compress one linear, factor every init's correction, swap the module in; returns its report row."""
+    weight = linear.weight.detach().to(torch.float32)
+    compressed = compressor.compress(weight, stats).to_module(linear.bias, linear.weight.dtype)
+    delta = weight - compressed.dequantize(torch.float32)  # what the stored module really computes
+    cov = stats.covariance().to(torch.float32)
+    row = {"layer": path, "tokens": stats.tokens, "rel_out_err/compressed": _relative_output_error(delta, weight, cov)}
+    result.factors[path] = {}
+    for init_name, init in initializers.items():
+        factors = init(delta, stats, rank, generator=generator, **(init_options or {}).get(init_name, {}))
+        result.factors[path][init_name] = factors
+        row[f"rel_out_err/{init_name}"] = _relative_output_error(delta - factors.delta(), weight, cov)
+        row[f"effective_rank/{init_name}"] = factors.effective_rank
+    _set_module(layer, name, compressed)
+    return row

@@ -1,0 +1,76 @@
+"""WikiText-2 perplexity and wall time of compressors (x optional EoRA/SVD compensation) on a model.
+
+Prints one JSON object per line (machine-readable) and a markdown table at the end:
+
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/compress_ppl.py \
+        --settings rtn:2:128 gptq:2:128 gptq:3:-1 --inits eora svd --rank 16
+
+A setting is ``method:bits:group_size``. Each setting starts from a fresh copy of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from eora_ft.compress import make_compressor
+from eora_ft.compress.sequential import compress_model
+from eora_ft.config import DEFAULT_MODEL, LLAMA_LINEARS
+from eora_ft.data import calibration_tokens, read_text, resolve_path
+from eora_ft.evaluate import perplexity
+from eora_ft.peft_bridge import build_lora_model, lora_config
+
+WIKITEXT = "eora_ft/assets/data/wikitext2/wikitext-2-raw-v1.test.joined.txt"
+C4 = "eora_ft/assets/data/c4/c4_en_train_head1000.jsonl"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--settings", nargs="+", default=["rtn:2:128", "gptq:2:128"])
+    parser.add_argument("--inits", nargs="*", default=["eora", "svd"])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--ppl-windows", type=int, default=40)
+    args = parser.parse_args()
+
+    path = resolve_path(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    text = read_text(resolve_path(WIKITEXT))
+    calib = calibration_tokens(tokenizer, resolve_path(C4), args.calib_samples, args.calib_seq_len)
+
+    def ppl(model) -> float:
+        return perplexity(model, tokenizer, text, window=512, max_windows=args.ppl_windows, progress=False)["ppl"]
+
+    rows = [{"setting": "uncompressed", "ppl": ppl(base), "seconds": 0.0}]
+    print(json.dumps(rows[0]), flush=True)
+    for setting in args.settings:
+        method, bits, group = setting.split(":")
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        result = compress_model(model, calib, make_compressor(method, bits=int(bits), group_size=int(group)), args.inits,
+                                rank=args.rank, target_modules=LLAMA_LINEARS, progress=False)
+        row = {"setting": setting, "ppl": ppl(model), "seconds": time.perf_counter() - start,
+               "calib_tokens": result.calib_tokens}
+        for init in args.inits:
+            factors = {p: f[init] for p, f in result.factors.items()}
+            peft_model = build_lora_model(copy.deepcopy(model), factors, lora_config(args.rank, args.rank, 0.0, LLAMA_LINEARS))
+            row[f"ppl+{init}"] = ppl(peft_model)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    columns = ["setting", "ppl", *[f"ppl+{i}" for i in args.inits], "seconds"]
+    print("\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()
