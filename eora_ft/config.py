@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
-from eora_ft.compress import COMPRESSORS
+from eora_ft.compress import COMPRESSORS, USES_BITS, USES_SPARSITY, PruneSpec
 from eora_ft.compress.quantizer import QuantSpec
 from eora_ft.init import INITIALIZERS
 from eora_ft.init.eora import EIGEN_MODES
@@ -63,6 +63,9 @@ class CompressionArguments:
     group_size: int = field(default=128, metadata={"help": "Group length along in_features; -1 = per channel."})
     sym: bool = field(default=False, metadata={"help": "Symmetric grid (zero point in the middle)."})
     damp_percent: float = field(default=0.01, metadata={"help": "GPTQ damping, relative to mean(diag(H))."})
+    act_order: bool = field(default=False, metadata={"help": "GPTQ: visit columns by decreasing Hessian diagonal (static groups)."})
+    true_sequential: bool = field(default=True, metadata={"help": "Compress q/k/v, then o, then gate/up, then down, re-collecting statistics."})
+    sparsity: str = field(default="2:4", metadata={"help": "sparsegpt / wanda / gptq+sparsegpt: 2:4, 4:8 or a ratio such as 0.5."})
     calib_dataset: str = field(
         default=f"{_ASSETS}/data/c4/c4_en_train_head1000.jsonl",
         metadata={"help": "Calibration text: local .jsonl (text field) / .txt, or a hub id."},
@@ -75,7 +78,10 @@ class CompressionArguments:
     def __post_init__(self) -> None:
         if self.compress_method not in COMPRESSORS:
             raise ValueError(f"compress_method={self.compress_method!r} is unknown; valid: {sorted(COMPRESSORS)}")
-        QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym)  # validates bits / group size
+        if self.compress_method in USES_BITS:
+            QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym)  # validates bits / group size
+        if self.compress_method in USES_SPARSITY:
+            PruneSpec.parse(self.sparsity)
         if self.calib_num_samples < 1 or self.calib_seq_len < 2:
             raise ValueError(
                 f"calib_num_samples={self.calib_num_samples} and calib_seq_len={self.calib_seq_len} must be >= 1 and >= 2"
@@ -84,6 +90,20 @@ class CompressionArguments:
     @property
     def calib_tokens(self) -> int:
         return self.calib_num_samples * self.calib_seq_len
+
+    def compressor_options(self) -> dict:
+        """Keyword options for :func:`eora_ft.compress.make_compressor` (each method reads its own)."""
+        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "damp_percent": self.damp_percent,
+                "act_order": self.act_order, "sparsity": self.sparsity}
+
+    def describe(self) -> str:
+        """Short human label, e.g. ``gptq 2-bit g128`` or ``sparsegpt 2:4``."""
+        parts = [self.compress_method]
+        if self.compress_method in USES_BITS:
+            parts.append(f"{self.bits}-bit g{self.group_size}" + (" act-order" if self.act_order else ""))
+        if self.compress_method in USES_SPARSITY:
+            parts.append(self.sparsity)
+        return " ".join(parts)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import transformers
 from accelerate import PartialState
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from eora_ft.compress import make_compressor
+from eora_ft.compress import USES_BITS, make_compressor
 from eora_ft.compress.sequential import compress_model, find_decoder_layers, target_linears
 from eora_ft.config import AdapterInitArguments, CompressionArguments, EoraModelConfig, EoraSFTConfig, TaskArguments
 from eora_ft.data import arc_sft_dataset, calibration_tokens, load_arc, read_text, resolve_path
@@ -67,7 +67,7 @@ def check_model_against_config(model: torch.nn.Module, model_args: EoraModelConf
                          f"{type(model).__name__}; names there: {sorted({n.split('.')[-1] for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)})}")
     for name, linear in linears.items():
         check_rank(model_args.lora_r, linear.in_features, linear.out_features, name)
-        if compress_args.group_size != -1 and linear.in_features % compress_args.group_size:
+        if compress_args.compress_method in USES_BITS and compress_args.group_size != -1 and linear.in_features % compress_args.group_size:
             raise ValueError(f"group_size={compress_args.group_size} does not divide in_features={linear.in_features} of {name}; "
                              "use a divisor or -1 (per channel)")
 
@@ -122,11 +122,11 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     stages = {"base": evaluate(model)}
     lap("eval_base")
 
-    compressor = make_compressor(compress_args.compress_method, bits=compress_args.bits, group_size=compress_args.group_size,
-                                 sym=compress_args.sym, damp_percent=compress_args.damp_percent)
+    compressor = make_compressor(compress_args.compress_method, **compress_args.compressor_options())
     sequential = compress_model(model, calib, compressor, [init_args.init_method], rank=model_args.lora_r,
                                 init_options=init_args.options(), target_modules=model_args.lora_target_modules,
-                                batch_size=compress_args.calib_batch_size, seed=training_args.seed, progress=progress)
+                                batch_size=compress_args.calib_batch_size, seed=training_args.seed,
+                                true_sequential=compress_args.true_sequential, progress=progress)
     lap("compress_and_init")
     stages["compressed"] = evaluate(model)
     lap("eval_compressed")
@@ -147,12 +147,12 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     lap("eval_finetuned")
 
     results = {
-        "title": f"{task_args.task}: {compress_args.compress_method} {compress_args.bits}-bit g{compress_args.group_size} "
-                 f"+ {init_args.init_method} r{model_args.lora_r} on {model_args.model_name_or_path}",
+        "title": f"{task_args.task}: {compress_args.describe()} + {init_args.init_method} r{model_args.lora_r} "
+                 f"on {model_args.model_name_or_path}",
         "stages": stages,
         "summary": {
             "model": model_args.model_name_or_path,
-            "compression": f"{compress_args.compress_method} bits={compress_args.bits} group_size={compress_args.group_size}",
+            "compression": compress_args.describe(),
             "init": f"{init_args.init_method} rank={model_args.lora_r} alpha={model_args.lora_alpha}",
             "calibration tokens": sequential.calib_tokens,
             "train items": len(train_items), "eval items": len(eval_items),

@@ -19,6 +19,11 @@ class CompressedLinear(nn.Module):
     ``weight`` ``[N, K]`` (compute dtype). Either may carry ``mask`` bool ``[N, K]`` (False = pruned,
     always exactly zero). ``bias`` stays a frozen parameter if present. The forward pass dequantizes
     with the pure-torch reference; the Triton kernels plug in here.
+
+    Optional buffer ``perm`` int64 ``[K]`` (None unless an act-order GPTQ checkpoint was imported):
+    stored input column ``j`` is original input ``perm[j]``. Storage keeps groups monotone (columns
+    sorted by group, permuted once at load), so the forward gathers ``x`` by ``perm`` instead;
+    ``dequantize()`` still returns the weight in the original input order.
     """
 
     def __init__(
@@ -43,6 +48,7 @@ class CompressedLinear(nn.Module):
             self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
             self.register_buffer("zeros", torch.zeros(groups, out_features, dtype=torch.uint8, device=device))
         self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device) if masked else None)
+        self.register_buffer("perm", None)  # set to an int64 [K] tensor by the act-order importer only
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     @property
@@ -80,8 +86,8 @@ class CompressedLinear(nn.Module):
             layer.bias.data.copy_(bias.detach().to(dtype))
         return layer
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense weight ``[N, K]`` (exactly the compressor's ``W_c``)."""
+    def _stored_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense ``[N, K]`` in storage column order (= original order unless ``perm`` is set)."""
         if self.bits is None:
             return self.weight.to(dtype or self.compute_dtype)
         return dequantize(
@@ -89,13 +95,23 @@ class CompressedLinear(nn.Module):
             mask=self.mask, dtype=dtype or self.compute_dtype,
         )
 
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense weight ``[N, K]`` in the original input order (exactly the compressor's ``W_c``)."""
+        weight = self._stored_weight(dtype)
+        if self.perm is None:
+            return weight
+        return weight.index_select(1, torch.argsort(self.perm))  # column perm[j] <- stored column j
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.dequantize(x.dtype), self.bias)
+        if self.perm is not None:  # permute the activations, not the [N, K] weight, on every call
+            x = x.index_select(-1, self.perm)
+        return nn.functional.linear(x, self._stored_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits or 'dense'}, "
             f"group_size={self.group_size}, sparse_mask={self.mask is not None}"
+            + (", act_order=True" if self.perm is not None else "")
         )
 
 
