@@ -3,9 +3,9 @@
 Prints one JSON object per line (machine-readable) and a markdown table at the end:
 
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/compress_ppl.py \
-        --settings rtn:2:128 gptq:2:128 gptq:3:-1 --inits eora svd --rank 16
+        --settings rtn/2/128 gptq/2/128 gptq/3/-1 sparsegpt/2:4 gptq+sparsegpt/4/128/2:4 nf4 --inits eora svd
 
-A setting is ``method:bits:group_size``. Each setting starts from a fresh copy of the model.
+A setting is ``method[/bits[/group_size]][/n:m or ratio][/act]``. Each starts from a fresh copy of the model.
 """
 
 from __future__ import annotations
@@ -29,10 +29,27 @@ WIKITEXT = "eora_ft/assets/data/wikitext2/wikitext-2-raw-v1.test.joined.txt"
 C4 = "eora_ft/assets/data/c4/c4_en_train_head1000.jsonl"
 
 
+def parse_setting(setting: str) -> dict:
+    """``gptq/3/-1/act`` -> ``{"method": "gptq", "bits": 3, "group_size": -1, "act_order": True}``."""
+    method, *rest = setting.split("/")
+    options: dict = {"method": method}
+    numbers = [token for token in rest if token.lstrip("-").isdigit()]
+    if numbers:
+        options["bits"] = int(numbers[0])
+    if len(numbers) > 1:
+        options["group_size"] = int(numbers[1])
+    for token in rest:
+        if ":" in token or "." in token:
+            options["sparsity"] = token
+        elif token == "act":
+            options["act_order"] = True
+    return options
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--settings", nargs="+", default=["rtn:2:128", "gptq:2:128"])
+    parser.add_argument("--settings", nargs="+", default=["rtn/2/128", "gptq/2/128"])
     parser.add_argument("--inits", nargs="*", default=["eora", "svd"])
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--calib-samples", type=int, default=64)
@@ -52,10 +69,9 @@ def main() -> None:
     rows = [{"setting": "uncompressed", "ppl": ppl(base), "seconds": 0.0}]
     print(json.dumps(rows[0]), flush=True)
     for setting in args.settings:
-        method, bits, group = setting.split(":")
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        result = compress_model(model, calib, make_compressor(method, bits=int(bits), group_size=int(group)), args.inits,
+        result = compress_model(model, calib, make_compressor(**parse_setting(setting)), args.inits,
                                 rank=args.rank, target_modules=LLAMA_LINEARS, progress=False)
         row = {"setting": setting, "ppl": ppl(model), "seconds": time.perf_counter() - start,
                "calib_tokens": result.calib_tokens}

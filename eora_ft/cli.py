@@ -1,6 +1,8 @@
 """``eora-ft``: the command-line entry point.
 
     eora-ft info                      versions and the registered compressors / initializers
+    eora-ft compress --model M --method gptq --bits 3 --output DIR
+                                      compress a model and save it (see eora_ft/commands.py)
     eora-ft arc --config FILE.yaml    the ARC recipe in this process (same flags as recipes/arc.py)
 """
 
@@ -43,10 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eora-ft", description="Fine-tune compressed LLMs from EoRA-initialised adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print versions and registered methods")
+    from eora_ft.commands import add_compress_arguments, compress_command
+
+    add_compress_arguments(sub.add_parser("compress", help="compress a model and save it"))
     sub.add_parser("arc", help="run the ARC recipe (flags as recipes/arc.py; --help lists them)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         return _info()
+    if args.command == "compress":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return compress_command(args)
     return _arc(rest)
 
 

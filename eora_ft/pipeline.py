@@ -58,15 +58,17 @@ def load_model(model_args: EoraModelConfig):
     return tokenizer, model
 
 
-def check_model_against_config(model: torch.nn.Module, model_args: EoraModelConfig, compress_args: CompressionArguments) -> None:
-    """Fail before any work if the rank or the group size cannot fit the model's target linears."""
+def check_model_against_config(model: torch.nn.Module, targets: list[str] | None, compress_args: CompressionArguments,
+                               rank: int | None = None) -> None:
+    """Fail before any work if the targets, the rank or the group size cannot fit the model's linears."""
     _, layers = find_decoder_layers(model)
-    linears = target_linears(layers[0], model_args.lora_target_modules)
+    linears = target_linears(layers[0], targets)
     if not linears:
-        raise ValueError(f"lora_target_modules={model_args.lora_target_modules} match no linear in "
-                         f"{type(model).__name__}; names there: {sorted({n.split('.')[-1] for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)})}")
+        names = sorted({n.split(".")[-1] for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"target modules {targets} match no linear in {type(model).__name__}; names there: {names}")
     for name, linear in linears.items():
-        check_rank(model_args.lora_r, linear.in_features, linear.out_features, name)
+        if rank is not None:
+            check_rank(rank, linear.in_features, linear.out_features, name)
         if compress_args.compress_method in USES_BITS and compress_args.group_size != -1 and linear.in_features % compress_args.group_size:
             raise ValueError(f"group_size={compress_args.group_size} does not divide in_features={linear.in_features} of {name}; "
                              "use a divisor or -1 (per channel)")
@@ -101,7 +103,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         clock = now
 
     tokenizer, model = load_model(model_args)
-    check_model_against_config(model, model_args, compress_args)
+    check_model_against_config(model, model_args.lora_target_modules, compress_args, model_args.lora_r)
     eval_source = task_args.eval_dataset_name or task_args.dataset_name
     eval_items = load_arc(resolve_path(eval_source), split=task_args.dataset_test_split, name=task_args.dataset_config,
                           limit=task_args.eval_limit)

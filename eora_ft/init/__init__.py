@@ -13,6 +13,7 @@ import torch
 
 from eora_ft.compress.stats import ActivationStats
 
+from .act_diag import act_diag_factors
 from .eora import eora_factors
 from .factors import LowRankFactors
 from .qlora import qlora_factors
@@ -31,11 +32,17 @@ def _svd(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, genera
     return svd_factors(delta_w, rank)
 
 
+def _act_diag(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, generator=None, **options) -> LowRankFactors:
+    if stats is None:
+        raise ValueError("act_diag needs activation statistics for every target layer; none were collected")
+    return act_diag_factors(delta_w, stats, rank)
+
+
 def _qlora(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, generator=None, **options) -> LowRankFactors:
     return qlora_factors(delta_w, rank, generator=generator)
 
 
-INITIALIZERS: dict[str, Initializer] = {"eora": _eora, "svd": _svd, "qlora": _qlora}
+INITIALIZERS: dict[str, Initializer] = {"eora": _eora, "act_diag": _act_diag, "svd": _svd, "qlora": _qlora}
 
 
 def get_initializer(name: str) -> Initializer:
@@ -52,4 +59,4 @@ def check_rank(rank: int, in_features: int, out_features: int, layer: str = "lay
         raise ValueError(f"rank={rank} is invalid for {layer} ({out_features}x{in_features}); valid: 1..{limit}")
 
 
-__all__ = ["INITIALIZERS", "LowRankFactors", "check_rank", "eora_factors", "get_initializer", "qlora_factors", "svd_factors"]
+__all__ = ["INITIALIZERS", "LowRankFactors", "act_diag_factors", "check_rank", "eora_factors", "get_initializer", "qlora_factors", "svd_factors"]

@@ -81,3 +81,14 @@ def test_nan_activations_are_rejected():
     stats = ActivationStats(4)
     with pytest.raises(FloatingPointError, match="NaN or Inf"):
         stats.add_batch(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_memory_is_what_the_bits_say(bits):
+    w, _, stats = _toy_layer(4, n=256, k=512)
+    layer = CompressedLinear.from_quantized(RTN(bits=bits, group_size=128).compress(w, stats))
+    bf16_bytes = 256 * 512 * 2
+    code_bytes = layer.qweight.numel() * layer.qweight.element_size()
+    assert code_bytes / bf16_bytes == bits / 16
+    grid_bytes = sum(b.numel() * b.element_size() for b in (layer.scales, layer.zeros))
+    assert grid_bytes == (512 // 128) * 256 * (4 + 1)  # fp32 scale + uint8 zero per group and row

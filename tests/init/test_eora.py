@@ -29,7 +29,7 @@ def _cholesky_optimum(delta, cov, rank):
     return (u[:, :rank] * s[:rank]) @ vh[:rank] @ torch.linalg.inv(chol)
 
 
-def _alternating_least_squares(delta, x, rank, starts=5, iters=300):
+def _alternating_least_squares(delta, x, rank, starts=3, iters=200):
     """Brute force: ALS on ||(dW - B A) X^T|| from several random starts, best objective kept."""
     best = None
     for seed in range(starts):
@@ -56,9 +56,10 @@ def test_eora_equals_brute_force_and_cholesky_optimum(rank):
 def test_ordering_eora_svd_none(seed):
     delta, x, stats = _problem(seed)
     errs = {name: _weighted_error(delta, get_initializer(name)(delta, stats, 4).delta().double(), x)
-            for name in ("eora", "svd", "qlora")}
+            for name in ("eora", "act_diag", "svd", "qlora")}
     none = _weighted_error(delta, torch.zeros_like(delta), x)
     assert errs["eora"] <= errs["svd"] <= none
+    assert errs["eora"] <= errs["act_diag"] <= none
     assert errs["qlora"] == pytest.approx(none)  # B = 0: outputs unchanged
 
 
@@ -89,6 +90,15 @@ def test_effective_rank_reported_when_singular_values_vanish():
     assert torch.all(f.a[2:] == 0) and torch.all(f.b[:, 2:] == 0)
     assert torch.allclose(f.delta().double(), delta, atol=1e-4)
     assert svd_factors(delta, 5).effective_rank == 2
+
+
+def test_act_diag_is_optimal_for_the_diagonal_weighting():
+    delta, x, stats = _problem(5)
+    d = torch.diag(torch.diag(stats.covariance()).sqrt())
+    u, s, vh = torch.linalg.svd(delta @ d, full_matrices=False)
+    best = float(torch.linalg.norm(delta @ d - (u[:, :4] * s[:4]) @ vh[:4]))
+    got = get_initializer("act_diag")(delta, stats, 4).delta().double()
+    assert float(torch.linalg.norm((delta - got) @ d)) == pytest.approx(best, rel=1e-5)
 
 
 def test_shrink_one_is_svd():

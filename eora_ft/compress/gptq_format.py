@@ -1,0 +1,166 @@
+"""The GPTQ checkpoint layout (AutoGPTQ / GPTQModel / transformers / vLLM), per layer, pure torch.
+
+One quantized linear ``prefix`` with ``K`` inputs, ``N`` outputs and ``G`` groups is stored as:
+
+- ``prefix.qweight`` int32 ``[K*bits/32, N]``: codes packed along K. Every run of 32 codes forms one
+  little-endian bit stream of ``bits`` words, code ``i`` at stream bit ``bits*i``. For 2/4/8 bits no
+  code crosses a word, which is exactly our own packing; for 3 bits codes 10 and 21 straddle words
+  (AutoGPTQ ``QuantLinear.pack``), unlike our planar 3-bit storage.
+- ``prefix.qzeros`` int32 ``[G, N*bits/32]``: zero points packed the same way along N. Format
+  ``"gptq"`` (v1, what every GPTQ kernel reads) stores ``zero - 1`` and kernels add the 1 back;
+  ``"gptq_v2"`` (GPTQModel) stores ``zero`` itself.
+- ``prefix.scales`` fp16 ``[G, N]``; ``prefix.g_idx`` int32 ``[K]`` (group of input k; ``k // group_size``
+  unless act-order); ``prefix.bias`` optional.
+
+Dequantization: ``W[n, k] = scales[g_idx[k], n] * (q[k, n] - zero[g_idx[k], n])``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from eora_ft.kernels.packing import SUPPORTED_BITS, pack_codes, unpack_codes
+
+from .linear import CompressedLinear
+from .quantizer import SUPPORTED_GROUP_SIZES
+
+ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what is subtracted from each zero point
+_WORD = 32
+
+
+def _check_rows(rows: int, bits: int, what: str) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported by the GPTQ layout here; valid: {list(SUPPORTED_BITS)}")
+    if rows % _WORD:
+        # GPTQ packers size buffers as rows // 32 * bits: anything else silently loses codes
+        raise ValueError(f"{what}={rows} must be a multiple of 32 for the GPTQ layout")
+
+
+def pack_gptq(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes ``[R, C]`` (values in ``[0, 2**bits)``) along R: int32 ``[R*bits/32, C]``, GPTQ bit stream."""
+    rows, cols = codes.shape
+    _check_rows(rows, bits, "rows")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
+        raise ValueError(f"codes must lie in [0, {2**bits}) for bits={bits}")
+    blocks = codes.to(torch.int64).reshape(rows // _WORD, _WORD, cols)
+    words = torch.zeros(rows // _WORD, bits, cols, dtype=torch.int64, device=codes.device)
+    for i in range(_WORD):  # code i sits at stream bit bits*i: word w, offset off
+        w, off = divmod(bits * i, _WORD)
+        words[:, w] |= (blocks[:, i] << off) & 0xFFFFFFFF
+        if off + bits > _WORD:  # 3-bit codes 10 and 21: the high bits spill into the next word
+            words[:, w + 1] |= blocks[:, i] >> (_WORD - off)
+    words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
+    return words.reshape(-1, cols).to(torch.int32)
+
+
+def unpack_gptq(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """Inverse of :func:`pack_gptq`: int32 ``[rows*bits/32, C]`` -> int64 codes ``[rows, C]``."""
+    _check_rows(rows, bits, "rows")
+    if words.shape[0] * _WORD != rows * bits:
+        raise ValueError(f"packed tensor has {words.shape[0]} rows, expected {rows * bits // _WORD} for {rows} {bits}-bit codes")
+    cols, mask = words.shape[1], (1 << bits) - 1
+    unsigned = (words.to(torch.int64) & 0xFFFFFFFF).reshape(rows // _WORD, bits, cols)
+    codes = torch.empty(rows // _WORD, _WORD, cols, dtype=torch.int64, device=words.device)
+    for i in range(_WORD):
+        w, off = divmod(bits * i, _WORD)
+        value = unsigned[:, w] >> off
+        if off + bits > _WORD:
+            value = value | (unsigned[:, w + 1] << (_WORD - off))
+        codes[:, i] = value & mask
+    return codes.reshape(rows, cols)
+
+
+def gptq_tensors(layer: CompressedLinear, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """The GPTQ tensors of one quantized, unmasked layer: ``{"qweight", "qzeros", "scales", "g_idx"[, "bias"]}``.
+
+    Raises ValueError for what the layout cannot carry: pruned-only or masked (2:4) layers, N or K
+    not multiples of 32, zero points outside the format's range, scales that overflow fp16.
+    """
+    if layer.bits is None or layer.mask is not None:
+        kind = "pruned-only (unquantized)" if layer.bits is None else "masked (sparse)"
+        raise ValueError(f"a {kind} layer cannot be stored in the GPTQ layout, which has no sparsity mask")
+    bits, k, n = layer.bits, layer.in_features, layer.out_features
+    _check_rows(n, bits, "out_features")
+    codes = unpack_codes(layer.qweight, bits, k)  # [K, N], storage order
+    group = k if layer.group_size == -1 else layer.group_size
+    g_idx = torch.arange(k, device=codes.device) // group
+    perm = getattr(layer, "perm", None)
+    if perm is not None:  # act-order import: put columns back in the checkpoint's original order
+        original, original_g = torch.empty_like(codes), torch.empty_like(g_idx)
+        original[perm], original_g[perm] = codes, g_idx
+        codes, g_idx = original, original_g
+    offset = ZERO_OFFSET[checkpoint_format]
+    stored = layer.zeros.to(torch.int64) - offset
+    if int(stored.min()) < 0 or int(stored.max()) >= 2**bits:
+        hint = " (v1 cannot store a zero point of 0; use checkpoint_format='gptq_v2')" if offset else ""
+        raise ValueError(f"zero points must lie in [{offset}, {2**bits - 1 + offset}] for checkpoint_format="
+                         f"{checkpoint_format!r} at {bits} bits, got [{int(layer.zeros.min())}, {int(layer.zeros.max())}]{hint}")
+    scales = layer.scales.to(torch.float16)  # every GPTQ kernel reads fp16 scales
+    if not torch.isfinite(scales).all():
+        raise ValueError("scales overflow float16, which the GPTQ layout requires")
+    out = {
+        "qweight": pack_gptq(codes, bits),
+        "qzeros": pack_gptq(stored.t(), bits).t().contiguous(),
+        "scales": scales.contiguous(),
+        "g_idx": g_idx.to(torch.int32),
+    }
+    if layer.bias is not None:
+        out["bias"] = layer.bias.detach().clone()
+    return out
+
+
+def layer_from_gptq(
+    tensors: dict[str, torch.Tensor], bits: int, group_size: int, checkpoint_format: str = "gptq",
+    dtype: torch.dtype = torch.float32,
+) -> CompressedLinear:
+    """Build a :class:`CompressedLinear` from one layer's GPTQ tensors (keys as :func:`gptq_tensors`).
+
+    ``g_idx`` equal to ``k // group_size`` loads as is. Any other ``g_idx`` (act-order without static
+    groups) must give every group exactly ``group_size`` inputs: the columns are then stored sorted by
+    group and the layer keeps ``perm`` so its function is unchanged.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported; valid: {list(SUPPORTED_BITS)}")
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"group_size={group_size} is not supported; valid: {list(SUPPORTED_GROUP_SIZES)} (-1 = per channel)")
+    qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    if (qweight.shape[0] * _WORD) % bits:
+        raise ValueError(f"qweight has {qweight.shape[0]} rows, not a whole number of {bits}-bit codes per column")
+    k, n = qweight.shape[0] * _WORD // bits, qweight.shape[1]
+    group = k if group_size == -1 else group_size
+    if k % group:
+        raise ValueError(f"group_size={group_size} does not divide in_features={k}")
+    groups = k // group
+    if tuple(scales.shape) != (groups, n) or tuple(qzeros.shape) != (groups, n * bits // _WORD):
+        raise ValueError(f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not match "
+                         f"[{groups}, {n}] / [{groups}, {n * bits // _WORD}] for K={k}, N={n}, group_size={group_size}")
+    codes = unpack_gptq(qweight, bits, k)
+    zeros = unpack_gptq(qzeros.t(), bits, n).t() + ZERO_OFFSET[checkpoint_format]
+    if int(zeros.max()) >= 2**bits:
+        # a v1 field of 2**bits - 1 is ambiguous: the classic kernels (AutoGPTQ, ExLlama, vLLM gptq_gemm)
+        # compute with zero = 2**bits, recent GPTQModel wraps it to 0. We follow the kernels.
+        if int(zeros.max()) > 255:
+            raise ValueError("zero point 256 (v1 qzeros field 255 at 8 bits) does not fit the uint8 zero points")
+        warnings.warn(f"qzeros hold v1 fields of {2**bits - 1}: loaded as zero point {2**bits}, as GPTQ kernels "
+                      "compute it (GPTQModel reads 0 there); re-export such layers with checkpoint_format='gptq_v2'")
+    monotone = torch.arange(k) // group
+    g_idx = tensors.get("g_idx", monotone).to(torch.int64).cpu()  # very old checkpoints have no g_idx
+    perm = None
+    if g_idx.shape != (k,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+        raise ValueError(f"g_idx must be [{k}] with values in [0, {groups}), got shape {tuple(g_idx.shape)}")
+    if not torch.equal(g_idx, monotone):
+        if not (torch.bincount(g_idx, minlength=groups) == group).all():
+            raise ValueError(f"non-monotone g_idx must put exactly group_size={group} inputs in every group")
+        perm = torch.argsort(g_idx, stable=True)
+        codes = codes[perm]
+    layer = CompressedLinear(k, n, bits, group_size, bias="bias" in tensors, dtype=dtype)
+    layer.qweight.copy_(pack_codes(codes, bits))
+    layer.scales.copy_(scales.to(dtype))
+    layer.zeros.copy_(zeros.to(torch.uint8))
+    if perm is not None:
+        layer.perm = perm
+    if "bias" in tensors:
+        layer.bias.data.copy_(tensors["bias"].to(dtype))
+    return layer

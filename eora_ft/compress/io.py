@@ -1,0 +1,304 @@
+"""Saving and loading compressed models: our own packed format, and GPTQ checkpoints for other tools.
+
+Our format (:func:`save_compressed` / :func:`load_compressed`), one directory:
+
+- ``config.json`` (+ ``generation_config.json``, tokenizer files): the base model's, unchanged;
+- ``model.safetensors``: the whole state dict, every :class:`CompressedLinear` as its buffers
+  (``qweight`` int32 ``[K*bits/32, N]``, ``scales`` ``[G, N]``, ``zeros`` uint8 ``[G, N]``, ``mask`` bool
+  ``[N, K]``, ``perm`` int64 ``[K]``, or ``weight`` ``[N, K]`` when pruned only); tied duplicates dropped;
+- ``compression_config.json``: the caller's settings plus ``modules``, the shape of every compressed layer.
+
+GPTQ checkpoints (:func:`export_gptq` / :func:`import_gptq`) use the layout in :mod:`.gptq_format`.
+Quantized layers carry fp16 scales (what GPTQ kernels read); biases and every other tensor keep the
+model's dtype (not the usual fp16), so an fp32 model round-trips exactly up to its fp16-rounded scales.
+No pickle anywhere: safetensors and JSON only. Every writer is atomic (see :func:`_atomic_directory`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from .gptq_format import ZERO_OFFSET, gptq_tensors, layer_from_gptq
+from .linear import CompressedLinear
+
+CONFIG, WEIGHTS, WEIGHTS_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+COMPRESSION_CONFIG, QUANTIZE_CONFIG = "compression_config.json", "quantize_config.json"
+GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+DEFAULT_DAMP_PERCENT = 0.01  # our GPTQ default; written when the model does not record its own
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _compressed_layers(model: nn.Module) -> dict[str, CompressedLinear]:
+    layers = {path: m for path, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    for path, m in model.named_modules():  # bitsandbytes NF4 keeps its state outside the state dict
+        if hasattr(getattr(m, "weight", None), "quant_state"):
+            raise ValueError(f"{path} is a bitsandbytes 4-bit layer; only CompressedLinear layers can be saved")
+    return layers
+
+
+def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors with tied duplicates dropped (first name kept, as transformers keeps the
+    embedding over ``lm_head``): safetensors refuses two names on one storage."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and key in seen:
+            continue
+        seen[key] = name
+        out[name] = tensor.contiguous()
+    return out
+
+
+@contextlib.contextmanager
+def _atomic_directory(directory: str | os.PathLike, replaceable: Callable[[Path], bool], what: str) -> Iterator[Path]:
+    """Yield a sibling temp dir to fill; on success swap it in for ``directory``, on failure delete it.
+
+    An existing ``directory`` is replaced only after the new one is complete, and only if it is empty
+    or ``replaceable`` (a previous output of the same writer): a typo must not wipe a real directory.
+    """
+    directory = Path(directory)
+    if directory.exists() and not (directory.is_dir() and (not any(directory.iterdir()) or replaceable(directory))):
+        raise FileExistsError(f"refusing to replace {directory}: it exists and is not an empty directory or a {what}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
+        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+        if directory.exists():
+            os.replace(directory, old)  # rename(2) cannot replace a non-empty directory: move it aside first
+        try:
+            os.replace(tmp, directory)
+        except BaseException:
+            if old.exists():
+                os.replace(old, directory)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_model_files(model: nn.Module, tmp: Path, tokenizer, config=None) -> None:
+    (config or model.config).save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: False)():
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+def save_compressed(model: nn.Module, directory: str | os.PathLike, compression_config: dict, tokenizer=None) -> Path:
+    """Write ``model`` (with its :class:`CompressedLinear` layers) to ``directory``; returns its Path.
+
+    ``compression_config`` (JSON-serializable) is stored with ``"modules": {path: {"bits", "group_size",
+    "masked", "bias", "in_features", "out_features", "act_order"}}`` added for every compressed layer.
+    """
+    layers = _compressed_layers(model)
+    meta = dict(compression_config)
+    meta["modules"] = {
+        path: {"bits": m.bits, "group_size": m.group_size, "masked": m.mask is not None, "bias": m.bias is not None,
+               "in_features": m.in_features, "out_features": m.out_features, "act_order": m.perm is not None}
+        for path, m in layers.items()
+    }
+    meta_text = json.dumps(meta, indent=2)  # fails on non-JSON values before anything is written
+    with _atomic_directory(directory, lambda d: (d / COMPRESSION_CONFIG).exists(), "compressed-model directory") as tmp:
+        _write_model_files(model, tmp, tokenizer)
+        save_file(_dedupe_shared(model.state_dict()), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / COMPRESSION_CONFIG).write_text(meta_text + "\n")
+    return Path(directory)
+
+
+def _require(directory: Path, names: list[str], what: str) -> None:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory (expected a {what})")
+    missing = [n for n in names if not (directory / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{directory} is not a {what}: missing {', '.join(missing)}")
+
+
+def _build_model(config, dtype: torch.dtype) -> nn.Module:
+    """An architecture-only model: weight init skipped (every tensor is loaded next)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # init_weights, which ties, was skipped
+    return model
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path, base: dict | None = None) -> None:
+    """``load_state_dict(strict=True)`` after filling tied names (and, if given, gaps from ``base``)."""
+    expected = model.state_dict()
+    by_storage: dict[int, list[str]] = {}
+    for name, tensor in expected.items():
+        by_storage.setdefault(tensor.untyped_storage().data_ptr(), []).append(name)
+    for names in by_storage.values():  # the fresh model ties lm_head to the embedding: share the saved copy
+        present = [n for n in names if n in state]
+        for name in names:
+            if name not in state and present and expected[name].numel():
+                state[name] = state[present[0]]
+    for name in expected.keys() - state.keys():
+        if base is not None and name in base:
+            state[name] = base[name]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"the tensors in {source} do not fit the model built from its config: {err}") from err
+    model.tie_weights()
+
+
+def _finish(model: nn.Module, directory: Path, meta: dict) -> nn.Module:
+    if (directory / "generation_config.json").exists() and getattr(model, "can_generate", lambda: False)():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    model.compression_config = meta  # read back by export_gptq (sym, damp_percent) and by callers
+    return model.eval()
+
+
+def load_compressed(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a directory written by :func:`save_compressed`: the model in eval mode, compressed layers as
+    :class:`CompressedLinear`, float tensors in ``dtype``; ``model.compression_config`` holds the metadata."""
+    directory = Path(directory)
+    _require(directory, [CONFIG, WEIGHTS, COMPRESSION_CONFIG], "compressed-model directory (save_compressed output)")
+    meta = json.loads((directory / COMPRESSION_CONFIG).read_text())
+    modules = meta.get("modules") if isinstance(meta, dict) else None
+    if not isinstance(modules, dict):
+        raise ValueError(f"{directory / COMPRESSION_CONFIG} has no 'modules' table: not written by save_compressed")
+    model = _build_model(AutoConfig.from_pretrained(directory), dtype)
+    for path, spec in modules.items():
+        try:
+            model.get_submodule(path)
+        except AttributeError as err:
+            raise ValueError(f"{directory / COMPRESSION_CONFIG} lists module {path!r}, "
+                             f"which the model in {CONFIG} lacks") from err
+        shell = CompressedLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
+                                 bias=spec["bias"], masked=spec["masked"], dtype=dtype)
+        if spec.get("act_order"):
+            shell.perm = torch.zeros(spec["in_features"], dtype=torch.int64)
+        _set_module(model, path, shell)
+    _load_state(model, load_file(str(directory / WEIGHTS)), directory / WEIGHTS)
+    return _finish(model, directory, meta)
+
+
+def _is_gptq_dir(directory: Path) -> bool:
+    return (directory / QUANTIZE_CONFIG).exists()
+
+
+def export_gptq(model: nn.Module, directory: str | os.PathLike, tokenizer=None, checkpoint_format: str = "gptq") -> Path:
+    """Write a GPTQ checkpoint that GPTQ-aware loaders read (``config.json`` with ``quantization_config``,
+    also as ``quantize_config.json``; ``model.safetensors``). Returns the directory.
+
+    Every :class:`CompressedLinear` must be quantized, unmasked and share one bit width and group size.
+    ``checkpoint_format``: ``"gptq"`` (v1, zero points stored minus 1: asymmetric grids with a zero point
+    of 0 cannot be stored) or ``"gptq_v2"`` (zero points as they are; GPTQModel and recent loaders).
+    Loaders expect every decoder linear quantized: export a model compressed with all of them targeted.
+    """
+    if checkpoint_format not in ZERO_OFFSET:
+        raise ValueError(f"checkpoint_format={checkpoint_format!r} is not supported; valid: {sorted(ZERO_OFFSET)}")
+    layers = _compressed_layers(model)
+    if not layers:
+        raise ValueError("the model has no CompressedLinear layer: nothing to export as GPTQ")
+    tensors: dict[str, torch.Tensor] = {}
+    for path, layer in layers.items():  # per-layer problems (masks, ranges) first: the most specific error
+        try:
+            tensors.update({f"{path}.{k}": v for k, v in gptq_tensors(layer, checkpoint_format).items()})
+        except ValueError as err:
+            raise ValueError(f"cannot export {path} as GPTQ: {err}") from err
+    specs = {(m.bits, m.group_size) for m in layers.values()}
+    if len(specs) > 1:
+        raise ValueError(f"the GPTQ layout holds one bit width and group size per model, found {sorted(specs)}")
+    state = {n: t for n, t in model.state_dict().items() if n.rpartition(".")[0] not in layers}
+    bits, group_size = specs.pop()
+    meta = getattr(model, "compression_config", None) or {}
+    sym = meta.get("sym")
+    if sym is None:  # a symmetric grid has its zero point in the middle of the code range
+        sym = all(bool((m.zeros == 2 ** (bits - 1)).all()) for m in layers.values())
+    quant = {
+        "quant_method": "gptq", "bits": bits, "group_size": group_size,
+        "desc_act": any(m.perm is not None for m in layers.values()), "sym": bool(sym),
+        "checkpoint_format": checkpoint_format, "format": checkpoint_format,  # transformers >= 5 reads "format"
+        "static_groups": False, "true_sequential": True,
+        "damp_percent": float(meta.get("damp_percent") or DEFAULT_DAMP_PERCENT),
+    }
+    config = copy.deepcopy(model.config)
+    config.quantization_config = quant
+    with _atomic_directory(directory, _is_gptq_dir, "GPTQ checkpoint (export_gptq output)") as tmp:
+        _write_model_files(model, tmp, tokenizer, config)
+        save_file(_dedupe_shared(state | tensors), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / QUANTIZE_CONFIG).write_text(json.dumps(quant, indent=2) + "\n")
+    return Path(directory)
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    if (directory / WEIGHTS).exists():
+        return load_file(str(directory / WEIGHTS))
+    if (directory / WEIGHTS_INDEX).exists():  # sharded checkpoints, as transformers writes large ones
+        shards = sorted(set(json.loads((directory / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(str(directory / shard)).items()}
+    raise FileNotFoundError(f"{directory} is not a GPTQ checkpoint: missing {WEIGHTS} (or {WEIGHTS_INDEX})")
+
+
+def import_gptq(directory: str | os.PathLike, base_model: nn.Module | str | os.PathLike | None = None,
+                dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a GPTQ checkpoint (v1 ``"gptq"`` or ``"gptq_v2"``) as a model with :class:`CompressedLinear` layers.
+
+    The architecture comes from the checkpoint's ``config.json``. Tensors the checkpoint lacks (e.g. it
+    holds only the quantized layers) are taken from ``base_model`` (a model, or a path for
+    ``from_pretrained``). Act-order ``g_idx`` is supported (see :func:`.gptq_format.layer_from_gptq`).
+    """
+    directory = Path(directory)
+    _require(directory, [CONFIG], "GPTQ checkpoint")
+    config = AutoConfig.from_pretrained(directory)
+    quant = getattr(config, "quantization_config", None)
+    if quant is None and (directory / QUANTIZE_CONFIG).exists():  # AutoGPTQ-era checkpoints
+        quant = json.loads((directory / QUANTIZE_CONFIG).read_text())
+    quant = quant if isinstance(quant, dict) or quant is None else quant.to_dict()
+    if not quant or str(quant.get("quant_method", "gptq")).lower() != "gptq":
+        raise ValueError(f"{directory} is not a GPTQ checkpoint: no quantization_config with quant_method 'gptq' "
+                         f"in {CONFIG} or {QUANTIZE_CONFIG} (found {quant and quant.get('quant_method')!r})")
+    fmt = str(quant.get("checkpoint_format") or quant.get("format") or "gptq").lower()
+    if fmt not in ZERO_OFFSET:
+        raise ValueError(f"{directory}: checkpoint_format {fmt!r} is not supported; valid: {sorted(ZERO_OFFSET)}")
+    bits, group_size = int(quant["bits"]), int(quant.get("group_size", -1))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the rebuilt model is a plain one carrying CompressedLinear layers
+    tensors = _read_tensors(directory)
+    prefixes = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    if not prefixes:
+        raise ValueError(f"{directory} holds no '*.qweight' tensor: not a GPTQ checkpoint")
+    model = _build_model(config, dtype)
+    state = {}
+    for prefix in prefixes:
+        layer_tensors = {k: tensors.pop(f"{prefix}.{k}") for k in GPTQ_KEYS if f"{prefix}.{k}" in tensors}
+        try:
+            layer = layer_from_gptq(layer_tensors, bits, group_size, fmt, dtype)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{directory}: cannot import {prefix}: {err!r}") from err
+        _set_module(model, prefix, layer)
+        state.update({f"{prefix}.{k}": v for k, v in layer.state_dict().items()})
+    if isinstance(base_model, (str, os.PathLike)):
+        base_model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)
+    base = base_model.state_dict() if base_model is not None else None
+    _load_state(model, state | tensors, directory, base)
+    return _finish(model, directory, dict(quant, checkpoint_format=fmt))
+
+
+__all__ = ["export_gptq", "import_gptq", "load_compressed", "save_compressed"]
