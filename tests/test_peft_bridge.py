@@ -72,3 +72,18 @@ def test_saved_adapter_reloads_in_plain_peft_over_dequantized_base(compressed, t
         got = reloaded(input_ids=ids).logits
     # identical math in a different op order (dequantize-then-matmul vs stored dense weight): fp32 round-off only
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_nf4_base_gets_peft_bnb_lora_with_the_factors(nano_model_and_tokenizer):
+    model = copy.deepcopy(nano_model_and_tokenizer[0])
+    ids = torch.randint(1, 8192, (2, 32), generator=torch.Generator().manual_seed(1))
+    result = compress_model(model, ids, make_compressor("nf4"), ["eora"], rank=4, target_modules=LINEARS, progress=False)
+    peft_model = build_lora_model(model, {p: f["eora"] for p, f in result.factors.items()}, lora_config(4, 8, 0.0, LINEARS))
+    module = peft_model.base_model.model.get_submodule("model.layers.0.mlp.up_proj")
+    assert type(module.base_layer).__name__ == "NF4Linear"
+    x = torch.randn(3, 256)
+    factors = result.factors["model.layers.0.mlp.up_proj"]["eora"]
+    expected = x @ (module.base_layer.dequantize() + factors.delta()).t()
+    with torch.no_grad():
+        assert torch.allclose(module(x), expected, atol=1e-4)
+    assert trainable_summary(peft_model)["trainable"] > 0

@@ -46,11 +46,29 @@ def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _compressed_layers(model: nn.Module) -> dict[str, CompressedLinear]:
-    layers = {path: m for path, m in model.named_modules() if isinstance(m, CompressedLinear)}
-    for path, m in model.named_modules():  # bitsandbytes NF4 keeps its state outside the state dict
-        if hasattr(getattr(m, "weight", None), "quant_state"):
-            raise ValueError(f"{path} is a bitsandbytes 4-bit layer; only CompressedLinear layers can be saved")
-    return layers
+    return {path: m for path, m in model.named_modules() if isinstance(m, CompressedLinear)}
+
+
+def _nf4_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """bitsandbytes 4-bit layers: their state dict carries the packed codes and the quant state."""
+    return {path: m for path, m in model.named_modules() if hasattr(getattr(m, "weight", None), "quant_state")}
+
+
+def _nf4_shell(spec: dict, state: dict[str, torch.Tensor], path: str, dtype: torch.dtype) -> nn.Module:
+    """Rebuild an NF4 layer from its saved codes + quant state (popped from ``state``)."""
+    import bitsandbytes as bnb
+
+    from .nf4 import nf4_linear_class
+
+    layer = nf4_linear_class()(spec["in_features"], spec["out_features"], bias=spec["bias"], compute_dtype=dtype,
+                               quant_type="nf4", device="meta")
+    prefix = f"{path}.weight."
+    stats = {name[len(prefix):]: state.pop(name) for name in [n for n in state if n.startswith(prefix)]}
+    layer.weight = bnb.nn.Params4bit.from_prequantized(data=state.pop(f"{path}.weight"), quantized_stats=stats,
+                                                       requires_grad=False, device="cpu", module=layer)
+    if spec["bias"]:
+        layer.bias = nn.Parameter(state.pop(f"{path}.bias").to(dtype), requires_grad=False)
+    return layer
 
 
 def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -117,6 +135,10 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, compression_
                "in_features": m.in_features, "out_features": m.out_features, "act_order": m.perm is not None}
         for path, m in layers.items()
     }
+    meta["modules"].update({
+        path: {"kind": "nf4", "in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
+        for path, m in _nf4_layers(model).items()
+    })
     meta_text = json.dumps(meta, indent=2)  # fails on non-JSON values before anything is written
     with _atomic_directory(directory, lambda d: (d / COMPRESSION_CONFIG).exists(), "compressed-model directory") as tmp:
         _write_model_files(model, tmp, tokenizer)
@@ -145,9 +167,12 @@ def _build_model(config, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path, base: dict | None = None) -> None:
-    """``load_state_dict(strict=True)`` after filling tied names (and, if given, gaps from ``base``)."""
-    expected = model.state_dict()
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path, base: dict | None = None,
+                skip: list[str] = ()) -> None:
+    """``load_state_dict(strict=True)`` after filling tied names (and, if given, gaps from ``base``).
+
+    Modules under a ``skip`` path were already loaded (NF4) and are left out of the strict check."""
+    expected = {n: t for n, t in model.state_dict().items() if not any(n.startswith(f"{p}.") for p in skip)}
     by_storage: dict[int, list[str]] = {}
     for name, tensor in expected.items():
         by_storage.setdefault(tensor.untyped_storage().data_ptr(), []).append(name)
@@ -160,7 +185,13 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path, 
         if base is not None and name in base:
             state[name] = base[name]
     try:
-        model.load_state_dict(state, strict=True)
+        if skip:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing = [n for n in missing if not any(n.startswith(f"{p}.") for p in skip)]
+            if missing or unexpected:
+                raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        else:
+            model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"the tensors in {source} do not fit the model built from its config: {err}") from err
     model.tie_weights()
@@ -183,18 +214,23 @@ def load_compressed(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
     if not isinstance(modules, dict):
         raise ValueError(f"{directory / COMPRESSION_CONFIG} has no 'modules' table: not written by save_compressed")
     model = _build_model(AutoConfig.from_pretrained(directory), dtype)
+    state = load_file(str(directory / WEIGHTS))
     for path, spec in modules.items():
         try:
             model.get_submodule(path)
         except AttributeError as err:
             raise ValueError(f"{directory / COMPRESSION_CONFIG} lists module {path!r}, "
                              f"which the model in {CONFIG} lacks") from err
+        if spec.get("kind") == "nf4":  # loaded directly: bitsandbytes rebuilds its quant state itself
+            _set_module(model, path, _nf4_shell(spec, state, path, dtype))
+            continue
         shell = CompressedLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
                                  bias=spec["bias"], masked=spec["masked"], dtype=dtype)
         if spec.get("act_order"):
             shell.perm = torch.zeros(spec["in_features"], dtype=torch.int64)
         _set_module(model, path, shell)
-    _load_state(model, load_file(str(directory / WEIGHTS)), directory / WEIGHTS)
+    nf4_paths = [path for path, spec in modules.items() if spec.get("kind") == "nf4"]
+    _load_state(model, state, directory / WEIGHTS, skip=nf4_paths)
     return _finish(model, directory, meta)
 
 

@@ -117,6 +117,20 @@ def test_masked_and_pruned_only_layers_round_trip(tmp_path):
         export_gptq(model, tmp_path / "g")
 
 
+def test_nf4_model_round_trips(tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    compress_model(model, _ids(), make_compressor("nf4"), [], target_modules=LINEARS, progress=False)
+    loaded = load_compressed(save_compressed(model, tmp_path / "nf4", {"method": "nf4"}))
+    ids = _ids(seed=4)
+    assert torch.equal(_logits(model, ids), _logits(loaded, ids))
+    q_proj = loaded.model.layers[1].self_attn.q_proj
+    assert type(q_proj).__name__ == "NF4Linear"
+    assert torch.equal(q_proj.dequantize(), model.model.layers[1].self_attn.q_proj.dequantize())
+
+
 def test_interrupted_save_keeps_previous_directory(tmp_path, monkeypatch):
     model = _tiny_model()
     target = tmp_path / "out"
