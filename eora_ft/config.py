@@ -14,6 +14,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from eora_ft.compress import COMPRESSORS, USES_BITS, USES_SPARSITY, PruneSpec
 from eora_ft.compress.quantizer import QuantSpec
+from eora_ft.compress.sequential import CAPTURE_MODES
 from eora_ft.init import INITIALIZERS
 from eora_ft.init.eora import EIGEN_MODES
 
@@ -113,6 +114,9 @@ class AdapterInitArguments:
     init_method: str = field(default="eora", metadata={"help": f"One of {sorted(INITIALIZERS)}."})
     eora_eigen_mode: str = field(default="inverse_free", metadata={"help": f"EoRA eigenvalue handling: {list(EIGEN_MODES)}."})
     eora_shrink: float = field(default=0.0, metadata={"help": "Covariance shrinkage to a scaled identity: 0 = EoRA, 1 = SVD."})
+    loftq_iters: int = field(default=5, metadata={"help": "LoftQ alternations (1 = svd on the plain compression error)."})
+    factor_bits: int | None = field(default=None, metadata={"help": "Round A and B to 4 or 3 bits (None = fp32)."})
+    capture: str = field(default="compressed", metadata={"help": "Statistics from the compressed prefix, or 'compensated'."})
 
     def __post_init__(self) -> None:
         if self.init_method not in INITIALIZERS:
@@ -121,10 +125,17 @@ class AdapterInitArguments:
             raise ValueError(f"eora_eigen_mode={self.eora_eigen_mode!r} is unknown; valid: {list(EIGEN_MODES)}")
         if not 0.0 <= self.eora_shrink <= 1.0:
             raise ValueError(f"eora_shrink={self.eora_shrink} must lie in [0, 1]")
+        if self.loftq_iters < 1:
+            raise ValueError(f"loftq_iters={self.loftq_iters} must be >= 1")
+        if self.factor_bits not in (None, 3, 4, 8):
+            raise ValueError(f"factor_bits={self.factor_bits} is not supported; valid: None, 3, 4, 8")
+        if self.capture not in CAPTURE_MODES:
+            raise ValueError(f"capture={self.capture!r} is not valid; choose one of {list(CAPTURE_MODES)}")
 
     def options(self) -> dict[str, dict]:
         """Per-initializer keyword options for :func:`eora_ft.compress.sequential.compress_model`."""
-        return {"eora": {"eigen_mode": self.eora_eigen_mode, "shrink": self.eora_shrink}}
+        return {"eora": {"eigen_mode": self.eora_eigen_mode, "shrink": self.eora_shrink},
+                "loftq": {"iters": self.loftq_iters}}
 
 
 @dataclass

@@ -128,7 +128,8 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     sequential = compress_model(model, calib, compressor, [init_args.init_method], rank=model_args.lora_r,
                                 init_options=init_args.options(), target_modules=model_args.lora_target_modules,
                                 batch_size=compress_args.calib_batch_size, seed=training_args.seed,
-                                true_sequential=compress_args.true_sequential, progress=progress)
+                                true_sequential=compress_args.true_sequential, factor_bits=init_args.factor_bits,
+                                capture=init_args.capture, base_from=init_args.init_method, progress=progress)
     lap("compress_and_init")
     stages["compressed"] = evaluate(model)
     lap("eval_compressed")

@@ -38,6 +38,9 @@ class SequentialResult:
     seconds: float = 0.0
 
 
+CAPTURE_MODES = ("compressed", "compensated")
+
+
 class _Captured(Exception):
     pass
 
@@ -127,6 +130,9 @@ def compress_model(
     batch_size: int = 8,
     seed: int = 0,
     true_sequential: bool = True,
+    factor_bits: int | None = None,
+    capture: str = "compressed",
+    base_from: str | None = None,
     progress: bool = True,
 ) -> SequentialResult:
     """Compress every target linear of ``model`` in place and factor each init's correction.
@@ -137,7 +143,16 @@ def compress_model(
         init_methods: names from :data:`eora_ft.init.INITIALIZERS`, all computed from the same pass.
         true_sequential: within a layer, compress q/k/v first and re-collect the statistics of o,
             then gate/up, then down, from the partly compressed layer (GPTQ's ``--true-sequential``).
+        factor_bits: round every init's ``A`` and ``B`` to this many bits (4 or 3; None keeps fp32).
+        capture: ``compressed`` (later layers see the compressed prefix: one pass serves every init,
+            the fair default) or ``compensated`` (they see compressed + the first init's correction,
+            as the EoRA reference code does).
+        base_from: an init whose own base (LoftQ's ``Q_T``) replaces the compressor's module.
     """
+    if capture not in CAPTURE_MODES:
+        raise ValueError(f"capture={capture!r} is not valid; choose one of {CAPTURE_MODES}")
+    if capture == "compensated" and not init_methods:
+        raise ValueError("capture='compensated' needs at least one init method to compensate with")
     if calib_ids.ndim != 2 or calib_ids.numel() == 0:
         raise ValueError(f"calib_ids must be a non-empty [num_samples, seq_len] tensor, got shape {tuple(calib_ids.shape)}")
     initializers = {name: get_initializer(name) for name in init_methods}
@@ -161,8 +176,16 @@ def compress_model(
             for name in stage:
                 path = f"{prefix}.{index}.{name}"
                 result.layers.append(_compress_linear(layer, name, linears[name], stats[name], compressor,
-                                                      initializers, rank, init_options, generator, result, path))
+                                                      initializers, rank, init_options, generator, result, path,
+                                                      factor_bits, base_from))
+                if capture == "compensated":
+                    factors = result.factors[path][init_methods[0]]
+                    _set_module(layer, name, _Compensated(layer.get_submodule(name), factors))
         inputs = _run_layer(layer, inputs)
+        if capture == "compensated":
+            for name, module in list(layer.named_modules()):
+                if isinstance(module, _Compensated):
+                    _set_module(layer, name, module.base)
 
     model.train(was_training)
     result.seconds = time.perf_counter() - start
@@ -178,8 +201,20 @@ def _collect(layer: nn.Module, inputs, linears: dict[str, nn.Module]) -> StatsCo
     return collector
 
 
+class _Compensated(nn.Module):
+    """``base(x) + x A^T B^T`` while the driver computes the next layer's inputs (capture='compensated')."""
+
+    def __init__(self, base: nn.Module, factors: LowRankFactors) -> None:
+        super().__init__()
+        self.base, self.a, self.b = base, factors.a, factors.b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.a.to(x.dtype).t()) @ self.b.to(x.dtype).t()
+
+
 def _compress_linear(layer, name, linear, stats: ActivationStats, compressor, initializers, rank, init_options,
-                     generator, result: SequentialResult, path: str) -> dict:
+                     generator, result: SequentialResult, path: str, factor_bits: int | None = None,
+                     base_from: str | None = None) -> dict:
     """Compress one linear, factor every init's correction, swap the module in; returns its report row."""
     weight = linear.weight.detach().to(torch.float32)
     compressed = compressor.compress(weight, stats).to_module(linear.bias, linear.weight.dtype)
@@ -188,9 +223,18 @@ def _compress_linear(layer, name, linear, stats: ActivationStats, compressor, in
     row = {"layer": path, "tokens": stats.tokens, "rel_out_err/compressed": _relative_output_error(delta, weight, cov)}
     result.factors[path] = {}
     for init_name, init in initializers.items():
-        factors = init(delta, stats, rank, generator=generator, **(init_options or {}).get(init_name, {}))
+        factors = init(delta, stats, rank, generator=generator, weight=weight, compressor=compressor,
+                       **(init_options or {}).get(init_name, {}))
+        if factor_bits:
+            factors = factors.quantized(factor_bits)
+        own_delta = delta
+        if factors.base is not None:  # LoftQ: the correction belongs to its own base Q_T
+            own_base = factors.base.to_module(linear.bias, linear.weight.dtype)
+            own_delta = weight - own_base.dequantize(torch.float32)
+            if init_name == base_from:
+                compressed = own_base
         result.factors[path][init_name] = factors
-        row[f"rel_out_err/{init_name}"] = _relative_output_error(delta - factors.delta(), weight, cov)
+        row[f"rel_out_err/{init_name}"] = _relative_output_error(own_delta - factors.delta(), weight, cov)
         row[f"effective_rank/{init_name}"] = factors.effective_rank
     _set_module(layer, name, compressed)
     return row

@@ -1,8 +1,9 @@
 """Adapter initializers behind one registry and one signature.
 
-Every entry is ``fn(delta_w, stats, rank, **options) -> LowRankFactors`` with ``delta_w = W - W_c``
-``[N, K]`` and ``stats`` the layer input's :class:`~eora_ft.compress.stats.ActivationStats`, so a
-comparison of initializers is a list of names.
+Every entry is ``fn(delta_w, stats, rank, *, weight, compressor, generator, **options) -> LowRankFactors``
+with ``delta_w = W - W_c`` ``[N, K]``, ``stats`` the layer input's
+:class:`~eora_ft.compress.stats.ActivationStats`, and the original ``weight`` and the run's
+``compressor`` for initializers that re-compress (LoftQ); a comparison of initializers is a list of names.
 """
 
 from __future__ import annotations
@@ -15,34 +16,48 @@ from eora_ft.compress.stats import ActivationStats
 
 from .act_diag import act_diag_factors
 from .eora import eora_factors
-from .factors import LowRankFactors
+from .factors import LowRankFactors, fake_quantize_rows
+from .loftq import loftq_factors
 from .qlora import qlora_factors
 from .svd import svd_factors
 
 Initializer = Callable[..., LowRankFactors]
 
 
-def _eora(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, generator=None, **options) -> LowRankFactors:
+def _eora(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, *, generator=None, weight=None,
+          compressor=None, **options) -> LowRankFactors:
     if stats is None:
         raise ValueError("eora needs activation statistics for every target layer; none were collected")
     return eora_factors(delta_w, stats, rank, **options)
 
 
-def _svd(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, generator=None, **options) -> LowRankFactors:
+def _svd(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, *, generator=None, weight=None,
+         compressor=None, **options) -> LowRankFactors:
     return svd_factors(delta_w, rank)
 
 
-def _act_diag(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, generator=None, **options) -> LowRankFactors:
+def _act_diag(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, *, generator=None, weight=None,
+              compressor=None, **options) -> LowRankFactors:
     if stats is None:
         raise ValueError("act_diag needs activation statistics for every target layer; none were collected")
     return act_diag_factors(delta_w, stats, rank)
 
 
-def _qlora(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, generator=None, **options) -> LowRankFactors:
+def _qlora(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, *, generator=None, weight=None,
+           compressor=None, **options) -> LowRankFactors:
     return qlora_factors(delta_w, rank, generator=generator)
 
 
-INITIALIZERS: dict[str, Initializer] = {"eora": _eora, "act_diag": _act_diag, "svd": _svd, "qlora": _qlora}
+def _loftq(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, *, generator=None, weight=None,
+           compressor=None, iters: int = 5, **options) -> LowRankFactors:
+    if weight is None or compressor is None:
+        raise ValueError("loftq re-compresses the weight: call it with weight= and compressor=")
+    return loftq_factors(weight, compressor, stats, rank, iters=iters)
+
+
+INITIALIZERS: dict[str, Initializer] = {
+    "eora": _eora, "act_diag": _act_diag, "svd": _svd, "loftq": _loftq, "qlora": _qlora,
+}
 
 
 def get_initializer(name: str) -> Initializer:
@@ -59,4 +74,5 @@ def check_rank(rank: int, in_features: int, out_features: int, layer: str = "lay
         raise ValueError(f"rank={rank} is invalid for {layer} ({out_features}x{in_features}); valid: 1..{limit}")
 
 
-__all__ = ["INITIALIZERS", "LowRankFactors", "act_diag_factors", "check_rank", "eora_factors", "get_initializer", "qlora_factors", "svd_factors"]
+__all__ = ["INITIALIZERS", "LowRankFactors", "act_diag_factors", "check_rank", "eora_factors", "fake_quantize_rows",
+           "loftq_factors", "get_initializer", "qlora_factors", "svd_factors"]

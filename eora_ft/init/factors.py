@@ -20,6 +20,7 @@ class LowRankFactors:
     a: torch.Tensor
     b: torch.Tensor
     effective_rank: int
+    base: object | None = None  # an init that re-compresses the base (LoftQ) puts its own Q_T here
 
     @property
     def rank(self) -> int:
@@ -32,7 +33,32 @@ class LowRankFactors:
     def scaled_for_peft(self, scaling: float) -> "LowRankFactors":
         """Factors that give the same correction through PEFT's ``scaling * B @ A``."""
         root = scaling**0.5
-        return LowRankFactors(self.a / root, self.b / root, self.effective_rank)
+        return LowRankFactors(self.a / root, self.b / root, self.effective_rank, self.base)
+
+    def truncate(self, rank: int) -> "LowRankFactors":
+        """The leading ``rank`` directions (exact for SVD-ordered factors: eora, act_diag, svd)."""
+        if not 1 <= rank <= self.rank:
+            raise ValueError(f"cannot truncate rank-{self.rank} factors to rank={rank}")
+        return LowRankFactors(self.a[:rank], self.b[:, :rank], min(rank, self.effective_rank), self.base)
+
+    def quantized(self, bits: int, group_size: int = 128) -> "LowRankFactors":
+        """``A`` and ``B`` rounded to a ``bits``-bit min-max grid (per row, in groups along the inner dim),
+        as the EoRA paper stores its adapters (4-bit recommended)."""
+        return LowRankFactors(fake_quantize_rows(self.a, bits, group_size), fake_quantize_rows(self.b, bits, group_size),
+                              self.effective_rank, self.base)
+
+
+def fake_quantize_rows(matrix: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
+    """``matrix`` ``[R, C]`` with every row group of ``min(group_size, C)`` columns snapped to an asymmetric
+    ``bits``-bit grid (our RTN quantizer); returned in fp32, same shape."""
+    from eora_ft.compress.quantizer import QuantSpec, fake_quantize, grid_params
+
+    spec = QuantSpec(bits=bits, group_size=-1)
+    rows, cols = matrix.shape
+    group = min(group_size, cols) if cols % min(group_size, cols) == 0 else cols
+    grouped = matrix.to(torch.float32).reshape(rows * (cols // group), group)
+    scale, zero = grid_params(grouped, spec)
+    return fake_quantize(grouped, scale, zero, spec.maxq).reshape(rows, cols)
 
 
 def split_singular(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, rtol: float = 1e-10) -> LowRankFactors:

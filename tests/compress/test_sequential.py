@@ -66,3 +66,25 @@ def test_empty_calibration_is_rejected(nano_model_and_tokenizer):
     model = copy.deepcopy(nano_model_and_tokenizer[0])
     with pytest.raises(ValueError, match="non-empty"):
         compress_model(model, torch.zeros(0, 16, dtype=torch.long), make_compressor("rtn", bits=4), progress=False)
+
+
+def test_loftq_base_replaces_the_module_and_capture_modes_differ(nano_model_and_tokenizer):
+    ids = _calib(n=2, length=32)
+    compressor = make_compressor("rtn", bits=2, group_size=128)
+    loftq_model = copy.deepcopy(nano_model_and_tokenizer[0])
+    result = compress_model(loftq_model, ids, compressor, ["loftq"], rank=4, init_options={"loftq": {"iters": 2}},
+                            target_modules=LINEARS, base_from="loftq", progress=False)
+    path = "model.layers.2.mlp.down_proj"
+    own = result.factors[path]["loftq"].base.dequantize()
+    assert torch.equal(loftq_model.get_submodule(path).dequantize(torch.float32), own)
+
+    plain, compensated = (copy.deepcopy(nano_model_and_tokenizer[0]) for _ in range(2))
+    a = compress_model(plain, ids, compressor, ["eora"], rank=4, target_modules=LINEARS, progress=False)
+    b = compress_model(compensated, ids, compressor, ["eora"], rank=4, target_modules=LINEARS,
+                       capture="compensated", progress=False)
+    first = "model.layers.0.self_attn.q_proj"  # sees the embeddings either way
+    assert torch.equal(a.factors[first]["eora"].a, b.factors[first]["eora"].a)
+    later = "model.layers.3.self_attn.q_proj"
+    assert not torch.equal(a.factors[later]["eora"].a, b.factors[later]["eora"].a)
+    with pytest.raises(ValueError, match="capture='nope'"):
+        compress_model(plain, ids, compressor, ["eora"], capture="nope", progress=False)

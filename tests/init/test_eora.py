@@ -122,3 +122,41 @@ def test_bad_inputs():
         INITIALIZERS["eora"](torch.zeros(3, 4), None, 2)
     with pytest.raises(ValueError, match="eigen_mode"):
         eora_factors(torch.zeros(3, 4), torch.eye(4), 2, eigen_mode="nope")
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_loftq_weight_error_does_not_increase_over_iterations(bits):
+    from eora_ft.compress import RTN
+    from eora_ft.init import loftq_factors
+
+    delta, x, stats = _problem(6, n=16, k=64)
+    weight = delta.float()  # any weight will do: LoftQ factors W itself
+    errors = []
+    for iters in (1, 2, 4, 8):
+        factors = loftq_factors(weight, RTN(bits=bits, group_size=32), stats, 4, iters=iters)
+        errors.append(float(torch.linalg.norm(weight - factors.base.dequantize() - factors.delta())))
+    assert all(later <= earlier + 1e-6 for earlier, later in zip(errors, errors[1:]))
+    assert errors[-1] < errors[0]  # alternating does help over plain svd
+
+
+def test_loftq_one_iteration_is_svd_of_the_plain_error():
+    from eora_ft.compress import RTN
+    from eora_ft.init import loftq_factors
+
+    delta, x, stats = _problem(8, n=16, k=64)
+    weight = delta.float()
+    one = loftq_factors(weight, RTN(bits=2, group_size=32), stats, 4, iters=1)
+    plain = RTN(bits=2, group_size=32).compress(weight)
+    assert torch.allclose(one.delta(), svd_factors(weight - plain.dequantize(), 4).delta(), atol=1e-5)
+    assert torch.equal(one.base.codes, plain.codes)
+
+
+def test_quantized_factors_sit_on_a_grid_and_stay_close():
+    delta, x, stats = _problem(7, n=16, k=64)
+    f = eora_factors(delta, stats, 8)
+    q = f.quantized(4, group_size=32)
+    for matrix in (q.a, q.b):
+        rows = matrix.reshape(-1, 32) if matrix.shape[1] % 32 == 0 else matrix
+        assert all(len(torch.unique(row)) <= 16 for row in rows)
+    rel = float(torch.linalg.norm(q.delta() - f.delta()) / torch.linalg.norm(f.delta()))
+    assert rel < 0.2
