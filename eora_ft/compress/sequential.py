@@ -29,13 +29,19 @@ class SequentialResult:
         factors: ``{module_path: {init_name: LowRankFactors}}`` (paths as in ``model.named_modules()``).
         layers: one row per linear: relative output error ``||dW X^T|| / ||W X^T||`` before and after
             each init's correction, and each init's effective rank.
-        calib_tokens: calibration tokens seen by every layer; seconds: wall time.
+        calib_tokens: calibration tokens seen by every layer; seconds: wall time (all of it);
+            init_seconds: wall time spent in each initializer.
+        stats, deltas: per linear, its input statistics and ``W - W_c`` ``[N, K]`` fp32 (only with
+            ``keep_stats=True``: enough to compute any other initializer afterwards).
     """
 
     factors: dict[str, dict[str, LowRankFactors]] = field(default_factory=dict)
     layers: list[dict] = field(default_factory=list)
     calib_tokens: int = 0
     seconds: float = 0.0
+    init_seconds: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, ActivationStats] = field(default_factory=dict)
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 CAPTURE_MODES = ("compressed", "compensated")
@@ -88,10 +94,16 @@ def _capture_layer_inputs(model: nn.Module, first_layer: nn.Module, calib_ids: t
     return captured
 
 
-def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], collector: StatsCollector | None = None):
+def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], collector: StatsCollector | None = None,
+               first_stage_only: bool = False):
+    """Run ``layer`` over every calibration batch. With ``first_stage_only``, statistics after the first
+    batch (which reveals which linears share an input) accumulate only for the first stage: the later
+    stages are re-collected from the partly compressed layer anyway."""
     outputs = []
-    for hidden, kwargs in inputs:
+    for batch, (hidden, kwargs) in enumerate(inputs):
         if collector is not None:
+            if batch == 1 and first_stage_only:
+                collector.restrict(_stages(collector)[0])
             collector.next_batch()
         out = layer(hidden, **kwargs)
         outputs.append(((out[0] if isinstance(out, tuple) else out).detach(), kwargs))
@@ -133,6 +145,7 @@ def compress_model(
     factor_bits: int | None = None,
     capture: str = "compressed",
     base_from: str | None = None,
+    keep_stats: bool = False,
     progress: bool = True,
 ) -> SequentialResult:
     """Compress every target linear of ``model`` in place and factor each init's correction.
@@ -148,6 +161,7 @@ def compress_model(
             the fair default) or ``compensated`` (they see compressed + the first init's correction,
             as the EoRA reference code does).
         base_from: an init whose own base (LoftQ's ``Q_T``) replaces the compressor's module.
+        keep_stats: keep every linear's statistics and error in the result (benchmarks, sweeps).
     """
     if capture not in CAPTURE_MODES:
         raise ValueError(f"capture={capture!r} is not valid; choose one of {CAPTURE_MODES}")
@@ -168,7 +182,7 @@ def compress_model(
         linears = target_linears(layer, target_modules)
         if not linears:
             raise ValueError(f"no target linears {target_modules} in decoder layer {index}")
-        collector = _collect(layer, inputs, linears)
+        collector = _collect(layer, inputs, linears, first_stage_only=true_sequential)
         stats = dict(collector.stats)
         for stage_index, stage in enumerate(_stages(collector)):
             if true_sequential and stage_index:
@@ -177,7 +191,7 @@ def compress_model(
                 path = f"{prefix}.{index}.{name}"
                 result.layers.append(_compress_linear(layer, name, linears[name], stats[name], compressor,
                                                       initializers, rank, init_options, generator, result, path,
-                                                      factor_bits, base_from))
+                                                      factor_bits, base_from, keep_stats))
                 if capture == "compensated":
                     factors = result.factors[path][init_methods[0]]
                     _set_module(layer, name, _Compensated(layer.get_submodule(name), factors))
@@ -192,10 +206,10 @@ def compress_model(
     return result
 
 
-def _collect(layer: nn.Module, inputs, linears: dict[str, nn.Module]) -> StatsCollector:
+def _collect(layer: nn.Module, inputs, linears: dict[str, nn.Module], first_stage_only: bool = False) -> StatsCollector:
     collector = StatsCollector(linears)
     try:
-        _run_layer(layer, inputs, collector)
+        _run_layer(layer, inputs, collector, first_stage_only)
     finally:
         collector.remove()
     return collector
@@ -214,7 +228,7 @@ class _Compensated(nn.Module):
 
 def _compress_linear(layer, name, linear, stats: ActivationStats, compressor, initializers, rank, init_options,
                      generator, result: SequentialResult, path: str, factor_bits: int | None = None,
-                     base_from: str | None = None) -> dict:
+                     base_from: str | None = None, keep_stats: bool = False) -> dict:
     """Compress one linear, factor every init's correction, swap the module in; returns its report row."""
     weight = linear.weight.detach().to(torch.float32)
     compressed = compressor.compress(weight, stats).to_module(linear.bias, linear.weight.dtype)
@@ -222,9 +236,13 @@ def _compress_linear(layer, name, linear, stats: ActivationStats, compressor, in
     cov = stats.covariance().to(torch.float32)
     row = {"layer": path, "tokens": stats.tokens, "rel_out_err/compressed": _relative_output_error(delta, weight, cov)}
     result.factors[path] = {}
+    if keep_stats:
+        result.stats[path], result.deltas[path] = stats, delta
     for init_name, init in initializers.items():
+        started = time.perf_counter()
         factors = init(delta, stats, rank, generator=generator, weight=weight, compressor=compressor,
                        **(init_options or {}).get(init_name, {}))
+        result.init_seconds[init_name] = result.init_seconds.get(init_name, 0.0) + time.perf_counter() - started
         if factor_bits:
             factors = factors.quantized(factor_bits)
         own_delta = delta

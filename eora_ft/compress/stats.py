@@ -61,9 +61,16 @@ class StatsCollector:
         # id -> (tensor, stats); holding the tensor keeps its id from being reused within a batch
         self._batch_inputs: dict[int, tuple[torch.Tensor, ActivationStats]] = {}
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+        self._only: set[str] | None = None
+
+    def restrict(self, names: list[str]) -> None:
+        """From now on accumulate only the inputs of ``names`` (the others keep what they have)."""
+        self._only = set(names)
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self._only is not None and name not in self._only:
+                return
             x = args[0]
             key = id(x)
             seen = self._batch_inputs.get(key)
