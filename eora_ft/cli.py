@@ -3,6 +3,8 @@
     eora-ft info                      versions and the registered compressors / initializers
     eora-ft compress --model M --method gptq --bits 3 --output DIR
                                       compress a model and save it (see eora_ft/commands.py)
+    eora-ft init --compressed DIR --method eora --rank 16 --output DIR
+                                      a PEFT adapter initialised for a compressed model
     eora-ft arc --config FILE.yaml    the ARC recipe in this process (same flags as recipes/arc.py)
 """
 
@@ -48,14 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     from eora_ft.commands import add_compress_arguments, compress_command
 
     add_compress_arguments(sub.add_parser("compress", help="compress a model and save it"))
+    from eora_ft.init_command import add_init_arguments, init_command
+
+    add_init_arguments(sub.add_parser("init", help="initialise a LoRA adapter for a compressed model"))
     sub.add_parser("arc", help="run the ARC recipe (flags as recipes/arc.py; --help lists them)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         return _info()
-    if args.command == "compress":
+    if args.command in ("compress", "init"):
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        return compress_command(args)
+        return compress_command(args) if args.command == "compress" else init_command(args)
     return _arc(rest)
 
 

@@ -6,6 +6,10 @@ writes the standard adapter files that plain PEFT reloads over the dequantized b
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
@@ -90,3 +94,18 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
         raise RuntimeError(f"only LoRA adapters may train, but these are trainable too: {stray[:5]}")
     total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     return {"trainable": sum(trainable.values()), "total": total}
+
+
+def save_adapter(peft_model: PeftModel, directory: str | Path) -> Path:
+    """``save_pretrained`` into a temp dir, then swap it in: a crash never leaves a half-written adapter."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        peft_model.save_pretrained(tmp)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory

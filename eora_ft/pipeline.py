@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from eora_ft.data import arc_sft_dataset, calibration_tokens, load_arc, read_tex
 from eora_ft.data.sources import _looks_like_hub_id
 from eora_ft.evaluate import evaluate_stage
 from eora_ft.init import check_rank
-from eora_ft.peft_bridge import build_lora_model, lora_config, trainable_summary
+from eora_ft.peft_bridge import build_lora_model, lora_config, save_adapter, trainable_summary
 from eora_ft.report import write_results
 from eora_ft.train import loss_history, train_adapters
 
@@ -72,15 +71,6 @@ def check_model_against_config(model: torch.nn.Module, targets: list[str] | None
         if compress_args.compress_method in USES_BITS and compress_args.group_size != -1 and linear.in_features % compress_args.group_size:
             raise ValueError(f"group_size={compress_args.group_size} does not divide in_features={linear.in_features} of {name}; "
                              "use a divisor or -1 (per channel)")
-
-
-def _save_adapter(peft_model, directory: Path) -> None:
-    """``save_pretrained`` into a temp dir, then swap it in: a crash never leaves a half-written adapter."""
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
 
 
 def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args: AdapterInitArguments,
@@ -139,7 +129,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     peft_model = build_lora_model(model, factors, config)
     output_dir = Path(training_args.output_dir)
     if main:
-        _save_adapter(peft_model, output_dir / f"{init_args.init_method}_init")
+        save_adapter(peft_model, output_dir / f"{init_args.init_method}_init")
     stages["compensated"] = evaluate(peft_model)
     lap("eval_compensated")
 
@@ -172,7 +162,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                   | {"SFTConfig": training_args.to_dict()},
     }
     if main:
-        _save_adapter(peft_model, output_dir / "adapter")
+        save_adapter(peft_model, output_dir / "adapter")
         write_results(output_dir, results)
     state.wait_for_everyone()
     return results

@@ -46,3 +46,49 @@ def test_bad_input_stops_before_anything_is_written(tmp_path, flags, error, matc
 def test_missing_model_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_name_or_path './nowhere' does not exist"):
         main(["compress", "--model", "./nowhere", "--method", "rtn", *SMALL, "--output", str(tmp_path / "o")])
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "nano-gptq2"
+    assert main(["compress", "--model", NANO, "--method", "gptq", "--bits", "2", *SMALL, "--output", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("method", ["eora", "svd", "loftq"])
+def test_init_writes_a_plain_peft_adapter_that_reloads(compressed_dir, tmp_path, method):
+    import torch
+    from peft import PeftModel
+
+    from eora_ft.compress.io import load_compressed
+
+    out = tmp_path / f"adapter-{method}"
+    assert main(["init", "--compressed", str(compressed_dir), "--method", method, "--rank", "8", "--alpha", "16",
+                 "--loftq-iters", "2", *SMALL, "--output", str(out)]) == 0
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    base_dir = out / "base" if method == "loftq" else compressed_dir
+    assert (method == "loftq") == (out / "base").exists()
+    model = PeftModel.from_pretrained(load_compressed(base_dir), out)
+    ids = torch.randint(1, 8192, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with_adapter = model(input_ids=ids).logits
+        with model.disable_adapter():
+            without = model(input_ids=ids).logits
+    assert torch.isfinite(with_adapter).all() and not torch.equal(with_adapter, without)
+
+
+@pytest.mark.parametrize("flags,error,match", [
+    (["--method", "eora", "--rank", "0"], ValueError, "rank=0 is invalid"),
+    (["--method", "eora", "--rank", "200"], ValueError, r"rank=200 is invalid for .*k_proj .*valid: 1..128"),
+])
+def test_init_bad_input(compressed_dir, tmp_path, flags, error, match):
+    out = tmp_path / "adapter"
+    with pytest.raises(error, match=match):
+        main(["init", "--compressed", str(compressed_dir), *flags, *SMALL, "--output", str(out)])
+    assert not out.exists()
+
+
+def test_init_unknown_method_lists_valid_ones(compressed_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["init", "--compressed", str(compressed_dir), "--method", "pissa", "--rank", "4", "--output", str(tmp_path / "a")])
+    assert "invalid choice: 'pissa'" in capsys.readouterr().err
