@@ -72,6 +72,7 @@ class CompressionArguments:
         metadata={"help": "Calibration text: local .jsonl (text field) / .txt, or a hub id."},
     )
     calib_num_samples: int = field(default=64, metadata={"help": "Calibration sequences."})
+    calib_task_fraction: float = field(default=0.0, metadata={"help": "Share of calibration sequences made of the task's training text (the EoRA paper: about 0.5)."})
     calib_seq_len: int = field(default=512, metadata={"help": "Tokens per calibration sequence."})
     calib_seed: int = field(default=0, metadata={"help": "Seed for drawing calibration windows."})
     calib_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass while compressing."})
@@ -83,6 +84,8 @@ class CompressionArguments:
             QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym)  # validates bits / group size
         if self.compress_method in USES_SPARSITY:
             PruneSpec.parse(self.sparsity)
+        if not 0.0 <= self.calib_task_fraction <= 1.0:
+            raise ValueError(f"calib_task_fraction={self.calib_task_fraction} must lie in [0, 1]")
         if self.calib_num_samples < 1 or self.calib_seq_len < 2:
             raise ValueError(
                 f"calib_num_samples={self.calib_num_samples} and calib_seq_len={self.calib_seq_len} must be >= 1 and >= 2"

@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from eora_ft.compress import USES_BITS, make_compressor
 from eora_ft.compress.sequential import compress_model, find_decoder_layers, target_linears
 from eora_ft.config import AdapterInitArguments, CompressionArguments, EoraModelConfig, EoraSFTConfig, TaskArguments
-from eora_ft.data import arc_sft_dataset, calibration_tokens, load_arc, read_text, resolve_path
+from eora_ft.data import arc_sft_dataset, load_arc, mixed_calibration, read_text, resolve_path
 from eora_ft.data.sources import _looks_like_hub_id
 from eora_ft.evaluate import evaluate_stage
 from eora_ft.init import check_rank
@@ -100,8 +100,11 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     train_items = load_arc(resolve_path(task_args.dataset_name), split=task_args.dataset_train_split,
                            name=task_args.dataset_config, limit=task_args.train_limit)
     ppl_text = read_text(resolve_path(task_args.ppl_dataset)) if task_args.ppl_dataset else None
-    calib = calibration_tokens(tokenizer, resolve_path(compress_args.calib_dataset), compress_args.calib_num_samples,
-                               compress_args.calib_seq_len, seed=compress_args.calib_seed)
+    train_dataset = arc_sft_dataset(train_items)
+    calib = mixed_calibration(tokenizer, resolve_path(compress_args.calib_dataset),
+                              [p + c for p, c in zip(train_dataset["prompt"], train_dataset["completion"])],
+                              compress_args.calib_num_samples, compress_args.calib_seq_len,
+                              task_fraction=compress_args.calib_task_fraction, seed=compress_args.calib_seed)
     lap("load")
 
     def evaluate(stage_model, with_ppl: bool = True) -> dict:
@@ -133,7 +136,6 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     stages["compensated"] = evaluate(peft_model)
     lap("eval_compensated")
 
-    train_dataset = arc_sft_dataset(train_items)
     trainer = train_adapters(peft_model, tokenizer, train_dataset, training_args)
     lap("train")
     stages["finetuned"] = evaluate(peft_model, with_ppl=task_args.ppl_after_finetune)

@@ -7,7 +7,7 @@ from eora_ft.data.arc import (
     arc_sft_dataset,
     load_arc,
 )
-from eora_ft.data.calibration import calibration_tokens, describe_calibration
+from eora_ft.data.calibration import calibration_tokens, describe_calibration, mixed_calibration, text_calibration_tokens
 from eora_ft.data.sources import load_records, read_text, resolve_path
 
 __all__ = [
@@ -16,6 +16,8 @@ __all__ = [
     "arc_prompt",
     "arc_sft_dataset",
     "calibration_tokens",
+    "mixed_calibration",
+    "text_calibration_tokens",
     "describe_calibration",
     "load_arc",
     "load_records",

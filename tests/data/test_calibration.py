@@ -88,3 +88,20 @@ def test_bad_sizes_are_clear(tokenizer, tmp_path, kwargs, expected):
 def test_missing_source(tokenizer):
     with pytest.raises(FileNotFoundError, match="no_such_corpus.jsonl"):
         calibration_tokens(tokenizer, "./no_such_corpus.jsonl", num_samples=1, seq_len=8)
+
+
+def test_mixed_calibration_takes_the_task_share(nano_model_and_tokenizer, assets_dir):
+    from eora_ft.data import mixed_calibration
+
+    _, tokenizer = nano_model_and_tokenizer
+    texts = [f"Question: what is {i} plus {i}?\nAnswer: {2 * i}" for i in range(200)]
+    corpus = str(assets_dir / "data" / "c4" / "c4_en_train_head1000.jsonl")
+    mixed = mixed_calibration(tokenizer, corpus, texts, 8, 64, task_fraction=0.5, seed=0)
+    assert mixed.shape == (8, 64) and mixed.dtype == torch.long
+    decoded = [tokenizer.decode(row) for row in mixed]
+    assert sum("Question: what is" in text for text in decoded) == 4  # the last four rows are task text
+    assert all("Question: what is" in text for text in decoded[4:])
+    only_corpus = mixed_calibration(tokenizer, corpus, texts, 8, 64, task_fraction=0.0, seed=0)
+    assert torch.equal(only_corpus[:4], mixed[:4])  # corpus rows first, drawn in the same order
+    with pytest.raises(ValueError, match="calib_task_fraction=1.5"):
+        mixed_calibration(tokenizer, corpus, texts, 8, 64, task_fraction=1.5)
