@@ -120,6 +120,7 @@ class AdapterInitArguments:
     loftq_iters: int = field(default=5, metadata={"help": "LoftQ alternations (1 = svd on the plain compression error)."})
     factor_bits: int | None = field(default=None, metadata={"help": "Round A and B to 4 or 3 bits (None = fp32)."})
     capture: str = field(default="compressed", metadata={"help": "Statistics from the compressed prefix, or 'compensated'."})
+    trim_rank: bool = field(default=False, metadata={"help": "Give layers with vanishing singular values their effective rank (rank_pattern)."})
 
     def __post_init__(self) -> None:
         if self.init_method not in INITIALIZERS:

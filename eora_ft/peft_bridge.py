@@ -7,6 +7,7 @@ writes the standard adapter files that plain PEFT reloads over the dequantized b
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -51,15 +52,23 @@ def build_lora_model(
     factors: dict[str, LowRankFactors] | None,
     config: LoraConfig,
     adapter_name: str = "default",
+    trim_to_effective_rank: bool = False,
 ) -> PeftModel:
     """Wrap ``model`` in PEFT LoRA and, if given, load ``factors`` (``{module_path: LowRankFactors}``).
 
     ``lora_alpha != r`` is handled by dividing PEFT's scaling out of the factors, so the model's
-    correction is exactly ``B @ A`` of the initializer.
+    correction is exactly ``B @ A`` of the initializer. With ``trim_to_effective_rank``, a layer whose
+    factors have fewer live directions than ``r`` gets that smaller rank (``rank_pattern``, with an
+    ``alpha_pattern`` entry keeping ``alpha / r`` unchanged) instead of dead zero directions.
     """
     for path, module in model.named_modules():
         if isinstance(module, (CompressedLinear, nn.Linear)) and factors and path in factors:
             check_rank(config.r, module.in_features, module.out_features, path)
+    if factors and trim_to_effective_rank:
+        trimmed = {path: max(f.effective_rank, 1) for path, f in factors.items() if max(f.effective_rank, 1) < config.r}
+        config.rank_pattern = {re.escape(path): rank for path, rank in trimmed.items()}
+        config.alpha_pattern = {re.escape(path): config.lora_alpha * rank / config.r for path, rank in trimmed.items()}
+        factors = {path: f.truncate(trimmed[path]) if path in trimmed else f for path, f in factors.items()}
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if factors:
         load_factors(peft_model, factors, adapter_name)

@@ -129,7 +129,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
 
     factors = {path: per_init[init_args.init_method] for path, per_init in sequential.factors.items()}
     config = lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout, model_args.lora_target_modules)
-    peft_model = build_lora_model(model, factors, config)
+    peft_model = build_lora_model(model, factors, config, trim_to_effective_rank=init_args.trim_rank)
     output_dir = Path(training_args.output_dir)
     if main:
         save_adapter(peft_model, output_dir / f"{init_args.init_method}_init")

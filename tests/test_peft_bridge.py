@@ -87,3 +87,26 @@ def test_nf4_base_gets_peft_bnb_lora_with_the_factors(nano_model_and_tokenizer):
     with torch.no_grad():
         assert torch.allclose(module(x), expected, atol=1e-4)
     assert trainable_summary(peft_model)["trainable"] > 0
+
+
+def test_rank_pattern_and_alpha_pattern_for_rank_deficient_layers(compressed, tmp_path):
+    model, factors, ids = compressed
+    factors = dict(factors)
+    path = "model.layers.0.self_attn.v_proj"
+    f = factors[path]
+    factors[path] = type(f)(f.a.clone(), f.b.clone(), 3)
+    factors[path].a[3:] = 0
+    factors[path].b[:, 3:] = 0
+    peft_model = build_lora_model(copy.deepcopy(model), factors, lora_config(8, 16, 0.0, LINEARS),
+                                  trim_to_effective_rank=True)
+    module = peft_model.base_model.model.get_submodule(path)
+    assert module.r["default"] == 3 and module.scaling["default"] == pytest.approx(2.0)
+    assert torch.allclose(module.get_delta_weight("default"), factors[path].delta(), atol=1e-6)
+    peft_model.save_pretrained(tmp_path)
+    import json
+
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert list(saved["rank_pattern"].values()) == [3] and list(saved["alpha_pattern"].values()) == [6.0]
+    reloaded = PeftModel.from_pretrained(dequantize_model(copy.deepcopy(model)), tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
