@@ -72,6 +72,8 @@ class CompressionArguments:
         metadata={"help": "Calibration text: local .jsonl (text field) / .txt, or a hub id."},
     )
     calib_num_samples: int = field(default=64, metadata={"help": "Calibration sequences."})
+    calib_task_dataset: str | None = field(default=None, metadata={"help": "Task data for the calibration mix (default: the recipe's training data)."})
+    calib_task_format: str = field(default="arc", metadata={"help": "Schema of calib_task_dataset: arc, gsm8k or mathqa."})
     calib_task_fraction: float = field(default=0.0, metadata={"help": "Share of calibration sequences made of the task's training text (the EoRA paper: about 0.5)."})
     calib_seq_len: int = field(default=512, metadata={"help": "Tokens per calibration sequence."})
     calib_seed: int = field(default=0, metadata={"help": "Seed for drawing calibration windows."})

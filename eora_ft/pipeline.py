@@ -22,6 +22,7 @@ from eora_ft.compress.sequential import compress_model, find_decoder_layers, tar
 from eora_ft.config import AdapterInitArguments, CompressionArguments, EoraModelConfig, EoraSFTConfig, TaskArguments
 from eora_ft.data import arc_sft_dataset, load_arc, mixed_calibration, read_text, resolve_path
 from eora_ft.data.sources import _looks_like_hub_id
+from eora_ft.data.task_text import task_texts
 from eora_ft.evaluate import evaluate_stage
 from eora_ft.init import check_rank
 from eora_ft.peft_bridge import build_lora_model, lora_config, save_adapter, trainable_summary
@@ -81,7 +82,8 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     progress = main and not training_args.disable_tqdm
     transformers.set_seed(training_args.seed)
     for source, what in [(task_args.dataset_name, "dataset_name"), (task_args.eval_dataset_name, "eval_dataset_name"),
-                         (task_args.ppl_dataset, "ppl_dataset"), (compress_args.calib_dataset, "calib_dataset")]:
+                         (task_args.ppl_dataset, "ppl_dataset"), (compress_args.calib_dataset, "calib_dataset"),
+                         (compress_args.calib_task_dataset, "calib_task_dataset")]:
         require_source(source, what)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -101,8 +103,11 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                            name=task_args.dataset_config, limit=task_args.train_limit)
     ppl_text = read_text(resolve_path(task_args.ppl_dataset)) if task_args.ppl_dataset else None
     train_dataset = arc_sft_dataset(train_items)
-    calib = mixed_calibration(tokenizer, resolve_path(compress_args.calib_dataset),
-                              [p + c for p, c in zip(train_dataset["prompt"], train_dataset["completion"])],
+    if compress_args.calib_task_dataset:
+        calib_task = task_texts(compress_args.calib_task_format, resolve_path(compress_args.calib_task_dataset))
+    else:
+        calib_task = [p + c for p, c in zip(train_dataset["prompt"], train_dataset["completion"])]
+    calib = mixed_calibration(tokenizer, resolve_path(compress_args.calib_dataset), calib_task,
                               compress_args.calib_num_samples, compress_args.calib_seq_len,
                               task_fraction=compress_args.calib_task_fraction, seed=compress_args.calib_seed)
     lap("load")
