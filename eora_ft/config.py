@@ -15,6 +15,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 from eora_ft.compress import COMPRESSORS, USES_BITS, USES_SPARSITY, PruneSpec
 from eora_ft.compress.quantizer import QuantSpec
 from eora_ft.compress.sequential import CAPTURE_MODES
+from eora_ft.data.task_text import TASK_TEXT_FORMATS
 from eora_ft.init import INITIALIZERS
 from eora_ft.init.eora import EIGEN_MODES
 
@@ -86,6 +87,8 @@ class CompressionArguments:
             QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym)  # validates bits / group size
         if self.compress_method in USES_SPARSITY:
             PruneSpec.parse(self.sparsity)
+        if self.calib_task_format not in TASK_TEXT_FORMATS:
+            raise ValueError(f"calib_task_format={self.calib_task_format!r} is unknown; valid: {sorted(TASK_TEXT_FORMATS)}")
         if not 0.0 <= self.calib_task_fraction <= 1.0:
             raise ValueError(f"calib_task_fraction={self.calib_task_fraction} must lie in [0, 1]")
         if self.calib_num_samples < 1 or self.calib_seq_len < 2:
