@@ -118,3 +118,14 @@ def save_adapter(peft_model: PeftModel, directory: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> PeftModel:
+    """``PeftModel.from_pretrained`` over a model holding :class:`CompressedLinear` layers.
+
+    A saved adapter is plain PEFT, but PEFT does not know our layer type: the custom-module mapping
+    is registered on the loaded config here (a dequantized base needs none of this).
+    """
+    config = LoraConfig.from_pretrained(str(directory))
+    config._register_custom_module({CompressedLinear: CompressedLoraLinear})
+    return PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=is_trainable)

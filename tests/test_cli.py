@@ -58,9 +58,9 @@ def compressed_dir(tmp_path_factory):
 @pytest.mark.parametrize("method", ["eora", "svd", "loftq"])
 def test_init_writes_a_plain_peft_adapter_that_reloads(compressed_dir, tmp_path, method):
     import torch
-    from peft import PeftModel
 
     from eora_ft.compress.io import load_compressed
+    from eora_ft.peft_bridge import load_adapter
 
     out = tmp_path / f"adapter-{method}"
     assert main(["init", "--compressed", str(compressed_dir), "--method", method, "--rank", "8", "--alpha", "16",
@@ -68,7 +68,7 @@ def test_init_writes_a_plain_peft_adapter_that_reloads(compressed_dir, tmp_path,
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     base_dir = out / "base" if method == "loftq" else compressed_dir
     assert (method == "loftq") == (out / "base").exists()
-    model = PeftModel.from_pretrained(load_compressed(base_dir), out)
+    model = load_adapter(load_compressed(base_dir), out)
     ids = torch.randint(1, 8192, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         with_adapter = model(input_ids=ids).logits
