@@ -70,7 +70,7 @@ class CompressionArguments:
     sparsity: str = field(default="2:4", metadata={"help": "sparsegpt / wanda / gptq+sparsegpt: 2:4, 4:8 or a ratio such as 0.5."})
     calib_dataset: str = field(
         default=f"{_ASSETS}/data/c4/c4_en_train_head1000.jsonl",
-        metadata={"help": "Calibration text: local .jsonl (text field) / .txt, or a hub id."},
+        metadata={"help": "Calibration text: local .jsonl (text field) / .txt or hub id; several, comma-separated, share the rows."},
     )
     calib_num_samples: int = field(default=64, metadata={"help": "Calibration sequences."})
     calib_task_dataset: str | None = field(default=None, metadata={"help": "Task data for the calibration mix (default: the recipe's training data)."})

@@ -82,9 +82,9 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     progress = main and not training_args.disable_tqdm
     transformers.set_seed(training_args.seed)
     for source, what in [(task_args.dataset_name, "dataset_name"), (task_args.eval_dataset_name, "eval_dataset_name"),
-                         (task_args.ppl_dataset, "ppl_dataset"), (compress_args.calib_dataset, "calib_dataset"),
-                         (compress_args.calib_task_dataset, "calib_task_dataset")]:
-        require_source(source, what)
+                         (task_args.ppl_dataset, "ppl_dataset"), (compress_args.calib_task_dataset, "calib_task_dataset"),
+                         *[(part, "calib_dataset") for part in compress_args.calib_dataset.split(",")]]:
+        require_source(source.strip() if source else source, what)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -107,7 +107,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         calib_task = task_texts(compress_args.calib_task_format, resolve_path(compress_args.calib_task_dataset))
     else:
         calib_task = [p + c for p, c in zip(train_dataset["prompt"], train_dataset["completion"])]
-    calib = mixed_calibration(tokenizer, resolve_path(compress_args.calib_dataset), calib_task,
+    calib = mixed_calibration(tokenizer, compress_args.calib_dataset, calib_task,
                               compress_args.calib_num_samples, compress_args.calib_seq_len,
                               task_fraction=compress_args.calib_task_fraction, seed=compress_args.calib_seed)
     lap("load")

@@ -95,13 +95,18 @@ def describe_calibration(tokens: torch.Tensor) -> dict:
 def mixed_calibration(tokenizer, corpus: str, task_texts: list[str], num_samples: int, seq_len: int,
                       task_fraction: float = 0.0, seed: int = 0) -> torch.LongTensor:
     """``[num_samples, seq_len]`` int64: ``round(task_fraction * num_samples)`` windows of task text, the
-    rest from ``corpus`` (C4/WikiText), corpus rows first."""
+    rest from ``corpus`` (C4 and/or WikiText: several sources separated by commas share the corpus rows
+    evenly), corpus rows first."""
     if not 0.0 <= task_fraction <= 1.0:
         raise ValueError(f"calib_task_fraction={task_fraction} must lie in [0, 1]")
     n_task = round(task_fraction * num_samples)
     parts = []
-    if n_task < num_samples:
-        parts.append(calibration_tokens(tokenizer, corpus, num_samples - n_task, seq_len, seed=seed))
+    sources = [source.strip() for source in corpus.split(",") if source.strip()]
+    n_corpus = num_samples - n_task
+    for index, source in enumerate(sources):
+        share = n_corpus // len(sources) + (1 if index < n_corpus % len(sources) else 0)
+        if share:
+            parts.append(calibration_tokens(tokenizer, resolve_path(source), share, seq_len, seed=seed))
     if n_task:
         parts.append(text_calibration_tokens(tokenizer, task_texts, n_task, seq_len, seed=seed))
     return torch.cat(parts)

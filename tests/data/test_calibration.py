@@ -105,3 +105,15 @@ def test_mixed_calibration_takes_the_task_share(nano_model_and_tokenizer, assets
     assert torch.equal(only_corpus[:4], mixed[:4])  # corpus rows first, drawn in the same order
     with pytest.raises(ValueError, match="calib_task_fraction=1.5"):
         mixed_calibration(tokenizer, corpus, texts, 8, 64, task_fraction=1.5)
+
+
+def test_two_corpora_share_the_rows(nano_model_and_tokenizer, assets_dir):
+    from eora_ft.data import mixed_calibration
+
+    _, tokenizer = nano_model_and_tokenizer
+    c4 = str(assets_dir / "data" / "c4" / "c4_en_train_head1000.jsonl")
+    wiki = str(assets_dir / "data" / "wikitext2" / "wikitext-2-raw-v1.test.joined.txt")
+    both = mixed_calibration(tokenizer, f"{c4},{wiki}", [], 5, 32, seed=0)
+    assert both.shape == (5, 32)
+    assert torch.equal(both[:3], mixed_calibration(tokenizer, c4, [], 3, 32, seed=0))
+    assert torch.equal(both[3:], mixed_calibration(tokenizer, wiki, [], 2, 32, seed=0))
