@@ -18,10 +18,15 @@ from torch import nn
 
 from eora_ft.compress.linear import CompressedLinear
 from eora_ft.init import LowRankFactors, check_rank
+from eora_ft.kernels.lora_matmul import packed_lora_linear
 
 
 class CompressedLoraLinear(LoraLinear):
-    """PEFT's LoRA ``Linear`` with a :class:`CompressedLinear` base (frozen packed weights)."""
+    """PEFT's LoRA ``Linear`` with a :class:`CompressedLinear` base (frozen packed weights).
+
+    With one plain active adapter its forward/backward is :class:`~eora_ft.kernels.lora_matmul.PackedLoraMatmul`
+    (``W_c`` recomputed in backward instead of kept, ``dY`` read once for ``dB`` and ``dY B``); anything
+    else (several adapters, dropout while training, variants) takes PEFT's own forward."""
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
@@ -31,6 +36,26 @@ class CompressedLoraLinear(LoraLinear):
             "refusing to merge a LoRA adapter into packed quantized/sparse weights: it would re-quantize the "
             "correction away. Call eora_ft.compress.linear.dequantize_model() first and merge into the dense copy."
         )
+
+    def _fused_adapter(self, kwargs: dict) -> str | None:
+        """The single plain adapter the fused path can run, or None (then PEFT's own forward runs)."""
+        if self.disable_adapters or self.merged or kwargs or len(self.active_adapters) != 1:
+            return None
+        adapter = self.active_adapters[0]
+        if adapter not in self.lora_A or adapter in self.lora_variant:
+            return None
+        dropout = self.lora_dropout[adapter]
+        if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            return None  # the LoRA branch sees a different x than the base: keep PEFT's two-branch forward
+        return adapter
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter = None if args else self._fused_adapter(kwargs)
+        if adapter is None:
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        return packed_lora_linear(x, lambda: base.dequantize(x.dtype), self.lora_A[adapter].weight,
+                                  self.lora_B[adapter].weight, self.scaling[adapter], base.bias)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``scaling * B @ A`` ``[N, K]`` for ``adapter``."""

@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Triton has no CPU backend: without a GPU its kernels run in the interpreter, which must be chosen
+# before triton is first imported (PLATFORM.md). GPU machines keep the compiled path.
+if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path  # noqa: E402
 
@@ -13,6 +17,14 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 _ASSETS = Path(__file__).resolve().parents[1] / "eora_ft" / "assets"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -90,6 +90,12 @@ class CompressedLinear(nn.Module):
         """Dense ``[N, K]`` in storage column order (= original order unless ``perm`` is set)."""
         if self.bits is None:
             return self.weight.to(dtype or self.compute_dtype)
+        if self.qweight.is_cuda:  # the Triton kernel; the reference below is its specification
+            from eora_ft.kernels.dequant import dequantize_triton
+
+            weight = dequantize_triton(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                       self.in_features, dtype=dtype or self.compute_dtype)
+            return weight if self.mask is None else weight * self.mask
         return dequantize(
             self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
             mask=self.mask, dtype=dtype or self.compute_dtype,
