@@ -18,7 +18,7 @@ from torch import nn
 
 from eora_ft.compress.linear import CompressedLinear
 from eora_ft.init import LowRankFactors, check_rank
-from eora_ft.kernels.lora_matmul import packed_lora_linear
+from eora_ft.kernels.lora_matmul import Packed, packed_lora_linear
 
 
 class CompressedLoraLinear(LoraLinear):
@@ -54,8 +54,11 @@ class CompressedLoraLinear(LoraLinear):
         if adapter is None:
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
+        packed = None
+        if base.bits is not None and base.perm is None and base.mask is None:
+            packed = Packed(base.qweight, base.scales, base.zeros, base.bits, base.group_size, base.in_features)
         return packed_lora_linear(x, lambda: base.dequantize(x.dtype), self.lora_A[adapter].weight,
-                                  self.lora_B[adapter].weight, self.scaling[adapter], base.bias)
+                                  self.lora_B[adapter].weight, self.scaling[adapter], base.bias, packed)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``scaling * B @ A`` ``[N, K]`` for ``adapter``."""

@@ -3,31 +3,67 @@
 Large-M (training) path: dequantize ``W_c`` (Triton into a scratch buffer on GPU, the pure-torch
 reference on CPU), one dense matmul, and the LoRA term with ``U = x A^T`` saved in forward. The
 backward reads ``dY`` once for ``G = dY B`` and ``dB = s dY^T U``; ``dX = dY W_c + s G A``,
-``dA = s G^T x``; ``W_c`` gets no gradient. The small-M fused kernel (dequantize inside the K loop)
-plugs in behind the same function later.
+``dA = s G^T x``; ``W_c`` gets no gradient.
+
+Small-M (generation, evaluation) path, on a GPU or when forced: the fused Triton kernels of
+:mod:`.fused` (dequantize inside the K loop, LoRA as an extra K slab) for ``y`` and for ``dX``.
+``SMALL_M_MAX_TOKENS`` is the switch point; it is a placeholder until measured on a GPU
+(``benchmarks/`` has no GPU table yet).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 
+SMALL_M_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Packed:
+    """The packed operands the fused kernels read: int32 ``qweight`` ``[K*bits/32, N]``, ``scales`` and
+    ``zeros`` ``[G, N]``, for a layer without input permutation."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+    in_features: int
+
+
+def _use_fused(packed: Packed | None, tokens: int, force: bool) -> bool:
+    return packed is not None and (force or (packed.qweight.is_cuda and tokens <= SMALL_M_MAX_TOKENS))
+
+
 class PackedLoraMatmul(torch.autograd.Function):
     """Inputs: ``x`` ``[..., K]``, a zero-argument ``weight_fn`` returning ``W_c`` ``[N, K]`` (recomputed in
-    backward instead of saved), ``A`` ``[r, K]``, ``B`` ``[N, r]``, ``scaling``, optional ``bias`` ``[N]``."""
+    backward instead of saved), ``A`` ``[r, K]``, ``B`` ``[N, r]``, ``scaling``, optional ``bias`` ``[N]``,
+    optional :class:`Packed` operands for the small-M fused kernels (``force_fused`` for tests)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight_fn: Callable[[], torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
-                scaling: float, bias: torch.Tensor | None) -> torch.Tensor:
-        weight = weight_fn().to(x.dtype)
+                scaling: float, bias: torch.Tensor | None, packed: Packed | None = None,
+                force_fused: bool = False) -> torch.Tensor:
+        tokens = x.numel() // x.shape[-1]
         u = x @ lora_a.to(x.dtype).t()  # [..., r]
-        y = x @ weight.t() + scaling * (u @ lora_b.to(x.dtype).t())
-        if bias is not None:
-            y = y + bias.to(y.dtype)
+        ctx.fused = _use_fused(packed, tokens, force_fused)
+        if ctx.fused:
+            from .fused import fused_forward
+
+            p = packed
+            y = fused_forward(x.reshape(tokens, -1), p.qweight, p.scales, p.zeros, p.bits, p.group_size, lora_a, lora_b,
+                              scaling, bias).reshape(*x.shape[:-1], -1)
+        else:
+            weight = weight_fn().to(x.dtype)
+            y = x @ weight.t() + scaling * (u @ lora_b.to(x.dtype).t())
+            if bias is not None:
+                y = y + bias.to(y.dtype)
         ctx.save_for_backward(x, u, lora_a, lora_b)
-        ctx.weight_fn, ctx.scaling = weight_fn, scaling
+        ctx.weight_fn, ctx.scaling, ctx.packed = weight_fn, scaling, packed
         return y
 
     @staticmethod
@@ -37,17 +73,24 @@ class PackedLoraMatmul(torch.autograd.Function):
         grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])
         g = grad_y2 @ lora_b.to(grad_y.dtype)  # [M, r]: the one extra read of dY besides dB
         grad_x = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.fused:
+            from .fused import fused_grad_input
+
+            p = ctx.packed
+            grad_x = fused_grad_input(grad_y2, p.qweight, p.scales, p.zeros, p.bits, p.group_size, p.in_features,
+                                      lora_a, lora_b, s).reshape(x.shape)
+        elif ctx.needs_input_grad[0]:
             weight = ctx.weight_fn().to(grad_y.dtype)
             grad_x = (grad_y2 @ weight + s * (g @ lora_a.to(grad_y.dtype))).reshape(x.shape)
         if ctx.needs_input_grad[2]:
             grad_a = (s * g.t() @ x.reshape(-1, x.shape[-1])).to(lora_a.dtype)
         if ctx.needs_input_grad[3]:
             grad_b = (s * grad_y2.t() @ u.reshape(-1, u.shape[-1])).to(lora_b.dtype)
-        return grad_x, None, grad_a, grad_b, None, None
+        return grad_x, None, grad_a, grad_b, None, None, None, None
 
 
 def packed_lora_linear(x: torch.Tensor, weight_fn: Callable[[], torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
-                       scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+                       scaling: float, bias: torch.Tensor | None = None, packed: Packed | None = None,
+                       force_fused: bool = False) -> torch.Tensor:
     """Functional form of :class:`PackedLoraMatmul`."""
-    return PackedLoraMatmul.apply(x, weight_fn, lora_a, lora_b, scaling, bias)
+    return PackedLoraMatmul.apply(x, weight_fn, lora_a, lora_b, scaling, bias, packed, force_fused)
