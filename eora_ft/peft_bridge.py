@@ -65,10 +65,11 @@ class CompressedLoraLinear(LoraLinear):
         return self.scaling[adapter] * (self.lora_B[adapter].weight @ self.lora_A[adapter].weight)
 
 
-def lora_config(r: int, lora_alpha: float, lora_dropout: float, target_modules: list[str] | None) -> LoraConfig:
-    """A causal-LM LoraConfig that also knows how to wrap :class:`CompressedLinear`."""
+def lora_config(r: int, lora_alpha: float, lora_dropout: float, target_modules: list[str] | None,
+                task_type: str | None = "CAUSAL_LM") -> LoraConfig:
+    """A LoraConfig (causal LM by default) that also knows how to wrap :class:`CompressedLinear`."""
     config = LoraConfig(
-        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM",
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type=task_type,
         target_modules=target_modules or "all-linear",
     )
     config._register_custom_module({CompressedLinear: CompressedLoraLinear})

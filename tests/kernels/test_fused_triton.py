@@ -63,3 +63,20 @@ def test_autograd_function_small_m_path_matches_the_reference_path():
         results.append((y, *grads))
     for fused, reference in zip(*results):
         assert torch.allclose(fused, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_compiled_bf16_fused_kernels(bits):
+    from eora_ft.kernels.fused import fused_forward, fused_grad_input
+
+    qweight, scales, zeros, a, b = _layer(bits, 4096, 1024, 128, 16, torch.bfloat16, seed=bits)
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
+    weight = dequantize(qweight, scales, zeros, bits, 128, 4096, dtype=torch.float32)
+    want = lora_linear(x.float(), weight, a.float(), b.float(), 1.0)
+    got = fused_forward(x, qweight, scales, zeros, bits, 128, a, b, 1.0)
+    assert torch.allclose(got.float(), want, atol=5e-2, rtol=5e-2)
+    grad_y = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+    want_dx = grad_y.float() @ weight + (grad_y.float() @ b.float()) @ a.float()
+    assert torch.allclose(fused_grad_input(grad_y, qweight, scales, zeros, bits, 128, 4096, a, b, 1.0).float(), want_dx,
+                          atol=5e-2, rtol=5e-2)
