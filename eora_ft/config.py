@@ -87,6 +87,8 @@ class CompressionArguments:
             QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym)  # validates bits / group size
         if self.compress_method in USES_SPARSITY:
             PruneSpec.parse(self.sparsity)
+        if self.act_order and self.compress_method != "gptq":
+            raise ValueError(f"act_order=True is a GPTQ option; compress_method={self.compress_method!r} does not use it")
         if self.calib_task_format not in TASK_TEXT_FORMATS:
             raise ValueError(f"calib_task_format={self.calib_task_format!r} is unknown; valid: {sorted(TASK_TEXT_FORMATS)}")
         if not 0.0 <= self.calib_task_fraction <= 1.0:
@@ -153,6 +155,8 @@ class EoraSFTConfig(SFTConfig):
 
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None = on iff a bf16-capable GPU."})
     report_to: str | list[str] = field(default="tensorboard", metadata={"help": "Logging integrations (tensorboard, none, ...)."})
+    ddp_broadcast_buffers: bool | None = field(
+        default=False, metadata={"help": "The packed base lives in frozen buffers: no need to re-broadcast them every step."})
 
     def __post_init__(self) -> None:
         if self.bf16 is None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from eora_ft.compress import StatsCollector, make_compressor
+from eora_ft.compress.linear import set_module
 from eora_ft.config import LLAMA_LINEARS, CompressionArguments
 from eora_ft.init import INITIALIZERS, check_rank, get_initializer
 
@@ -94,8 +95,7 @@ def init_command(args: argparse.Namespace) -> int:
         result = initializer(delta, stats[path], args.rank, generator=generator, weight=weight, compressor=compressor, **options)
         factors[path] = result.quantized(args.factor_bits) if args.factor_bits else result
         if result.base is not None:  # LoftQ: the adapter belongs to its own base
-            parent, _, child = path.rpartition(".")
-            setattr(compressed.get_submodule(parent), child, result.base.to_module(module.bias, module.compute_dtype))
+            set_module(compressed, path, result.base.to_module(module.bias, module.compute_dtype))
 
     base_dir = None
     if args.method == "loftq":  # written before PEFT wraps the layers; moved under the adapter at the end

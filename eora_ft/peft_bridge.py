@@ -6,9 +6,7 @@ writes the standard adapter files that plain PEFT reloads over the dequantized b
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -135,18 +133,13 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
 
 
 def save_adapter(peft_model: PeftModel, directory: str | Path) -> Path:
-    """``save_pretrained`` into a temp dir, then swap it in: a crash never leaves a half-written adapter."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    """``save_pretrained`` into a sibling temp dir, then swap it in whole. An existing ``directory`` is
+    replaced only if it is empty or an adapter directory (holds ``adapter_config.json``)."""
+    from eora_ft.compress.io import _atomic_directory
+
+    with _atomic_directory(directory, lambda d: (d / "adapter_config.json").exists(), "PEFT adapter directory") as tmp:
         peft_model.save_pretrained(tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+    return Path(directory)
 
 
 def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> PeftModel:

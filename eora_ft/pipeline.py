@@ -85,6 +85,10 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                          (task_args.ppl_dataset, "ppl_dataset"), (compress_args.calib_task_dataset, "calib_task_dataset"),
                          *[(part, "calib_dataset") for part in compress_args.calib_dataset.split(",")]]:
         require_source(source.strip() if source else source, what)
+    if task_args.ppl_dataset and any(resolve_path(part.strip()) == resolve_path(task_args.ppl_dataset)
+                                     for part in compress_args.calib_dataset.split(",")):
+        raise ValueError(f"calib_dataset includes {task_args.ppl_dataset!r}, the perplexity text: calibrating on the "
+                         "evaluation text would leak it into the metric; use C4 or another split")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -95,6 +99,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         clock = now
 
     tokenizer, model = load_model(model_args)
+    model.to(state.device)  # compression, statistics and evaluation run where training will
     check_model_against_config(model, model_args.lora_target_modules, compress_args, model_args.lora_r)
     eval_source = task_args.eval_dataset_name or task_args.dataset_name
     eval_items = load_arc(resolve_path(eval_source), split=task_args.dataset_test_split, name=task_args.dataset_config,

@@ -49,7 +49,8 @@ class PackedLoraMatmul(torch.autograd.Function):
                 scaling: float, bias: torch.Tensor | None, packed: Packed | None = None,
                 force_fused: bool = False) -> torch.Tensor:
         tokens = x.numel() // x.shape[-1]
-        u = x @ lora_a.to(x.dtype).t()  # [..., r]
+        # the LoRA term runs in the adapter's dtype (fp32 under bf16 autocast), as PEFT's own layer does
+        u = x.to(lora_a.dtype) @ lora_a.t()  # [..., r]
         ctx.fused = _use_fused(packed, tokens, force_fused)
         if ctx.fused:
             from .fused import fused_forward
@@ -58,10 +59,10 @@ class PackedLoraMatmul(torch.autograd.Function):
             y = fused_forward(x.reshape(tokens, -1), p.qweight, p.scales, p.zeros, p.bits, p.group_size, lora_a, lora_b,
                               scaling, bias).reshape(*x.shape[:-1], -1)
         else:
-            weight = weight_fn().to(x.dtype)
-            y = x @ weight.t() + scaling * (u @ lora_b.to(x.dtype).t())
+            y = x @ weight_fn().to(x.dtype).t()
             if bias is not None:
                 y = y + bias.to(y.dtype)
+            y = y + (scaling * (u @ lora_b.t())).to(y.dtype)
         ctx.save_for_backward(x, u, lora_a, lora_b)
         ctx.weight_fn, ctx.scaling, ctx.packed = weight_fn, scaling, packed
         return y
@@ -71,21 +72,21 @@ class PackedLoraMatmul(torch.autograd.Function):
         x, u, lora_a, lora_b = ctx.saved_tensors
         s = ctx.scaling
         grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])
-        g = grad_y2 @ lora_b.to(grad_y.dtype)  # [M, r]: the one extra read of dY besides dB
+        g = grad_y2.to(lora_b.dtype) @ lora_b  # [M, r] in the adapter dtype: the one extra read of dY
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0] and ctx.fused:
             from .fused import fused_grad_input
 
             p = ctx.packed
             grad_x = fused_grad_input(grad_y2, p.qweight, p.scales, p.zeros, p.bits, p.group_size, p.in_features,
-                                      lora_a, lora_b, s).reshape(x.shape)
+                                      lora_a, lora_b, s).reshape(x.shape).to(x.dtype)
         elif ctx.needs_input_grad[0]:
             weight = ctx.weight_fn().to(grad_y.dtype)
-            grad_x = (grad_y2 @ weight + s * (g @ lora_a.to(grad_y.dtype))).reshape(x.shape)
+            grad_x = (grad_y2 @ weight + (s * (g @ lora_a)).to(grad_y.dtype)).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[2]:
-            grad_a = (s * g.t() @ x.reshape(-1, x.shape[-1])).to(lora_a.dtype)
+            grad_a = s * g.t() @ x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
         if ctx.needs_input_grad[3]:
-            grad_b = (s * grad_y2.t() @ u.reshape(-1, u.shape[-1])).to(lora_b.dtype)
+            grad_b = s * grad_y2.to(lora_b.dtype).t() @ u.reshape(-1, u.shape[-1]).to(lora_b.dtype)
         return grad_x, None, grad_a, grad_b, None, None, None, None
 
 

@@ -65,6 +65,17 @@ def test_missing_paths_stop_before_any_work(tmp_path, key, value, match):
     assert not (tmp_path / "out").exists()
 
 
+def test_options_a_method_does_not_use_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="act_order=True is a GPTQ option; compress_method='rtn' does not use it"):
+        parse_recipe_args(_args(tmp_path, compress_method="rtn", act_order="true"))
+
+
+def test_calibrating_on_the_perplexity_text_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="would leak it into the metric"):
+        _run(tmp_path, calib_dataset="eora_ft/assets/data/wikitext2/wikitext-2-raw-v1.test.joined.txt")
+    assert not (tmp_path / "out").exists()
+
+
 def test_rank_above_layer_dimensions_stops_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"rank=200 is invalid for self_attn.k_proj \(128x256\); valid: 1..128"):
         _run(tmp_path, lora_r=200)

@@ -36,6 +36,9 @@ def test_installed_package_adds_no_top_level_kernels(tmp_path):
 
 
 def test_transformers_still_runs_from_the_repo_root():
-    # with the checkout on sys.path, `kernels` resolves to our folder: transformers must not mistake it for HF's
+    # With the checkout's root as cwd, `python -c` puts it on sys.path and `kernels` does resolve to our
+    # folder (it needs an __init__.py for the editable eora_ft.kernels mapping). What must hold: transformers
+    # does not take it for Hugging Face's package, and models still run.
     result = _probe(ROOT)
+    assert result["top_level"] == str(ROOT / "kernels" / "__init__.py")
     assert result["hf_kernels"] is False and result["finite"]

@@ -110,3 +110,20 @@ def test_rank_pattern_and_alpha_pattern_for_rank_deficient_layers(compressed, tm
     reloaded = PeftModel.from_pretrained(dequantize_model(copy.deepcopy(model)), tmp_path)
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, peft_model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_save_adapter_replaces_only_an_adapter_directory(compressed, tmp_path):
+    from eora_ft.peft_bridge import save_adapter
+
+    peft_model = _peft(compressed)
+    target = tmp_path / "adapter"
+    save_adapter(peft_model, target)
+    save_adapter(peft_model, target)  # a previous adapter is replaced whole
+    assert (target / "adapter_model.safetensors").exists()
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="refusing to replace"):
+        save_adapter(peft_model, precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "notes"]  # no temp dirs left behind

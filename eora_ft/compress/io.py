@@ -32,7 +32,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from .gptq_format import ZERO_OFFSET, gptq_tensors, layer_from_gptq
-from .linear import CompressedLinear
+from .linear import CompressedLinear, set_module
 
 CONFIG, WEIGHTS, WEIGHTS_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 COMPRESSION_CONFIG, QUANTIZE_CONFIG = "compression_config.json", "quantize_config.json"
@@ -40,9 +40,6 @@ GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 DEFAULT_DAMP_PERCENT = 0.01  # our GPTQ default; written when the model does not record its own
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def _compressed_layers(model: nn.Module) -> dict[str, CompressedLinear]:
@@ -98,6 +95,9 @@ def _atomic_directory(directory: str | os.PathLike, replaceable: Callable[[Path]
         raise FileExistsError(f"refusing to replace {directory}: it exists and is not an empty directory or a {what}")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output should get the usual permissions
     try:
         yield tmp
         old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
@@ -222,13 +222,13 @@ def load_compressed(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
             raise ValueError(f"{directory / COMPRESSION_CONFIG} lists module {path!r}, "
                              f"which the model in {CONFIG} lacks") from err
         if spec.get("kind") == "nf4":  # loaded directly: bitsandbytes rebuilds its quant state itself
-            _set_module(model, path, _nf4_shell(spec, state, path, dtype))
+            set_module(model, path, _nf4_shell(spec, state, path, dtype))
             continue
         shell = CompressedLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
                                  bias=spec["bias"], masked=spec["masked"], dtype=dtype)
         if spec.get("act_order"):
             shell.perm = torch.zeros(spec["in_features"], dtype=torch.int64)
-        _set_module(model, path, shell)
+        set_module(model, path, shell)
     nf4_paths = [path for path, spec in modules.items() if spec.get("kind") == "nf4"]
     _load_state(model, state, directory / WEIGHTS, skip=nf4_paths)
     return _finish(model, directory, meta)
@@ -264,7 +264,8 @@ def export_gptq(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
     state = {n: t for n, t in model.state_dict().items() if n.rpartition(".")[0] not in layers}
     bits, group_size = specs.pop()
     meta = getattr(model, "compression_config", None) or {}
-    sym = meta.get("sym")
+    options = meta.get("options", meta)  # `eora-ft compress` records the compressor's options under "options"
+    sym = options.get("sym")
     if sym is None:  # a symmetric grid has its zero point in the middle of the code range
         sym = all(bool((m.zeros == 2 ** (bits - 1)).all()) for m in layers.values())
     quant = {
@@ -272,7 +273,7 @@ def export_gptq(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
         "desc_act": any(m.perm is not None for m in layers.values()), "sym": bool(sym),
         "checkpoint_format": checkpoint_format, "format": checkpoint_format,  # transformers >= 5 reads "format"
         "static_groups": False, "true_sequential": True,
-        "damp_percent": float(meta.get("damp_percent") or DEFAULT_DAMP_PERCENT),
+        "damp_percent": float(options.get("damp_percent") or DEFAULT_DAMP_PERCENT),
     }
     config = copy.deepcopy(model.config)
     config.quantization_config = quant
@@ -328,7 +329,7 @@ def import_gptq(directory: str | os.PathLike, base_model: nn.Module | str | os.P
             layer = layer_from_gptq(layer_tensors, bits, group_size, fmt, dtype)
         except (KeyError, ValueError) as err:
             raise ValueError(f"{directory}: cannot import {prefix}: {err!r}") from err
-        _set_module(model, prefix, layer)
+        set_module(model, prefix, layer)
         state.update({f"{prefix}.{k}": v for k, v in layer.state_dict().items()})
     if isinstance(base_model, (str, os.PathLike)):
         base_model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype)

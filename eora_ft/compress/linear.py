@@ -17,8 +17,9 @@ class CompressedLinear(nn.Module):
     Quantized (``bits`` in 2, 3, 4, 8): buffers ``qweight`` int32 ``[K*bits/32, N]``, ``scales``
     ``[G, N]`` (compute dtype), ``zeros`` uint8 ``[G, N]``. Pruned only (``bits=None``): buffer
     ``weight`` ``[N, K]`` (compute dtype). Either may carry ``mask`` bool ``[N, K]`` (False = pruned,
-    always exactly zero). ``bias`` stays a frozen parameter if present. The forward pass dequantizes
-    with the pure-torch reference; the Triton kernels plug in here.
+    always exactly zero). ``bias`` stays a frozen parameter if present. ``dequantize()`` uses the
+    Triton kernel on a GPU and the pure-torch reference (its specification) on CPU; with a LoRA
+    adapter on top, training goes through ``eora_ft.kernels.lora_matmul.PackedLoraMatmul``.
 
     Optional buffer ``perm`` int64 ``[K]`` (None unless an act-order GPTQ checkpoint was imported):
     stored input column ``j`` is original input ``perm[j]``. Storage keeps groups monotone (columns
@@ -121,6 +122,12 @@ class CompressedLinear(nn.Module):
         )
 
 
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``path`` under ``root`` by ``module``."""
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every :class:`CompressedLinear` in ``model`` by a plain ``nn.Linear`` holding ``W_c`` (in place).
 
@@ -135,6 +142,5 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             if module.bias is not None:
                 dense.bias.data.copy_(module.bias)
             dense.requires_grad_(False)
-            parent_path, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, child, dense)
+            set_module(model, path, dense)
     return model

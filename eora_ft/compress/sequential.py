@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from eora_ft.init import LowRankFactors, get_initializer
 
+from .linear import set_module
 from .stats import ActivationStats, StatsCollector
 
 
@@ -117,11 +118,6 @@ def _relative_output_error(delta: torch.Tensor, weight: torch.Tensor, cov: torch
     return float(torch.sqrt(num.clamp_min(0) / den))
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(root.get_submodule(parent_path) if parent_path else root, child, module)
-
-
 def _stages(collector: StatsCollector) -> list[list[str]]:
     """Linears grouped by shared input, in execution order: q/k/v, o, gate/up, down for Llama."""
     groups: dict[int, list[str]] = {}
@@ -183,6 +179,10 @@ def compress_model(
         if not linears:
             raise ValueError(f"no target linears {target_modules} in decoder layer {index}")
         collector = _collect(layer, inputs, linears, first_stage_only=true_sequential)
+        unreached = sorted(set(linears) - set(collector.stats))
+        if unreached:
+            raise ValueError(f"decoder layer {index}: no calibration activations reached {unreached}; "
+                             "they would stay uncompressed (a branch the calibration inputs never take?)")
         stats = dict(collector.stats)
         for stage_index, stage in enumerate(_stages(collector)):
             if true_sequential and stage_index:
@@ -194,12 +194,12 @@ def compress_model(
                                                       factor_bits, base_from, keep_stats))
                 if capture == "compensated":
                     factors = result.factors[path][init_methods[0]]
-                    _set_module(layer, name, _Compensated(layer.get_submodule(name), factors))
+                    set_module(layer, name, _Compensated(layer.get_submodule(name), factors))
         inputs = _run_layer(layer, inputs)
         if capture == "compensated":
             for name, module in list(layer.named_modules()):
                 if isinstance(module, _Compensated):
-                    _set_module(layer, name, module.base)
+                    set_module(layer, name, module.base)
 
     model.train(was_training)
     result.seconds = time.perf_counter() - start
@@ -254,5 +254,5 @@ def _compress_linear(layer, name, linear, stats: ActivationStats, compressor, in
         result.factors[path][init_name] = factors
         row[f"rel_out_err/{init_name}"] = _relative_output_error(own_delta - factors.delta(), weight, cov)
         row[f"effective_rank/{init_name}"] = factors.effective_rank
-    _set_module(layer, name, compressed)
+    set_module(layer, name, compressed)
     return row

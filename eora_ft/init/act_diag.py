@@ -18,4 +18,5 @@ from .factors import LowRankFactors
 def act_diag_factors(delta_w: torch.Tensor, stats: ActivationStats | torch.Tensor, rank: int) -> LowRankFactors:
     """Factors of ``delta_w`` ``[N, K]`` under the diagonal of the input covariance ``[K, K]``."""
     cov = stats.covariance() if isinstance(stats, ActivationStats) else stats.to(torch.float64)
-    return eora_factors(delta_w, torch.diag(torch.diag(cov)), rank)
+    second_moments = torch.diag(cov)  # a diagonal covariance is its own eigendecomposition: no O(K^3) eigh
+    return eora_factors(delta_w, (second_moments, torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)), rank)

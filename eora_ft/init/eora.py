@@ -19,14 +19,15 @@ EIGEN_MODES = ("inverse_free", "clamp", "damp")
 
 def eora_factors(
     delta_w: torch.Tensor,
-    cov: torch.Tensor | ActivationStats,
+    cov: torch.Tensor | ActivationStats | tuple[torch.Tensor, torch.Tensor],
     rank: int,
     eigen_mode: str = "inverse_free",
     damp: float = 0.01,
     shrink: float = 0.0,
     rtol: float = 1e-10,
 ) -> LowRankFactors:
-    """EoRA factors of ``delta_w`` ``[N, K]`` for covariance ``cov`` ``[K, K]`` (or the stats holding it).
+    """EoRA factors of ``delta_w`` ``[N, K]`` for covariance ``cov`` ``[K, K]`` (or the stats holding it, or
+    its eigendecomposition ``(eigenvalues [K], eigenvectors [K, K])``).
 
     Args:
         eigen_mode: ``inverse_free`` (default; negatives from round-off clipped to 0), ``clamp`` (the
@@ -41,6 +42,8 @@ def eora_factors(
         raise ValueError(f"shrink={shrink} must lie in [0, 1]")
     if isinstance(cov, ActivationStats):
         evals, evecs = cov.eigh()
+    elif isinstance(cov, tuple):
+        evals, evecs = (t.to(torch.float64) for t in cov)
     else:
         evals, evecs = torch.linalg.eigh(cov.to(torch.float64))
     dw = delta_w.to(torch.float64).to(evecs.device)

@@ -14,7 +14,7 @@ class LowRankFactors:
     Attributes:
         a: ``[rank, K]`` (PEFT ``lora_A.weight``); b: ``[N, rank]`` (``lora_B.weight``); fp32.
         effective_rank: number of non-vanishing directions (< rank when singular values are zero;
-            the remaining rows of ``a`` / columns of ``b`` are zero).
+            the remaining rows of ``a`` / columns of ``b`` are zero); ``rank`` for QLoRA's ``B = 0``.
     """
 
     a: torch.Tensor
@@ -31,7 +31,11 @@ class LowRankFactors:
         return self.b @ self.a
 
     def scaled_for_peft(self, scaling: float) -> "LowRankFactors":
-        """Factors that give the same correction through PEFT's ``scaling * B @ A``."""
+        """Factors that give the same correction through PEFT's ``scaling * B @ A``.
+
+        With ``B = 0`` (QLoRA) the correction is zero whatever the split: ``A`` stays as PEFT would draw it."""
+        if not torch.any(self.b):
+            return self
         root = scaling**0.5
         return LowRankFactors(self.a / root, self.b / root, self.effective_rank, self.base)
 

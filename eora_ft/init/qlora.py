@@ -14,4 +14,4 @@ def qlora_factors(delta_w: torch.Tensor, rank: int, generator: torch.Generator |
     n, k = delta_w.shape
     bound = math.sqrt(6.0 / ((1 + 5.0) * k))  # kaiming_uniform_ with a = sqrt(5), fan_in = K
     a = (torch.rand(rank, k, generator=generator) * 2 - 1) * bound
-    return LowRankFactors(a.to(torch.float32), torch.zeros(n, rank), 0)
+    return LowRankFactors(a.to(torch.float32), torch.zeros(n, rank), rank)  # every direction trains

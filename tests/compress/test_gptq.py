@@ -55,7 +55,7 @@ def test_dead_input_columns_are_zeroed():
     stats = ActivationStats(128)
     stats.add_batch(x)
     q = GPTQ(bits=4, group_size=-1).compress(w, stats).dequantize()
-    assert torch.all(q[:, 5].abs() <= q.abs().max())  # finite and on the grid, no NaN from a singular H
+    assert torch.all(q[:, 5] == 0)  # an input that never fires carries no weight (and no NaN from a singular H)
     assert torch.isfinite(q).all()
 
 

@@ -365,3 +365,12 @@ def test_import_rejects_unsupported_settings(tmp_path):
         layer_from_gptq(tensors, 4, 32)
     with pytest.raises(ValueError, match="group_size=16 is not supported"):
         layer_from_gptq(tensors, 4, 16)
+
+
+def test_export_reads_the_recorded_compressor_options(tmp_path):
+    model = _tiny_model(bits=4)
+    saved = save_compressed(model, tmp_path / "m", {"method": "gptq", "options": {"damp_percent": 0.1, "sym": False}})
+    assert oct(os.stat(saved).st_mode & 0o777) != oct(0o700)  # not mkdtemp's private mode
+    exported = export_gptq(load_compressed(saved), tmp_path / "g")
+    config = json.loads((exported / "config.json").read_text())["quantization_config"]
+    assert config["damp_percent"] == 0.1 and config["sym"] is False

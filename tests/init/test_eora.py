@@ -109,6 +109,8 @@ def test_shrink_one_is_svd():
 def test_qlora_is_peft_default_shape_and_zero_b():
     f = qlora_factors(torch.zeros(6, 10), 3, generator=torch.Generator().manual_seed(0))
     assert f.a.shape == (3, 10) and f.b.shape == (6, 3) and torch.all(f.b == 0) and f.a.abs().max() > 0
+    assert f.effective_rank == 3  # every direction trains: trim_rank must not cut it
+    assert f.scaled_for_peft(4.0).a is f.a  # B = 0: A stays Kaiming whatever lora_alpha is
 
 
 def test_bad_inputs():
@@ -135,8 +137,9 @@ def test_loftq_weight_error_does_not_increase_over_iterations(bits):
     for iters in (1, 2, 4, 8):
         factors = loftq_factors(weight, RTN(bits=bits, group_size=32), stats, 4, iters=iters)
         errors.append(float(torch.linalg.norm(weight - factors.base.dequantize() - factors.delta())))
+    # (non-increasing by construction: the best iterate is returned; the raw alternation is not monotone)
     assert all(later <= earlier + 1e-6 for earlier, later in zip(errors, errors[1:]))
-    assert errors[-1] < errors[0]  # alternating does help over plain svd
+    assert errors[-1] < errors[0]  # the real property: alternating beats plain svd on the weight error
 
 
 def test_loftq_one_iteration_is_svd_of_the_plain_error():

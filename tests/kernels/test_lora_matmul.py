@@ -57,3 +57,19 @@ def test_adapter_layer_uses_the_fused_path_with_the_same_result(nano_model_and_t
     assert module.base_layer.qweight.grad is None
     with peft_model.disable_adapter():
         assert module._fused_adapter({}) is None
+
+
+def test_bf16_autocast_training_step_runs_and_matches_fp32():
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(24, 64, generator=g)
+    x = torch.randn(6, 64, generator=g, requires_grad=True)
+    a = (torch.randn(4, 64, generator=g) * 0.1).requires_grad_(True)
+    b = (torch.randn(24, 4, generator=g) * 0.1).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = packed_lora_linear(x, lambda: weight, a, b, 2.0)
+    grads = torch.autograd.grad(y.float().square().sum(), (x, a, b))
+    assert [t.dtype for t in grads] == [torch.float32] * 3  # each gradient in its input's dtype
+    y32 = packed_lora_linear(x, lambda: weight, a, b, 2.0)
+    grads32 = torch.autograd.grad(y32.square().sum(), (x, a, b))
+    for got, want in zip(grads, grads32):
+        assert torch.allclose(got, want, rtol=5e-2, atol=5e-2 * float(want.abs().max()))
