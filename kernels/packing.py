@@ -34,9 +34,9 @@ def _pack_plane(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _unpack_plane(words: torch.Tensor, bits: int) -> torch.Tensor:
     per_word = _WORD // bits
-    unsigned = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = (torch.arange(per_word, dtype=torch.int64, device=words.device) * bits).view(1, per_word, 1)
-    codes = (unsigned.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    shifts = (torch.arange(per_word, dtype=torch.int32, device=words.device) * bits).view(1, per_word, 1)
+    # int32 arithmetic shift then mask: the sign bits shifted in are masked off, so no int64 widening
+    codes = (words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(-1, words.shape[-1])
 
 
@@ -55,15 +55,16 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return _pack_plane(codes, bits)
 
 
-def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: int32 ``[K * bits / 32, N]`` -> int64 codes ``[K, N]``."""
+def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 ``[K * bits / 32, N]`` -> codes ``[K, N]`` in ``dtype``
+    (int64 by default; the dequantizer asks for int32 and skips the widening)."""
     _check(bits, in_features)
     if bits == 3:
         low_rows = in_features * 2 // _WORD
         low = _unpack_plane(qweight[:low_rows], 2)
         high = _unpack_plane(qweight[low_rows:], 1)
-        return low | (high << 2)
-    return _unpack_plane(qweight, bits)
+        return (low | (high << 2)).to(dtype)
+    return _unpack_plane(qweight, bits).to(dtype)
 
 
 def packed_rows(in_features: int, bits: int) -> int:

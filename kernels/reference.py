@@ -30,12 +30,11 @@ def dequantize(
         zeros: integer or float ``[G, N]`` zero points (in code units).
         mask: optional bool ``[N, K]``; False entries are forced to exactly 0 (pruned weights).
     """
-    codes = unpack_codes(qweight, bits, in_features)  # [K, N]
+    codes = unpack_codes(qweight, bits, in_features, dtype=torch.int32)  # [K, N]
     group = in_features if group_size == -1 else group_size
-    group_of_k = torch.arange(in_features, device=codes.device) // group
-    scale = scales.to(torch.float32)[group_of_k]  # [K, N]
-    zero = zeros.to(torch.float32)[group_of_k]
-    weight = (scale * (codes.to(torch.float32) - zero)).t()
+    n = codes.shape[1]
+    grouped = codes.view(in_features // group, group, n).to(torch.float32)  # broadcast the [G, N] grids
+    weight = ((grouped - zeros.to(torch.float32)[:, None, :]) * scales.to(torch.float32)[:, None, :]).view(in_features, n).t()
     if mask is not None:
         weight = weight * mask
     return weight.to(dtype).contiguous()
