@@ -17,7 +17,6 @@ import copy
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch

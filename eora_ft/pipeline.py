@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import PartialState
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eora_ft.compress import USES_BITS, make_compressor
 from eora_ft.compress.sequential import compress_model, find_decoder_layers, target_linears

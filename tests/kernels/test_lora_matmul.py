@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 
-from eora_ft.compress import RTN, CompressedLinear
 from eora_ft.kernels.lora_matmul import packed_lora_linear
 
 
