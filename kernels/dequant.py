@@ -31,16 +31,23 @@ def _codes(qweight_ptr, offs_k, offs_n, mask, N, K, BITS: tl.constexpr):
 
 
 @triton.jit
-def _dequant_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, group_size,
-                    BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+def _weight_tile(qweight_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, N, K, group_size, BITS: tl.constexpr):
+    """A ``[BLOCK_K, BLOCK_N]`` tile of ``W_c^T`` in fp32 (zero outside the matrix)."""
     mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
     codes = _codes(qweight_ptr, offs_k, offs_n, mask, N, K, BITS).to(tl.float32)
     group = offs_k // group_size
     scale = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.float32)
     zero = tl.load(zeros_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.float32)
-    weight = scale * (codes - zero)  # [BLOCK_K, BLOCK_N]: a tile of W^T
+    return scale * (codes - zero)
+
+
+@triton.jit
+def _dequant_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, group_size,
+                    BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    weight = _weight_tile(qweight_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, N, K, group_size, BITS)
     tl.store(out_ptr + offs_n[None, :] * K + offs_k[:, None], weight.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -13,18 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import _codes
-
-
-@triton.jit
-def _weight_tile(qweight_ptr, scales_ptr, zeros_ptr, offs_k, offs_n, N, K, group_size, BITS: tl.constexpr):
-    """A ``[BLOCK_K, BLOCK_N]`` tile of ``W_c^T`` in fp32 (zero outside the matrix)."""
-    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
-    codes = _codes(qweight_ptr, offs_k, offs_n, mask, N, K, BITS).to(tl.float32)
-    group = offs_k // group_size
-    scale = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.float32)
-    zero = tl.load(zeros_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0).to(tl.float32)
-    return scale * (codes - zero)
+from .dequant import _weight_tile
 
 
 @triton.jit
