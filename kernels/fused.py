@@ -64,13 +64,16 @@ def _block_r(rank: int) -> int:
 
 
 def fused_forward(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, lora_a: torch.Tensor,
-                  lora_b: torch.Tensor, scaling: float, bias: torch.Tensor | None = None,
+                  lora_b: torch.Tensor, scaling: float, bias: torch.Tensor | None = None, u: torch.Tensor | None = None,
                   block_m: int = 16, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
-    """``x`` ``[M, K]`` -> ``y`` ``[M, N]`` (dtype of ``x``) without materialising ``W_c``."""
+    """``x`` ``[M, K]`` -> ``y`` ``[M, N]`` (dtype of ``x``) without materialising ``W_c``; pass ``u = x A^T``
+    ``[M, r]`` if the caller already has it (the autograd function keeps it for backward)."""
     m, k = x.shape
     n, rank = qweight.shape[1], lora_a.shape[0]
     x = x.contiguous()
-    u = (scaling * (x.float() @ lora_a.float().t())).contiguous()  # [M, r]
+    if u is None:
+        u = x.float() @ lora_a.float().t()
+    u = (scaling * u.float()).contiguous()  # [M, r]: the LoRA slab's left operand
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     group = k if group_size == -1 else group_size
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))

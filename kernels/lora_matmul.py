@@ -57,7 +57,7 @@ class PackedLoraMatmul(torch.autograd.Function):
 
             p = packed
             y = fused_forward(x.reshape(tokens, -1), p.qweight, p.scales, p.zeros, p.bits, p.group_size, lora_a, lora_b,
-                              scaling, bias).reshape(*x.shape[:-1], -1)
+                              scaling, bias, u=u.reshape(tokens, -1)).reshape(*x.shape[:-1], -1)
         else:
             y = x @ weight_fn().to(x.dtype).t()
             if bias is not None:
