@@ -5,7 +5,8 @@
                                       compress a model and save it (see eora_ft/commands.py)
     eora-ft init --compressed DIR --method eora --rank 16 --output DIR
                                       a PEFT adapter initialised for a compressed model
-    eora-ft arc --config FILE.yaml    the ARC recipe in this process (same flags as recipes/arc.py)
+    eora-ft arc|mathqa|gsm8k --config FILE.yaml
+                                      a recipe in this process (same flags as recipes/<task>.py)
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ def _info() -> int:
     return 0
 
 
-def _arc(argv: list[str]) -> int:
-    from eora_ft.config import parse_recipe_args
-    from eora_ft.pipeline import run
-    from eora_ft.report import results_markdown
+RECIPES = ("arc", "mathqa", "gsm8k")
 
-    results = run(*parse_recipe_args(argv))
-    if results.get("stages", {}).get("base"):
-        print(results_markdown(results))
+
+def _recipe(name: str, argv: list[str]) -> int:
+    from pathlib import Path
+
+    from eora_ft.recipe import recipe_main
+
+    # In a checkout the recipe's default config exists; an installed package falls back to the defaults.
+    default = Path(__file__).resolve().parents[1] / "recipes" / "configs" / f"{name}_nano_{'gptq2' if name == 'arc' else 'gptq3'}_eora.yaml"
+    recipe_main(argv, default, name)
     return 0
 
 
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from eora_ft.init_command import add_init_arguments, init_command
 
     add_init_arguments(sub.add_parser("init", help="initialise a LoRA adapter for a compressed model"))
-    sub.add_parser("arc", help="run the ARC recipe (flags as recipes/arc.py; --help lists them)", add_help=False)
+    for name in RECIPES:
+        sub.add_parser(name, help=f"run the {name} recipe (flags as recipes/{name}.py; --help lists them)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         return _info()
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return compress_command(args) if args.command == "compress" else init_command(args)
-    return _arc(rest)
+    return _recipe(args.command, rest)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ and ``SFTConfig`` (the training loop) are used as they are; what is ours lives b
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ from eora_ft.compress import COMPRESSORS, USES_BITS, USES_SPARSITY, PruneSpec
 from eora_ft.compress.quantizer import QuantSpec
 from eora_ft.compress.sequential import CAPTURE_MODES
 from eora_ft.data.task_text import TASK_TEXT_FORMATS
+from eora_ft.distributed import configure_cpu_process_state
 from eora_ft.init import INITIALIZERS
 from eora_ft.init.eora import EIGEN_MODES
 
@@ -28,7 +30,7 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 class TaskArguments(ScriptArguments):
     """What to train on and evaluate. ``dataset_name`` is a hub id or a local .json/.jsonl file/dir."""
 
-    task: str = field(default="arc_challenge", metadata={"help": "Task format: arc_challenge."})
+    task: str = field(default="arc_challenge", metadata={"help": "Task: arc_challenge, arc_easy, mathqa or gsm8k."})
     dataset_name: str | None = field(
         default=f"{_ASSETS}/data/arc/ARC-Challenge/ARC-Challenge-Train.jsonl",
         metadata={"help": "Training data: hub id (e.g. allenai/ai2_arc) or local .json/.jsonl path."},
@@ -48,10 +50,16 @@ class TaskArguments(ScriptArguments):
     ppl_max_windows: int | None = field(default=40, metadata={"help": "Use only the first N windows (None = all)."})
     ppl_after_finetune: bool = field(default=True, metadata={"help": "Also measure perplexity after fine-tuning."})
     eval_batch_size: int = field(default=32, metadata={"help": "Sequences per evaluation forward pass."})
+    num_fewshot: int = field(default=5, metadata={"help": "GSM8K: solved examples before each question (lm-eval: 5)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "GSM8K: generation budget per answer (lm-eval: 256)."})
 
     def __post_init__(self) -> None:
-        if self.task != "arc_challenge":
-            raise ValueError(f"task={self.task!r} is not supported yet; valid: ['arc_challenge']")
+        from eora_ft.tasks import TASKS  # the registry imports evaluation code: keep config import light
+
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r} is unknown; valid: {sorted(TASKS)}")
+        if self.num_fewshot < 0 or self.max_new_tokens < 1:
+            raise ValueError(f"num_fewshot={self.num_fewshot} must be >= 0 and max_new_tokens={self.max_new_tokens} >= 1")
         if self.ppl_window < 2:
             raise ValueError(f"ppl_window={self.ppl_window} must be at least 2")
 
@@ -79,6 +87,11 @@ class CompressionArguments:
     calib_seq_len: int = field(default=512, metadata={"help": "Tokens per calibration sequence."})
     calib_seed: int = field(default=0, metadata={"help": "Seed for drawing calibration windows."})
     calib_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass while compressing."})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Artifact cache (compressed base + initial adapter, keyed by content); "
+                          "None = $EORA_FT_CACHE or ~/.cache/eora_ft."},
+    )
 
     def __post_init__(self) -> None:
         if self.compress_method not in COMPRESSORS:
@@ -161,6 +174,11 @@ class EoraSFTConfig(SFTConfig):
     def __post_init__(self) -> None:
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        if configure_cpu_process_state() is not None:
+            # Without CUDA the Trainer's own state would be "rank 0 of 1" on every rank (distributed.py).
+            accel = self.accelerator_config
+            accel = json.loads(accel) if isinstance(accel, str) else dict(accel or {})
+            self.accelerator_config = accel | {"use_configured_state": True}
         super().__post_init__()
 
 

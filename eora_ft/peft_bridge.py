@@ -42,6 +42,8 @@ class CompressedLoraLinear(LoraLinear):
         adapter = self.active_adapters[0]
         if adapter not in self.lora_A or adapter in self.lora_variant:
             return None
+        if hasattr(self.lora_A[adapter].weight, "ds_id"):
+            return None  # ZeRO-3 shards the factors: only calling the submodules lets DeepSpeed gather them
         dropout = self.lora_dropout[adapter]
         if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
             return None  # the LoRA branch sees a different x than the base: keep PEFT's two-branch forward
@@ -124,11 +126,12 @@ def load_factors(peft_model: PeftModel, factors: dict[str, LowRankFactors], adap
 
 def trainable_summary(model: nn.Module) -> dict[str, int]:
     """Count trainable and total parameters; raise if anything but LoRA adapters would train."""
-    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    # ds_numel: the full size of a parameter that DeepSpeed ZeRO-3 has sharded (numel() is then 0)
+    trainable = {name: getattr(p, "ds_numel", p.numel()) for name, p in model.named_parameters() if p.requires_grad}
     stray = [name for name in trainable if "lora_" not in name]
     if stray:
         raise RuntimeError(f"only LoRA adapters may train, but these are trainable too: {stray[:5]}")
-    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     return {"trainable": sum(trainable.values()), "total": total}
 
 

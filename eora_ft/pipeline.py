@@ -1,7 +1,10 @@
-"""The one natural path of a recipe: load -> evaluate -> compress + init -> evaluate -> train -> evaluate -> report.
+"""The one natural path of a recipe: load -> evaluate -> compress + init (cached) -> evaluate -> train
+-> evaluate -> report.
 
 Stages evaluated: ``base`` (uncompressed), ``compressed``, ``compensated`` (initial adapter, before
-training) and ``finetuned``. Recipes parse their config and call :func:`run`.
+training) and ``finetuned``. Only the main process compresses (into the artifact cache, or finds
+the entry there), evaluates and writes; every rank trains from the same cached entry. Recipes parse
+their config and call :func:`run`.
 """
 
 from __future__ import annotations
@@ -15,19 +18,24 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eora_ft.compress import USES_BITS, make_compressor
-from eora_ft.compress.sequential import compress_model, find_decoder_layers, target_linears
+from eora_ft.artifacts import build_artifacts, key_parts, load_artifacts
+from eora_ft.cache import cache_key, default_cache_dir, ensure_entry, read_meta, require_entry
+from eora_ft.compress import USES_BITS
+from eora_ft.compress.sequential import find_decoder_layers, target_linears
 from eora_ft.config import AdapterInitArguments, CompressionArguments, EoraModelConfig, EoraSFTConfig, TaskArguments
-from eora_ft.data import arc_sft_dataset, load_arc, mixed_calibration, read_text, resolve_path
+from eora_ft.data import mixed_calibration, read_text, resolve_path
 from eora_ft.data.sources import _looks_like_hub_id
 from eora_ft.data.task_text import task_texts
-from eora_ft.evaluate import evaluate_stage
+from eora_ft.distributed import all_cores_while_others_wait, describe_state, full_model_init, gather_trainable
+from eora_ft.evaluate import perplexity
 from eora_ft.init import check_rank
-from eora_ft.peft_bridge import build_lora_model, lora_config, save_adapter, trainable_summary
+from eora_ft.peft_bridge import save_adapter, trainable_summary
 from eora_ft.report import write_results
-from eora_ft.train import loss_history, train_adapters
+from eora_ft.tasks import get_task
+from eora_ft.train import loss_history, train_adapters, training_backend
 
 logger = logging.getLogger("eora_ft")
 
@@ -45,17 +53,23 @@ def require_source(path_or_id: str | None, what: str, hub_ok: bool = True) -> st
     )
 
 
+def load_tokenizer(model_args: EoraModelConfig):
+    """The model's tokenizer (hub id or local dir), with EOS as padding when it has no pad token."""
+    path = require_source(model_args.model_name_or_path, "model_name_or_path")
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(model_args: EoraModelConfig):
     """Tokenizer and causal LM via ``from_pretrained`` (hub id, or local dir; works with HF_HUB_OFFLINE=1)."""
     path = require_source(model_args.model_name_or_path, "model_name_or_path")
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation,
     )
-    return tokenizer, model
+    return load_tokenizer(model_args), model
 
 
 def check_model_against_config(model: torch.nn.Module, targets: list[str] | None, compress_args: CompressionArguments,
@@ -74,13 +88,8 @@ def check_model_against_config(model: torch.nn.Module, targets: list[str] | None
                              "use a divisor or -1 (per channel)")
 
 
-def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args: AdapterInitArguments,
-        training_args: EoraSFTConfig, model_args: EoraModelConfig) -> dict:
-    """Run the whole recipe and return the results dict (also written to ``output_dir``)."""
-    state = PartialState()
-    main = state.is_main_process
-    progress = main and not training_args.disable_tqdm
-    transformers.set_seed(training_args.seed)
+def validate_sources(task_args: TaskArguments, compress_args: CompressionArguments) -> None:
+    """Fail before any work on a missing data path or on calibrating with the perplexity text."""
     for source, what in [(task_args.dataset_name, "dataset_name"), (task_args.eval_dataset_name, "eval_dataset_name"),
                          (task_args.ppl_dataset, "ppl_dataset"), (compress_args.calib_task_dataset, "calib_task_dataset"),
                          *[(part, "calib_dataset") for part in compress_args.calib_dataset.split(",")]]:
@@ -89,6 +98,19 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                                      for part in compress_args.calib_dataset.split(",")):
         raise ValueError(f"calib_dataset includes {task_args.ppl_dataset!r}, the perplexity text: calibrating on the "
                          "evaluation text would leak it into the metric; use C4 or another split")
+
+
+def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args: AdapterInitArguments,
+        training_args: EoraSFTConfig, model_args: EoraModelConfig) -> dict:
+    """Run the whole recipe and return the results dict (also written to ``output_dir``; empty stages on
+    ranks other than the main one)."""
+    state = PartialState()
+    main = state.is_main_process
+    progress = main and not training_args.disable_tqdm
+    logger.info("%s", describe_state(state))
+    transformers.set_seed(training_args.seed)
+    task = get_task(task_args.task)
+    validate_sources(task_args, compress_args)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -98,76 +120,114 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         timings[name] = now - clock
         clock = now
 
-    tokenizer, model = load_model(model_args)
-    model.to(state.device)  # compression, statistics and evaluation run where training will
-    check_model_against_config(model, model_args.lora_target_modules, compress_args, model_args.lora_r)
-    eval_source = task_args.eval_dataset_name or task_args.dataset_name
-    eval_items = load_arc(resolve_path(eval_source), split=task_args.dataset_test_split, name=task_args.dataset_config,
-                          limit=task_args.eval_limit)
-    train_items = load_arc(resolve_path(task_args.dataset_name), split=task_args.dataset_train_split,
-                           name=task_args.dataset_config, limit=task_args.train_limit)
-    ppl_text = read_text(resolve_path(task_args.ppl_dataset)) if task_args.ppl_dataset else None
-    train_dataset = arc_sft_dataset(train_items)
-    if compress_args.calib_task_dataset:
-        calib_task = task_texts(compress_args.calib_task_format, resolve_path(compress_args.calib_task_dataset))
-    else:
-        calib_task = [p + c for p, c in zip(train_dataset["prompt"], train_dataset["completion"])]
-    calib = mixed_calibration(tokenizer, compress_args.calib_dataset, calib_task,
-                              compress_args.calib_num_samples, compress_args.calib_seq_len,
-                              task_fraction=compress_args.calib_task_fraction, seed=compress_args.calib_seed)
+    train_items = task.load(resolve_path(task_args.dataset_name), split=task_args.dataset_train_split,
+                            name=task_args.dataset_config or task.hub_name, limit=task_args.train_limit)
+    train_dataset = task.sft_dataset(train_items)
+    tokenizer = load_tokenizer(model_args)
+    eval_items = ppl_text = None
+    model = None
+    if main:  # the other ranks never evaluate and load the compressed model from the cache
+        with full_model_init():
+            tokenizer, model = load_model(model_args)
+        model.to(state.device)  # compression, statistics and evaluation run where training will
+        check_model_against_config(model, model_args.lora_target_modules, compress_args, model_args.lora_r)
+        eval_source = task_args.eval_dataset_name or task_args.dataset_name
+        eval_items = task.load(resolve_path(eval_source), split=task_args.dataset_test_split,
+                               name=task_args.dataset_config or task.hub_name, limit=task_args.eval_limit)
+        ppl_text = read_text(resolve_path(task_args.ppl_dataset)) if task_args.ppl_dataset else None
     lap("load")
 
+    @all_cores_while_others_wait(state)
     def evaluate(stage_model, with_ppl: bool = True) -> dict:
         if not main:
             return {}
-        return evaluate_stage(stage_model, tokenizer, eval_items, ppl_text if with_ppl else None,
-                              ppl_window=task_args.ppl_window, ppl_max_windows=task_args.ppl_max_windows,
-                              batch_size=task_args.eval_batch_size, progress=progress)
+        metrics = task.evaluate(stage_model, tokenizer, eval_items, train_items, batch_size=task_args.eval_batch_size,
+                                progress=progress, max_new_tokens=task_args.max_new_tokens,
+                                num_fewshot=task_args.num_fewshot)
+        if with_ppl and ppl_text is not None:
+            metrics["wikitext2/ppl"] = perplexity(stage_model, tokenizer, ppl_text, window=task_args.ppl_window,
+                                                  max_windows=task_args.ppl_max_windows, progress=progress)["ppl"]
+        return metrics
 
     stages = {"base": evaluate(model)}
     lap("eval_base")
 
-    compressor = make_compressor(compress_args.compress_method, **compress_args.compressor_options())
-    sequential = compress_model(model, calib, compressor, [init_args.init_method], rank=model_args.lora_r,
-                                init_options=init_args.options(), target_modules=model_args.lora_target_modules,
-                                batch_size=compress_args.calib_batch_size, seed=training_args.seed,
-                                true_sequential=compress_args.true_sequential, factor_bits=init_args.factor_bits,
-                                capture=init_args.capture, base_from=init_args.init_method, progress=progress)
+    cache_root = Path(compress_args.cache_dir) if compress_args.cache_dir else default_cache_dir()
+    key_and_dtype = [None, None]
+    if main:
+        if compress_args.calib_task_dataset:
+            calib_task = task_texts(compress_args.calib_task_format, resolve_path(compress_args.calib_task_dataset))
+        else:
+            calib_task = [p + c for p, c in zip(train_dataset["prompt"], train_dataset["completion"])]
+        calib = mixed_calibration(tokenizer, compress_args.calib_dataset, calib_task,
+                                  compress_args.calib_num_samples, compress_args.calib_seq_len,
+                                  task_fraction=compress_args.calib_task_fraction, seed=compress_args.calib_seed)
+        parts = key_parts(model, model_args, compress_args, init_args, calib, training_args.seed,
+                          resolve_path(model_args.model_name_or_path))
+        key_and_dtype = [cache_key(parts), parts["dtype"]]
+    broadcast_object_list(key_and_dtype)
+    key, dtype = key_and_dtype[0], getattr(torch, key_and_dtype[1].removeprefix("torch."))
+    with state.main_process_first():  # main builds or verifies the entry; the others wait, then read it
+        if main:
+            with all_cores_while_others_wait(state):
+                entry, built = ensure_entry(cache_root, key, lambda tmp: build_artifacts(
+                    tmp, model, tokenizer, calib, model_args, compress_args, init_args, training_args.seed, progress))
+        else:
+            entry, built = require_entry(cache_root, key), False
+    del model  # compressed and wrapped in place, or never needed: everyone trains what the entry holds
+    meta = read_meta(entry)
+    with full_model_init():
+        peft_model = load_artifacts(entry, dtype, state.device)
     lap("compress_and_init")
-    stages["compressed"] = evaluate(model)
-    lap("eval_compressed")
 
-    factors = {path: per_init[init_args.init_method] for path, per_init in sequential.factors.items()}
-    config = lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout, model_args.lora_target_modules)
-    peft_model = build_lora_model(model, factors, config, trim_to_effective_rank=init_args.trim_rank)
     output_dir = Path(training_args.output_dir)
+    with peft_model.disable_adapter():
+        stages["compressed"] = evaluate(peft_model)
+    lap("eval_compressed")
     if main:
         save_adapter(peft_model, output_dir / f"{init_args.init_method}_init")
     stages["compensated"] = evaluate(peft_model)
     lap("eval_compensated")
 
     trainer = train_adapters(peft_model, tokenizer, train_dataset, training_args)
+    trained = gather_trainable(peft_model)
+    if trained is not None:  # ZeRO-3 sharded the model: evaluate and save an unsharded copy on the main process
+        peft_model = None
+        if main:
+            with full_model_init():
+                peft_model = load_artifacts(entry, dtype, state.device)
+            missing = set(trained) - {n for n, p in peft_model.named_parameters() if p.requires_grad}
+            if missing:
+                raise RuntimeError(f"trained parameters {sorted(missing)[:3]} have no match in the reloaded model")
+            with torch.no_grad():
+                for name, param in peft_model.named_parameters():
+                    if name in trained:
+                        param.copy_(trained[name])
     lap("train")
     stages["finetuned"] = evaluate(peft_model, with_ppl=task_args.ppl_after_finetune)
     lap("eval_finetuned")
 
     results = {
-        "title": f"{task_args.task}: {compress_args.describe()} + {init_args.init_method} r{model_args.lora_r} "
+        "title": f"{task.name}: {compress_args.describe()} + {init_args.init_method} r{model_args.lora_r} "
                  f"on {model_args.model_name_or_path}",
+        "task": task.name,
+        "metrics": [list(m) for m in task.metrics] + ([["wikitext2/ppl", "WikiText-2 ppl", "ppl"]] if ppl_text else []),
         "stages": stages,
         "summary": {
             "model": model_args.model_name_or_path,
             "compression": compress_args.describe(),
             "init": f"{init_args.init_method} rank={model_args.lora_r} alpha={model_args.lora_alpha}",
-            "calibration tokens": sequential.calib_tokens,
-            "train items": len(train_items), "eval items": len(eval_items),
+            "calibration tokens": meta["calib_tokens"],
+            "artifact cache": f"{'built' if built else 'hit'}: {entry}",
+            "train items": len(train_items), "eval items": len(eval_items) if eval_items is not None else None,
             "train steps": trainer.state.global_step,
-            "trainable parameters": trainable_summary(peft_model)["trainable"],
+            "trainable parameters": trainable_summary(trainer.model)["trainable"],
             "world size": state.num_processes,
+            "training backend": training_backend(trainer),
         },
         "timings": timings,
         "train_loss": loss_history(trainer),
-        "layers": sequential.layers,
+        "layers": meta["layers"],
         "config": {cls.__name__: {k: v for k, v in dataclasses.asdict(obj).items() if not k.startswith("_")}
                    for cls, obj in zip((TaskArguments, CompressionArguments, AdapterInitArguments, EoraModelConfig),
                                        (task_args, compress_args, init_args, model_args))}

@@ -14,7 +14,7 @@ STAGE_DESCRIPTIONS = {
     "finetuned": "compressed + trained adapter",
 }
 METRICS = [("arc_challenge/acc", "ARC-C acc", "pct"), ("arc_challenge/acc_norm", "ARC-C acc_norm", "pct"),
-           ("wikitext2/ppl", "WikiText-2 ppl", "ppl")]
+           ("wikitext2/ppl", "WikiText-2 ppl", "ppl")]  # columns when a results dict names none
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -40,15 +40,17 @@ def _cell(value, kind: str) -> str:
 
 def results_markdown(results: dict) -> str:
     """A table with one row per stage and one column per metric, plus the run's settings."""
+    columns = [tuple(m) for m in results.get("metrics", METRICS)]
     lines = [f"# {results.get('title', 'eora_ft results')}", ""]
-    header = ["stage", *[label for _, label, _ in METRICS], "what it is"]
+    header = ["stage", *[label for _, label, _ in columns], "what it is"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for stage, metrics in results["stages"].items():
-        cells = [_cell(metrics.get(key), kind) for key, _, kind in METRICS]
+        cells = [_cell(metrics.get(key), kind) for key, _, kind in columns]
         lines.append(f"| {stage} | " + " | ".join(cells) + f" | {STAGE_DESCRIPTIONS.get(stage, '')} |")
     lines.append("")
-    lines.append("Accuracies in %, log-likelihood over the choices (acc_norm: divided by the choice's length);"
-                 " perplexity over non-overlapping windows.")
+    lines.append("Accuracies in %: multiple choice by summed log-likelihood of each choice (acc_norm: divided by "
+                 "the choice's length), GSM8K by exact match of the greedy answer (strict `#### n`, flexible: last "
+                 "number); perplexity over non-overlapping windows.")
     if results.get("summary"):
         lines += ["", "| setting | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in results["summary"].items()]

@@ -7,7 +7,7 @@ import os
 
 import datasets
 from torch import nn
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
 from eora_ft.peft_bridge import trainable_summary
@@ -25,13 +25,41 @@ def train_adapters(model: nn.Module, tokenizer, train_dataset: datasets.Dataset,
     counts = trainable_summary(trainer.model)
     logger.info("trainable parameters: %d of %d (%.3f%%): LoRA adapters only",
                 counts["trainable"], counts["total"], 100 * counts["trainable"] / counts["total"])
-    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    logger.info("training backend: %s", training_backend(trainer))
+    last = last_complete_checkpoint(args.output_dir)
     if last:
         logger.info("resuming from %s", last)
     trainer.train(resume_from_checkpoint=last)
     return trainer
 
 
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` that was written to the end, or None.
+
+    The Trainer writes a checkpoint in place, ``trainer_state.json`` last; a run killed while saving
+    leaves a directory without it, which resuming from would crash on (or silently restart).
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted((int(name.split("-")[-1]), name) for name in os.listdir(output_dir)
+                   if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and name.split("-")[-1].isdigit())
+    for _, name in reversed(steps):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+            return path
+        logger.warning("skipping %s: incomplete (no trainer_state.json; the run stopped while saving it)", path)
+    return None
+
+
 def loss_history(trainer: SFTTrainer) -> list[dict]:
     """``[{"step", "loss"}]`` of the logged training losses."""
     return [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
+
+
+def training_backend(trainer: SFTTrainer) -> str:
+    """What the Trainer really runs on, e.g. ``deepspeed zero-3 x2``, ``multi_cpu x2`` or ``no``."""
+    state = trainer.accelerator.state
+    if trainer.is_deepspeed_enabled:
+        stage = state.deepspeed_plugin.zero_stage
+        return f"deepspeed zero-{stage} x{state.num_processes}"
+    return f"{str(state.distributed_type).split('.')[-1].lower()} x{state.num_processes}"

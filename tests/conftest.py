@@ -4,6 +4,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One artifact cache for the whole session (subprocess runs inherit it): identical compression
+# settings across tests are computed once, and nothing lands in the user's ~/.cache.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("EORA_FT_CACHE", tempfile.mkdtemp(prefix="eora_ft_test_cache_"))
 # Triton has no CPU backend: without a GPU its kernels run in the interpreter, which must be chosen
 # before triton is first imported (PLATFORM.md). GPU machines keep the compiled path.
 if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):

@@ -80,3 +80,50 @@ def test_rank_above_layer_dimensions_stops_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"rank=200 is invalid for self_attn.k_proj \(128x256\); valid: 1..128"):
         _run(tmp_path, lora_r=200)
     assert not (tmp_path / "out").exists()
+
+
+def test_generated_configs_are_up_to_date():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_configs", ROOT / "recipes" / "configs" / "make_configs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    grid = module.grid()
+    assert len(grid) == 3 * 3 * 3 * 2  # task x compression x init, nano and Llama-3-8B
+    for name, text in grid.items():
+        assert (ROOT / "recipes" / "configs" / name).read_text() == text, f"{name}: rerun make_configs.py"
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "_nano_" in p.name], ids=lambda p: p.name)
+def test_nano_configs_use_only_bundled_files(path):
+    task, compress, init, training, model = parse_recipe_args(["--config", str(path)])
+    for local in (model.model_name_or_path, task.dataset_name, task.eval_dataset_name, task.ppl_dataset,
+                  compress.calib_dataset):
+        assert (ROOT / local).exists(), local
+    recipe = path.read_text().splitlines()[0].split("recipes/")[1].split(".py")[0]
+    from eora_ft.tasks import get_task
+
+    assert get_task(task.task).recipe == recipe
+
+
+@pytest.mark.parametrize("recipe", ["arc", "mathqa", "gsm8k"])
+def test_recipe_help_lists_every_knob(recipe, capsys):
+    import runpy
+
+    module = runpy.run_path(str(ROOT / "recipes" / f"{recipe}.py"))
+    with pytest.raises(SystemExit) as exit_info:
+        module["main"](["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--compress_method", "--init_method", "--lora_r", "--task", "--cache_dir", "--num_fewshot",
+                 "--learning_rate", "--report_to"):
+        assert flag in text
+
+
+def test_recipe_refuses_another_recipes_task(tmp_path):
+    import runpy
+
+    module = runpy.run_path(str(ROOT / "recipes" / "gsm8k.py"))
+    with pytest.raises(ValueError, match=r"recipes/gsm8k.py runs task gsm8k; got task='arc_challenge'"):
+        module["main"](["--task", "arc_challenge", "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

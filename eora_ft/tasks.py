@@ -1,0 +1,82 @@
+"""Registry of tasks: how each is loaded, formatted for SFT (loss on the completion) and scored.
+
+Every task trains on ``Question: ...\\nAnswer:`` prompts whose completion is what the evaluation
+scores (the gold choice for multiple choice, the full solution for GSM8K), so fine-tuning and
+evaluation see the same text. Metric keys are ``"<task>/<metric>"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import datasets
+
+from eora_ft.data.arc import MultipleChoiceItem, arc_prompt, arc_sft_dataset, load_arc
+from eora_ft.data.gsm8k import gsm8k_sft_dataset, load_gsm8k
+from eora_ft.data.mathqa import load_mathqa
+from eora_ft.evaluate import score_multiple_choice
+from eora_ft.generation_eval import score_gsm8k
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task. ``load(path_or_id, split, name, limit) -> items``; ``score(model, tok, items, pool, opts) -> metrics``.
+
+    ``metrics`` lists ``(key, label, kind)`` for the results table, ``kind`` "pct" or "ppl".
+    ``hub_name`` is the dataset config a hub id needs (e.g. ``ARC-Challenge``, ``main``).
+    """
+
+    name: str
+    load: Callable[..., list]
+    sft_dataset: Callable[[Sequence], datasets.Dataset]
+    score: Callable[..., dict]
+    metrics: tuple[tuple[str, str, str], ...]
+    hub_name: str | None = None
+    recipe: str = ""
+
+    def evaluate(self, model, tokenizer, items: Sequence, fewshot_pool: Sequence = (), *, batch_size: int = 32,
+                 progress: bool = True, max_new_tokens: int = 256, num_fewshot: int = 5) -> dict:
+        """Metrics as flat ``"<task>/<metric>"`` keys."""
+        raw = self.score(model, tokenizer, items, fewshot_pool, batch_size=batch_size, progress=progress,
+                         max_new_tokens=max_new_tokens, num_fewshot=num_fewshot)
+        return {f"{self.name}/{key}": value for key, value in raw.items()}
+
+
+def _multiple_choice(desc: str) -> Callable[..., dict]:
+    def score(model, tokenizer, items: Sequence[MultipleChoiceItem], fewshot_pool, *, batch_size, progress,
+              **_generation) -> dict:
+        return score_multiple_choice(model, tokenizer, items, arc_prompt, batch_size=batch_size, progress=progress,
+                                     desc=desc)
+    return score
+
+
+def _gsm8k(model, tokenizer, items, fewshot_pool, *, batch_size, progress, max_new_tokens, num_fewshot) -> dict:
+    # Generation batches hold whole few-shot contexts: a quarter of the log-likelihood batch keeps memory flat.
+    return score_gsm8k(model, tokenizer, items, fewshot_pool, num_fewshot=num_fewshot, max_new_tokens=max_new_tokens,
+                       batch_size=max(1, batch_size // 4), progress=progress)
+
+
+def _mc_metrics(name: str, label: str) -> tuple[tuple[str, str, str], ...]:
+    return ((f"{name}/acc", f"{label} acc", "pct"), (f"{name}/acc_norm", f"{label} acc_norm", "pct"))
+
+
+TASKS: dict[str, Task] = {
+    "arc_challenge": Task("arc_challenge", load_arc, arc_sft_dataset, _multiple_choice("arc_challenge"),
+                          _mc_metrics("arc_challenge", "ARC-C"), hub_name="ARC-Challenge", recipe="arc"),
+    "arc_easy": Task("arc_easy", load_arc, arc_sft_dataset, _multiple_choice("arc_easy"),
+                     _mc_metrics("arc_easy", "ARC-E"), hub_name="ARC-Easy", recipe="arc"),
+    "mathqa": Task("mathqa", load_mathqa, arc_sft_dataset, _multiple_choice("mathqa"),
+                   _mc_metrics("mathqa", "MathQA"), recipe="mathqa"),
+    "gsm8k": Task("gsm8k", load_gsm8k, gsm8k_sft_dataset, _gsm8k,
+                  (("gsm8k/strict", "GSM8K strict", "pct"), ("gsm8k/flexible", "GSM8K flexible", "pct")),
+                  hub_name="main", recipe="gsm8k"),
+}
+PPL_METRIC = ("wikitext2/ppl", "WikiText-2 ppl", "ppl")
+
+
+def get_task(name: str) -> Task:
+    """The registered task ``name``; raises listing the valid names."""
+    if name not in TASKS:
+        raise ValueError(f"task={name!r} is unknown; valid: {sorted(TASKS)}")
+    return TASKS[name]
