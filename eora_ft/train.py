@@ -57,9 +57,11 @@ def loss_history(trainer: SFTTrainer) -> list[dict]:
 
 
 def training_backend(trainer: SFTTrainer) -> str:
-    """What the Trainer really runs on, e.g. ``deepspeed zero-3 x2``, ``multi_cpu x2`` or ``no``."""
+    """What the Trainer really runs on, e.g. ``deepspeed zero-3 x2``, ``multi_cpu x2`` or ``single process``."""
     state = trainer.accelerator.state
     if trainer.is_deepspeed_enabled:
         stage = state.deepspeed_plugin.zero_stage
         return f"deepspeed zero-{stage} x{state.num_processes}"
+    if state.num_processes == 1:
+        return "single process"
     return f"{str(state.distributed_type).split('.')[-1].lower()} x{state.num_processes}"
