@@ -5,6 +5,8 @@
                                       compress a model and save it (see eora_ft/commands.py)
     eora-ft init --compressed DIR --method eora --rank 16 --output DIR
                                       a PEFT adapter initialised for a compressed model
+    eora-ft eval --model M [--compressed DIR] [--adapter DIR] --tasks arc_challenge,wikitext2 --output results.json
+                                      evaluate (lm-evaluation-harness semantics, offline; see eora_ft/eval_command.py)
     eora-ft arc|mathqa|gsm8k --config FILE.yaml
                                       a recipe in this process (same flags as recipes/<task>.py)
 """
@@ -57,11 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     from eora_ft.init_command import add_init_arguments, init_command
 
     add_init_arguments(sub.add_parser("init", help="initialise a LoRA adapter for a compressed model"))
+    from eora_ft.eval_command import add_eval_arguments, eval_command
+
+    add_eval_arguments(sub.add_parser("eval", help="evaluate a model / compressed model / adapter on tasks"))
     for name in RECIPES:
         sub.add_parser(name, help=f"run the {name} recipe (flags as recipes/{name}.py; --help lists them)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         return _info()
+    if args.command == "eval":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return eval_command(args)
     if args.command in ("compress", "init"):
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

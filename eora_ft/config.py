@@ -52,6 +52,7 @@ class TaskArguments(ScriptArguments):
     eval_batch_size: int = field(default=32, metadata={"help": "Sequences per evaluation forward pass."})
     num_fewshot: int = field(default=5, metadata={"help": "GSM8K: solved examples before each question (lm-eval: 5)."})
     max_new_tokens: int = field(default=256, metadata={"help": "GSM8K: generation budget per answer (lm-eval: 256)."})
+    eval_base: bool = field(default=True, metadata={"help": "Evaluate the uncompressed model too (the 'base' stage)."})
 
     def __post_init__(self) -> None:
         from eora_ft.tasks import TASKS  # the registry imports evaluation code: keep config import light
@@ -195,11 +196,11 @@ class EoraModelConfig(ModelConfig):
 RECIPE_DATACLASSES = (TaskArguments, CompressionArguments, AdapterInitArguments, EoraSFTConfig, EoraModelConfig)
 
 
-def make_parser() -> TrlParser:
-    """The parser every recipe uses: ``--config file.yaml`` plus flag overrides."""
-    return TrlParser(RECIPE_DATACLASSES)
+def make_parser(extra: tuple = ()) -> TrlParser:
+    """The parser every recipe uses: ``--config file.yaml`` plus flag overrides (``extra``: more dataclasses)."""
+    return TrlParser(RECIPE_DATACLASSES + tuple(extra))
 
 
-def parse_recipe_args(args: list[str] | None = None):
-    """Parse ``args`` (default ``sys.argv[1:]``) into the five recipe dataclasses; unknown keys raise."""
-    return make_parser().parse_args_and_config(args=args)
+def parse_recipe_args(args: list[str] | None = None, extra: tuple = ()):
+    """Parse ``args`` (default ``sys.argv[1:]``) into the five recipe dataclasses (then ``extra``); unknown keys raise."""
+    return make_parser(extra).parse_args_and_config(args=args)

@@ -33,7 +33,7 @@ from eora_ft.distributed import all_cores_while_others_wait, describe_state, ful
 from eora_ft.evaluate import perplexity
 from eora_ft.init import check_rank
 from eora_ft.peft_bridge import save_adapter, trainable_summary
-from eora_ft.report import write_results
+from eora_ft.report import write_model_card, write_results
 from eora_ft.tasks import get_task
 from eora_ft.train import loss_history, train_adapters, training_backend
 
@@ -124,16 +124,16 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                             name=task_args.dataset_config or task.hub_name, limit=task_args.train_limit)
     train_dataset = task.sft_dataset(train_items)
     tokenizer = load_tokenizer(model_args)
-    eval_items = ppl_text = None
+    eval_source = task_args.eval_dataset_name or task_args.dataset_name
+    eval_items = task.load(resolve_path(eval_source), split=task_args.dataset_test_split,
+                           name=task_args.dataset_config or task.hub_name, limit=task_args.eval_limit)
+    ppl_text = None
     model = None
     if main:  # the other ranks never evaluate and load the compressed model from the cache
         with full_model_init():
             tokenizer, model = load_model(model_args)
         model.to(state.device)  # compression, statistics and evaluation run where training will
         check_model_against_config(model, model_args.lora_target_modules, compress_args, model_args.lora_r)
-        eval_source = task_args.eval_dataset_name or task_args.dataset_name
-        eval_items = task.load(resolve_path(eval_source), split=task_args.dataset_test_split,
-                               name=task_args.dataset_config or task.hub_name, limit=task_args.eval_limit)
         ppl_text = read_text(resolve_path(task_args.ppl_dataset)) if task_args.ppl_dataset else None
     lap("load")
 
@@ -149,7 +149,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                                                   max_windows=task_args.ppl_max_windows, progress=progress)["ppl"]
         return metrics
 
-    stages = {"base": evaluate(model)}
+    stages = {"base": evaluate(model)} if task_args.eval_base else {}
     lap("eval_base")
 
     cache_root = Path(compress_args.cache_dir) if compress_args.cache_dir else default_cache_dir()
@@ -189,7 +189,9 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     stages["compensated"] = evaluate(peft_model)
     lap("eval_compensated")
 
-    trainer = train_adapters(peft_model, tokenizer, train_dataset, training_args)
+    # The eval loss curve (when eval_strategy is set) uses the evaluation items in the training format.
+    eval_dataset = task.sft_dataset(eval_items) if training_args.eval_strategy != "no" else None
+    trainer = train_adapters(peft_model, tokenizer, train_dataset, training_args, eval_dataset)
     trained = gather_trainable(peft_model)
     if trained is not None:  # ZeRO-3 sharded the model: evaluate and save an unsharded copy on the main process
         peft_model = None
@@ -219,7 +221,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
             "init": f"{init_args.init_method} rank={model_args.lora_r} alpha={model_args.lora_alpha}",
             "calibration tokens": meta["calib_tokens"],
             "artifact cache": f"{'built' if built else 'hit'}: {entry}",
-            "train items": len(train_items), "eval items": len(eval_items) if eval_items is not None else None,
+            "train items": len(train_items), "eval items": len(eval_items),
             "train steps": trainer.state.global_step,
             "trainable parameters": trainable_summary(trainer.model)["trainable"],
             "world size": state.num_processes,
@@ -227,6 +229,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         },
         "timings": timings,
         "train_loss": loss_history(trainer),
+        "eval_loss": loss_history(trainer, "eval_loss"),
         "layers": meta["layers"],
         "config": {cls.__name__: {k: v for k, v in dataclasses.asdict(obj).items() if not k.startswith("_")}
                    for cls, obj in zip((TaskArguments, CompressionArguments, AdapterInitArguments, EoraModelConfig),
@@ -236,5 +239,6 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     if main:
         save_adapter(peft_model, output_dir / "adapter")
         write_results(output_dir, results)
+        write_model_card(output_dir, results)
     state.wait_for_everyone()
     return results

@@ -27,6 +27,12 @@ def _config_text(objects) -> str:
     return yaml.safe_dump(sections, sort_keys=False, default_flow_style=False)
 
 
+def log_config(objects) -> None:
+    """Log the parsed dataclasses (main process only)."""
+    if PartialState().is_main_process:
+        logger.info("config:\n%s", _config_text(objects))
+
+
 def recipe_main(argv: list[str] | None, default_config: Path | None, recipe: str) -> dict:
     """Run one recipe. With no arguments, ``default_config`` runs; ``--task`` must be one of ``recipe``'s tasks."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -38,8 +44,7 @@ def recipe_main(argv: list[str] | None, default_config: Path | None, recipe: str
         raise ValueError(f"recipes/{recipe}.py runs task {' or '.join(allowed)}; got task={task_args.task!r} "
                          f"(recipes/{TASKS[task_args.task].recipe}.py runs that one)")
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
-    if PartialState().is_main_process:
-        logger.info("config:\n%s", _config_text((task_args, compress_args, init_args, model_args, training_args)))
+    log_config((task_args, compress_args, init_args, model_args, training_args))
     results = run(task_args, compress_args, init_args, training_args, model_args)
     if results.get("stages", {}).get("base"):
         print(results_markdown(results))

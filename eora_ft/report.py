@@ -67,3 +67,38 @@ def write_results(output_dir: str | Path, results: dict) -> tuple[Path, Path]:
     atomic_write_text(json_path, json.dumps(results, indent=2, default=str) + "\n")
     atomic_write_text(md_path, results_markdown(results))
     return json_path, md_path
+
+
+def model_card(results: dict) -> str:
+    """A Hugging Face style ``README.md`` for a run's adapter: metadata header, results, provenance, usage."""
+    summary = results.get("summary", {})
+    config = results.get("config", {})
+    compression = config.get("CompressionArguments", {})
+    init = config.get("AdapterInitArguments", {})
+    entry = str(summary.get("artifact cache", "")).split(": ", 1)[-1]
+    tags = ["eora_ft", "lora", str(compression.get("compress_method", "")), str(init.get("init_method", "")),
+            str(results.get("task", ""))]
+    lines = ["---", "library_name: peft", f"base_model: {summary.get('model', '')}",
+             "tags: [" + ", ".join(t for t in tags if t) + "]", "---", ""]
+    body = results_markdown(results).splitlines()
+    lines += body[:1] + ["", "A LoRA adapter (plain PEFT files in `adapter/`) trained by eora_ft on top of a compressed, "
+                         "frozen base model: the base was compressed, the adapter initialised from the compression "
+                         "error, then only the adapter was fine-tuned.", ""] + body[1:]
+    curve = results.get("train_loss") or []
+    if curve:
+        lines += ["", f"Training loss: {curve[0]['loss']:.4f} at step {curve[0]['step']} -> "
+                      f"{curve[-1]['loss']:.4f} at step {curve[-1]['step']}."]
+    lines += ["", "## Use", "", "The adapter belongs to the packed base of the artifact cache entry it was trained on "
+              f"(`{entry}`; rerunning the run's config rebuilds that entry if it was deleted):", "", "```python",
+              "from eora_ft.compress.io import load_compressed",
+              "from eora_ft.peft_bridge import load_adapter", "",
+              f'model = load_adapter(load_compressed("{entry}/base"), "adapter")  # paths relative to this folder',
+              "```", "", "The full configuration of the run is in `results.json` (`config`)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(output_dir: str | Path, results: dict) -> Path:
+    """Write ``README.md`` (see :func:`model_card`) into ``output_dir``."""
+    path = Path(output_dir) / "README.md"
+    atomic_write_text(path, model_card(results))
+    return path

@@ -34,6 +34,8 @@ class Task:
     metrics: tuple[tuple[str, str, str], ...]
     hub_name: str | None = None
     recipe: str = ""
+    bundled_train: str = ""  # offline defaults under eora_ft/assets/data (the few-shot pool for GSM8K)
+    bundled_eval: str = ""
 
     def evaluate(self, model, tokenizer, items: Sequence, fewshot_pool: Sequence = (), *, batch_size: int = 32,
                  progress: bool = True, max_new_tokens: int = 256, num_fewshot: int = 5) -> dict:
@@ -63,14 +65,19 @@ def _mc_metrics(name: str, label: str) -> tuple[tuple[str, str, str], ...]:
 
 TASKS: dict[str, Task] = {
     "arc_challenge": Task("arc_challenge", load_arc, arc_sft_dataset, _multiple_choice("arc_challenge"),
-                          _mc_metrics("arc_challenge", "ARC-C"), hub_name="ARC-Challenge", recipe="arc"),
+                          _mc_metrics("arc_challenge", "ARC-C"), hub_name="ARC-Challenge", recipe="arc",
+                          bundled_train="arc/ARC-Challenge/ARC-Challenge-Train.jsonl",
+                          bundled_eval="arc/ARC-Challenge/ARC-Challenge-Dev.jsonl"),
     "arc_easy": Task("arc_easy", load_arc, arc_sft_dataset, _multiple_choice("arc_easy"),
-                     _mc_metrics("arc_easy", "ARC-E"), hub_name="ARC-Easy", recipe="arc"),
+                     _mc_metrics("arc_easy", "ARC-E"), hub_name="ARC-Easy", recipe="arc",
+                     bundled_train="arc/ARC-Easy/ARC-Easy-Train.jsonl", bundled_eval="arc/ARC-Easy/ARC-Easy-Dev.jsonl"),
     "mathqa": Task("mathqa", load_mathqa, arc_sft_dataset, _multiple_choice("mathqa"),
-                   _mc_metrics("mathqa", "MathQA"), recipe="mathqa"),
+                   _mc_metrics("mathqa", "MathQA"), recipe="mathqa",
+                   bundled_train="mathqa/dev_head1000.json", bundled_eval="mathqa/test_head500.json"),
     "gsm8k": Task("gsm8k", load_gsm8k, gsm8k_sft_dataset, _gsm8k,
                   (("gsm8k/strict", "GSM8K strict", "pct"), ("gsm8k/flexible", "GSM8K flexible", "pct")),
-                  hub_name="main", recipe="gsm8k"),
+                  hub_name="main", recipe="gsm8k", bundled_train="gsm8k/train_head1000.jsonl",
+                  bundled_eval="gsm8k/test_head500.jsonl"),
 }
 PPL_METRIC = ("wikitext2/ppl", "WikiText-2 ppl", "ppl")
 

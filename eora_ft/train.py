@@ -15,13 +15,15 @@ from eora_ft.peft_bridge import trainable_summary
 logger = logging.getLogger(__name__)
 
 
-def train_adapters(model: nn.Module, tokenizer, train_dataset: datasets.Dataset, args: SFTConfig) -> SFTTrainer:
+def train_adapters(model: nn.Module, tokenizer, train_dataset: datasets.Dataset, args: SFTConfig,
+                   eval_dataset: datasets.Dataset | None = None) -> SFTTrainer:
     """Run SFT on a prompt/completion dataset (loss on the completion only) and return the trainer.
 
     ``model`` is a PEFT model whose only trainable parameters are LoRA factors (checked before the
     first step). A rerun with the same ``output_dir`` resumes from its last checkpoint.
     """
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer)
     counts = trainable_summary(trainer.model)
     logger.info("trainable parameters: %d of %d (%.3f%%): LoRA adapters only",
                 counts["trainable"], counts["total"], 100 * counts["trainable"] / counts["total"])
@@ -51,9 +53,9 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
-def loss_history(trainer: SFTTrainer) -> list[dict]:
-    """``[{"step", "loss"}]`` of the logged training losses."""
-    return [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
+def loss_history(trainer: SFTTrainer, key: str = "loss") -> list[dict]:
+    """``[{"step", "loss"}]`` of the logged ``key`` (``loss`` for training, ``eval_loss`` for evaluation)."""
+    return [{"step": e["step"], "loss": e[key]} for e in trainer.state.log_history if key in e]
 
 
 def training_backend(trainer: SFTTrainer) -> str:

@@ -16,7 +16,10 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_parses_and_starts_with_its_command(path):
-    task, compress, init, training, model = parse_recipe_args(["--config", str(path)])
+    from eora_ft.compare import CompareArguments
+
+    extra = (CompareArguments,) if path.name.startswith("compare_") else ()
+    task, compress, init, training, model, *_ = parse_recipe_args(["--config", str(path)], extra=extra)
     assert model.lora_r >= 1 and compress.bits in (2, 3, 4, 8) and init.init_method
     first = path.read_text().splitlines()[0]
     assert first.startswith("# accelerate launch") and path.name in first
@@ -94,7 +97,8 @@ def test_generated_configs_are_up_to_date():
         assert (ROOT / "recipes" / "configs" / name).read_text() == text, f"{name}: rerun make_configs.py"
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if "_nano_" in p.name], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "_nano_" in p.name and not p.name.startswith("compare_")],
+                         ids=lambda p: p.name)
 def test_nano_configs_use_only_bundled_files(path):
     task, compress, init, training, model = parse_recipe_args(["--config", str(path)])
     for local in (model.model_name_or_path, task.dataset_name, task.eval_dataset_name, task.ppl_dataset,
@@ -106,7 +110,7 @@ def test_nano_configs_use_only_bundled_files(path):
     assert get_task(task.task).recipe == recipe
 
 
-@pytest.mark.parametrize("recipe", ["arc", "mathqa", "gsm8k"])
+@pytest.mark.parametrize("recipe", ["arc", "mathqa", "gsm8k", "compare"])
 def test_recipe_help_lists_every_knob(recipe, capsys):
     import runpy
 

@@ -93,7 +93,7 @@ def nano_config(task: str, compression: str, init: str) -> str:
                                               "ppl_window": 512, "ppl_max_windows": 40})
     lines += _section("training (TRL SFTConfig)", {
         "output_dir": f"runs/{name}", **{"num_train_epochs": spec["train"]["num_train_epochs"]},
-        "per_device_train_batch_size": 16, "learning_rate": 2.0e-4, "lr_scheduler_type": "cosine",
+        "per_device_train_batch_size": 8, "learning_rate": 2.0e-4, "lr_scheduler_type": "cosine",
         "warmup_steps": 5, "logging_steps": 5, "save_strategy": "steps", "save_steps": 50, "save_total_limit": 2,
         "bf16": False, "gradient_checkpointing": False, "max_length": spec["train"]["max_length"],
         "report_to": "tensorboard", "seed": 0})
