@@ -33,6 +33,12 @@ MANIFEST, META = "manifest.json", "meta.json"
 _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken")
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def default_cache_dir() -> Path:
     """``$EORA_FT_CACHE``, else ``$XDG_CACHE_HOME/eora_ft``, else ``~/.cache/eora_ft``."""
     if os.environ.get("EORA_FT_CACHE"):
@@ -124,6 +130,7 @@ def ensure_entry(root: str | os.PathLike, key: str, build: Callable[[Path], dict
             logger.warning("artifact cache entry %s is unusable (%s): rebuilding it", entry, problem)
             shutil.rmtree(entry)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp gives 0700: a shared cache must stay readable
         try:
             meta = build(tmp)
             (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")

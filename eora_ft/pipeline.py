@@ -174,7 +174,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                     tmp, model, tokenizer, calib, model_args, compress_args, init_args, training_args.seed, progress))
         else:
             entry, built = require_entry(cache_root, key), False
-    del model  # compressed and wrapped in place, or never needed: everyone trains what the entry holds
+    model = None  # compressed and wrapped in place, or never needed: everyone trains what the entry holds
     meta = read_meta(entry)
     with full_model_init():
         peft_model = load_artifacts(entry, dtype, state.device)

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from eora_ft.report import default_file_mode  # noqa: E402
+
 
 def plot_loss_curves(runs: dict[str, dict], path: str | Path, title: str = "") -> Path:
     """Two panels (train loss, eval loss vs step), one line per run label; written atomically as PNG.
@@ -42,6 +44,7 @@ def plot_loss_curves(runs: dict[str, dict], path: str | Path, title: str = "") -
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from eora_ft.cache import (
+    _umask,
     MANIFEST,
     cache_key,
     check_entry,
@@ -56,6 +57,7 @@ def test_built_once_then_hit(tmp_path):
     calls = []
     entry, built = ensure_entry(tmp_path, "k1", _builder(calls))
     assert built and len(calls) == 1 and check_entry(entry) is None
+    assert entry.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700: caches are shared
     assert json.loads((entry / "meta.json").read_text()) == {"calib_tokens": 7}
     again, built_again = ensure_entry(tmp_path, "k1", _builder(calls))
     assert again == entry and not built_again and len(calls) == 1

@@ -45,6 +45,9 @@ def launch(config_file: str, out: Path, *flags: str, num_processes: int | None =
     if num_processes is not None:
         cmd += ["--num_processes", str(num_processes)]
     cmd += [recipe, "--config", config, "--output_dir", str(out), *SMALL, *flags]
+    # 2 cores: ranks x threads must not exceed them (PLATFORM.md: 2 ranks x 2 threads is 30x slower), and
+    # accelerate keeps an OMP_NUM_THREADS it inherits (CI exports 2)
+    env.setdefault("OMP_NUM_THREADS", "2" if num_processes == 1 else "1")
     run(cmd, base_env(**env))
     return json.loads((out / "results.json").read_text())
 
