@@ -26,17 +26,13 @@ from typing import Callable, Iterator
 
 import torch
 
+from eora_ft.report import current_umask
+
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the entry layout or what the key covers changes
 MANIFEST, META = "manifest.json", "meta.json"
 _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken")
-
-
-def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def default_cache_dir() -> Path:
@@ -130,7 +126,7 @@ def ensure_entry(root: str | os.PathLike, key: str, build: Callable[[Path], dict
             logger.warning("artifact cache entry %s is unusable (%s): rebuilding it", entry, problem)
             shutil.rmtree(entry)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp gives 0700: a shared cache must stay readable
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp gives 0700: a shared cache must stay readable
         try:
             meta = build(tmp)
             (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")

@@ -17,11 +17,16 @@ METRICS = [("arc_challenge/acc", "ARC-C acc", "pct"), ("arc_challenge/acc_norm",
            ("wikitext2/ppl", "WikiText-2 ppl", "ppl")]  # columns when a results dict names none
 
 
-def default_file_mode() -> int:
-    """``0o666`` minus the umask: what ``open()`` would give (``mkstemp`` gives 0600)."""
+def current_umask() -> int:
+    """The process umask (reading it means setting it: set it straight back)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def default_file_mode() -> int:
+    """``0o666`` minus the umask: what ``open()`` would give (``mkstemp`` gives 0600)."""
+    return 0o666 & ~current_umask()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from eora_ft.cache import (
-    _umask,
     MANIFEST,
     cache_key,
     check_entry,
@@ -17,6 +16,7 @@ from eora_ft.cache import (
     require_entry,
     tensor_fingerprint,
 )
+from eora_ft.report import current_umask
 
 
 def _builder(calls: list, payload: bytes = b"packed", delay: float = 0.0):
@@ -57,7 +57,7 @@ def test_built_once_then_hit(tmp_path):
     calls = []
     entry, built = ensure_entry(tmp_path, "k1", _builder(calls))
     assert built and len(calls) == 1 and check_entry(entry) is None
-    assert entry.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700: caches are shared
+    assert entry.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # not mkdtemp's 0700: caches are shared
     assert json.loads((entry / "meta.json").read_text()) == {"calib_tokens": 7}
     again, built_again = ensure_entry(tmp_path, "k1", _builder(calls))
     assert again == entry and not built_again and len(calls) == 1

@@ -13,6 +13,14 @@ from eora_ft.tasks import get_task
 
 lm_eval = pytest.importorskip("lm_eval")
 
+METRICS_YAML = """metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
 ARC_YAML = """task: local_arc_challenge
 dataset_path: json
 dataset_kwargs:
@@ -23,14 +31,7 @@ validation_split: validation
 doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
 doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
 doc_to_choice: "{{{{choices.text}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
+""" + METRICS_YAML
 MATHQA_YAML = """task: local_mathqa
 dataset_path: json
 dataset_kwargs:
@@ -41,14 +42,7 @@ test_split: test
 doc_to_text: "Question: {{{{Problem}}}}\\nAnswer:"
 doc_to_target: "{{{{['a', 'b', 'c', 'd', 'e'].index(correct)}}}}"
 doc_to_choice: !function utils.doc_to_choice
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
+""" + METRICS_YAML
 # lm-eval 0.4.13 lm_eval/tasks/mathqa/utils.py
 MATHQA_UTILS = '''import re
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from eora_ft.config import LLAMA_LINEARS
+
 HERE = Path(__file__).resolve().parent
 ASSETS = "eora_ft/assets/data"
 
@@ -74,6 +76,12 @@ def _section(title: str, keys: dict) -> list[str]:
     return [f"# {title}", *[f"{k}: {_value(v)}" for k, v in keys.items()], ""]
 
 
+def _model_section(path: str, dtype: str, rank: int) -> list[str]:
+    return _section("model (TRL ModelConfig)", {
+        "model_name_or_path": path, "dtype": dtype, "lora_r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+        "lora_target_modules": LLAMA_LINEARS})
+
+
 def nano_config(task: str, compression: str, init: str) -> str:
     spec, (comp_label, comp_keys) = TASKS[task], COMPRESSIONS[compression]
     name = f"{task}_nano_{compression}_{init}"
@@ -81,10 +89,7 @@ def nano_config(task: str, compression: str, init: str) -> str:
              f"recipes/configs/{name}.yaml",
              f"# {comp_label} on the bundled nano Llama, {INITS[init]}, rank 16,",
              f"# {spec['what']}. CPU-sized: runs offline from a fresh clone.", ""]
-    lines += _section("model (TRL ModelConfig)", {
-        "model_name_or_path": "eora_ft/assets/models/nano-llama-5m", "dtype": "float32", "lora_r": 16,
-        "lora_alpha": 16, "lora_dropout": 0.0,
-        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
+    lines += _model_section("eora_ft/assets/models/nano-llama-5m", "float32", 16)
     lines += _section("compression", {**comp_keys, "calib_dataset": f"{ASSETS}/c4/c4_en_train_head1000.jsonl",
                                       "calib_num_samples": 64, "calib_seq_len": 512})
     lines += _section("adapter initialisation", {"init_method": init, **({"loftq_iters": 5} if init == "loftq" else {})})
@@ -109,10 +114,7 @@ def llama3_config(task: str, compression: str, init: str) -> str:
              "# calibration half C4, half task text, bf16 wherever the GPU has it (bf16 unset = auto). Rank, learning rate and epochs are our starting",
              "# point, not tuned and not run here (no GPU in these sessions); every key is one flag away.",
              ""]
-    lines += _section("model (TRL ModelConfig)", {
-        "model_name_or_path": "meta-llama/Meta-Llama-3-8B", "dtype": "bfloat16", "lora_r": 128, "lora_alpha": 128,
-        "lora_dropout": 0.0,
-        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
+    lines += _model_section("meta-llama/Meta-Llama-3-8B", "bfloat16", 128)
     lines += _section("compression", {**comp_keys, "calib_dataset": f"{ASSETS}/c4/c4_en_train_head1000.jsonl",
                                       "calib_num_samples": 128,
                                       "calib_seq_len": 2048, "calib_task_fraction": 0.5,
