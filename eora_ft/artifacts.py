@@ -21,10 +21,10 @@ from eora_ft.cache import model_fingerprint, tensor_fingerprint
 from eora_ft.peft_bridge import build_lora_model, load_adapter, lora_config, save_adapter
 
 BASE_DIR, INIT_DIR = "base", "init"
-# Fields that do not change what is built (where it is cached, how calibration text was chosen: the
-# token ids themselves are hashed instead).
+# Fields that do not change what is built (where it is cached or computed, how calibration text was
+# chosen: the token ids themselves are hashed instead).
 _NOT_IN_KEY = {"cache_dir", "calib_dataset", "calib_task_dataset", "calib_task_format", "calib_task_fraction",
-               "calib_num_samples", "calib_seq_len", "calib_seed"}
+               "calib_num_samples", "calib_seq_len", "calib_seed", "execution_device", "calib_activations_device"}
 
 
 def key_parts(model: nn.Module, model_args: EoraModelConfig, compress_args: CompressionArguments,
@@ -45,11 +45,14 @@ def key_parts(model: nn.Module, model_args: EoraModelConfig, compress_args: Comp
 
 def build_artifacts(directory: Path, model: nn.Module, tokenizer, calib: torch.Tensor, model_args: EoraModelConfig,
                     compress_args: CompressionArguments, init_args: AdapterInitArguments, seed: int,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, execution_device: torch.device | None = None,
+                    activations_device: torch.device | None = None) -> dict:
     """Compress ``model`` in place, compute the initial factors, write ``base/`` and ``init/`` into ``directory``.
 
-    Returns the metadata of the entry: per-layer errors, calibration tokens, timings. ``model`` is
-    left compressed and wrapped by PEFT: callers load the entry afresh instead of reusing it.
+    ``model`` stays where it is (the CPU); each decoder layer moves to ``execution_device`` to be
+    compressed (see :func:`eora_ft.compress.sequential.compress_model`). Returns the metadata of the
+    entry: per-layer errors, calibration tokens, timings. ``model`` is left compressed and wrapped by
+    PEFT: callers load the entry afresh instead of reusing it.
     """
     start = time.perf_counter()
     compressor = make_compressor(compress_args.compress_method, **compress_args.compressor_options())
@@ -57,7 +60,8 @@ def build_artifacts(directory: Path, model: nn.Module, tokenizer, calib: torch.T
                             init_options=init_args.options(), target_modules=model_args.lora_target_modules,
                             batch_size=compress_args.calib_batch_size, seed=seed,
                             true_sequential=compress_args.true_sequential, factor_bits=init_args.factor_bits,
-                            capture=init_args.capture, base_from=init_args.init_method, progress=progress)
+                            capture=init_args.capture, base_from=init_args.init_method, progress=progress,
+                            execution_device=execution_device, activations_device=activations_device)
     save_compressed(model, directory / BASE_DIR,
                     {"method": compress_args.compress_method, **compress_args.compressor_options(),
                      "description": compress_args.describe(), "calib_tokens": result.calib_tokens},
@@ -74,5 +78,5 @@ def build_artifacts(directory: Path, model: nn.Module, tokenizer, calib: torch.T
 
 def load_artifacts(entry: Path, dtype: torch.dtype, device: torch.device | str, trainable: bool = True):
     """The packed base of ``entry`` on ``device`` with its initial adapter (a PEFT model; LoRA trainable)."""
-    model = load_compressed(entry / BASE_DIR, dtype=dtype).to(device)
+    model = load_compressed(entry / BASE_DIR, dtype=dtype, device=device)
     return load_adapter(model, entry / INIT_DIR, is_trainable=trainable)

@@ -30,7 +30,7 @@ from eora_ft.report import current_umask
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the entry layout or what the key covers changes
+CACHE_FORMAT = 2  # bump when the entry layout or what the key covers changes (2: compact pruned layers)
 MANIFEST, META = "manifest.json", "meta.json"
 _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken")
 

@@ -3,7 +3,8 @@
     eora-ft compress --model eora_ft/assets/models/nano-llama-5m --method gptq --bits 3 --group-size 128 --output runs/nano-gptq3
 
 Prints a progress bar per layer and, at the end, each linear's relative output error
-``||(W - W_c) X^T|| / ||W X^T||`` on the calibration activations.
+``||(W - W_c) X^T|| / ||W X^T||`` on the calibration activations. The model is loaded on the CPU and
+one decoder layer at a time is compressed on ``--execution-device`` (the GPU when there is one).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from eora_ft.compress import COMPRESSORS, make_compressor
 from eora_ft.compress.sequential import compress_model
 from eora_ft.config import LLAMA_LINEARS, CompressionArguments
 from eora_ft.data import calibration_tokens, resolve_path
+from eora_ft.placement import default_device
 
 
 def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,9 +35,19 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-seq-len", type=int, default=defaults.calib_seq_len)
     parser.add_argument("--calib-seed", type=int, default=defaults.calib_seed)
     parser.add_argument("--targets", default=",".join(LLAMA_LINEARS), help="comma-separated linear names")
+    add_placement_arguments(parser)
     parser.add_argument("--format", choices=["eora_ft", "gptq"], default="eora_ft",
                         help="eora_ft: packed safetensors + compression_config.json; gptq: the standard GPTQ layout")
     parser.add_argument("--output", required=True, help="directory to write (replaced atomically)")
+
+
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--execution-device`` / ``--calib-activations-device``: the CompressionArguments fields of the same names."""
+    defaults = CompressionArguments()
+    parser.add_argument("--execution-device", default=defaults.execution_device,
+                        help="where each decoder layer is processed, one at a time: auto, cpu, cuda, cuda:N")
+    parser.add_argument("--calib-activations-device", default=defaults.calib_activations_device,
+                        choices=["execution", "cpu"], help="where calibration activations live between layers")
 
 
 def error_table(rows: list[dict]) -> str:
@@ -56,7 +68,8 @@ def compress_command(args: argparse.Namespace) -> int:
         compress_method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, damp_percent=args.damp,
         act_order=args.act_order, true_sequential=not args.no_true_sequential, sparsity=args.sparsity,
         calib_dataset=args.calib, calib_num_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
-        calib_seed=args.calib_seed,
+        calib_seed=args.calib_seed, execution_device=args.execution_device,
+        calib_activations_device=args.calib_activations_device,
     )
     if args.format == "gptq" and args.method not in ("gptq", "rtn"):
         raise ValueError(f"--format gptq holds dense quantized weights only (gptq, rtn), not --method {args.method}")
@@ -66,8 +79,10 @@ def compress_command(args: argparse.Namespace) -> int:
     check_model_against_config(model, targets, options)
     calib = calibration_tokens(tokenizer, resolve_path(args.calib), options.calib_num_samples, options.calib_seq_len,
                                seed=options.calib_seed)
+    execution, activations = options.placement(default_device())  # the model stays on the CPU
     result = compress_model(model, calib, make_compressor(args.method, **options.compressor_options()),
-                            target_modules=targets, true_sequential=options.true_sequential, progress=True)
+                            target_modules=targets, true_sequential=options.true_sequential, progress=True,
+                            execution_device=execution, activations_device=activations)
     print(error_table(result.layers))
     config = {"method": args.method, "description": options.describe(), "model": args.model,
               "options": options.compressor_options(), "true_sequential": options.true_sequential,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
@@ -24,6 +25,7 @@ from eora_ft.init.eora import EIGEN_MODES
 _ASSETS = "eora_ft/assets"
 DEFAULT_MODEL = f"{_ASSETS}/models/nano-llama-5m"
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ACTIVATION_PLACES = ("execution", "cpu")
 
 
 @dataclass
@@ -88,6 +90,17 @@ class CompressionArguments:
     calib_seq_len: int = field(default=512, metadata={"help": "Tokens per calibration sequence."})
     calib_seed: int = field(default=0, metadata={"help": "Seed for drawing calibration windows."})
     calib_batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass while compressing."})
+    execution_device: str = field(
+        default="auto",
+        metadata={"help": "Where each decoder layer is compressed and initialised, one layer at a time: auto (this "
+                          "rank's accelerator, else cpu), cpu, cuda or cuda:N. The model stays where it was loaded "
+                          "(the CPU), so a 70B model compresses on one GPU."},
+    )
+    calib_activations_device: str = field(
+        default="execution",
+        metadata={"help": "Where the calibration activations live between layers: execution (on the execution "
+                          "device, fastest) or cpu (for long calibration sets on a small accelerator)."},
+    )
     cache_dir: str | None = field(
         default=None,
         metadata={"help": "Artifact cache (compressed base + initial adapter, keyed by content); "
@@ -107,6 +120,16 @@ class CompressionArguments:
             raise ValueError(f"calib_task_format={self.calib_task_format!r} is unknown; valid: {sorted(TASK_TEXT_FORMATS)}")
         if not 0.0 <= self.calib_task_fraction <= 1.0:
             raise ValueError(f"calib_task_fraction={self.calib_task_fraction} must lie in [0, 1]")
+        if self.calib_activations_device not in ACTIVATION_PLACES:
+            raise ValueError(f"calib_activations_device={self.calib_activations_device!r} is not valid; "
+                             f"valid: {list(ACTIVATION_PLACES)}")
+        if self.execution_device != "auto":
+            try:
+                kind = torch.device(self.execution_device).type
+            except RuntimeError:
+                kind = None
+            if kind not in ("cpu", "cuda"):
+                raise ValueError(f"execution_device={self.execution_device!r} is not valid; valid: auto, cpu, cuda, cuda:N")
         if self.calib_num_samples < 1 or self.calib_seq_len < 2:
             raise ValueError(
                 f"calib_num_samples={self.calib_num_samples} and calib_seq_len={self.calib_seq_len} must be >= 1 and >= 2"
@@ -115,6 +138,12 @@ class CompressionArguments:
     @property
     def calib_tokens(self) -> int:
         return self.calib_num_samples * self.calib_seq_len
+
+    def placement(self, accelerator: torch.device) -> tuple[torch.device, torch.device]:
+        """``(execution device, activations device)`` for :func:`eora_ft.compress.sequential.compress_model`;
+        ``accelerator`` is this rank's device (what ``auto`` means)."""
+        execution = torch.device(accelerator if self.execution_device == "auto" else self.execution_device)
+        return execution, (execution if self.calib_activations_device == "execution" else torch.device("cpu"))
 
     def compressor_options(self) -> dict:
         """Keyword options for :func:`eora_ft.compress.make_compressor` (each method reads its own)."""
@@ -171,11 +200,19 @@ class EoraSFTConfig(SFTConfig):
     report_to: str | list[str] = field(default="tensorboard", metadata={"help": "Logging integrations (tensorboard, none, ...)."})
     ddp_broadcast_buffers: bool | None = field(
         default=False, metadata={"help": "The packed base lives in frozen buffers: no need to re-broadcast them every step."})
+    main_process_timeout: int = field(
+        default=48 * 3600,
+        metadata={"help": "Seconds the other ranks wait (polling a file, not in a collective) while the main process "
+                          "loads, evaluates and compresses; ddp_timeout only bounds collectives (each training step)."},
+    )
 
     def __post_init__(self) -> None:
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
-        if configure_cpu_process_state() is not None:
+        if self.main_process_timeout <= 0 or self.ddp_timeout <= 0:
+            raise ValueError(f"main_process_timeout={self.main_process_timeout} and ddp_timeout={self.ddp_timeout} "
+                             "must be positive numbers of seconds")
+        if configure_cpu_process_state(timeout=timedelta(seconds=self.ddp_timeout)) is not None:
             # Without CUDA the Trainer's own state would be "rank 0 of 1" on every rank (distributed.py).
             accel = self.accelerator_config
             accel = json.loads(accel) if isinstance(accel, str) else dict(accel or {})

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import sys
+from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -48,20 +49,22 @@ def skip_deepspeed_shm_op() -> None:
     module.build_shm_op = lambda: None
 
 
-def configure_cpu_process_state() -> PartialState | None:
+def configure_cpu_process_state(timeout: timedelta | None = None) -> PartialState | None:
     """Create the gloo process state on a GPU-less host; return None (and do nothing) when CUDA exists.
 
     Must run before ``TrainingArguments`` sets up its devices; :class:`eora_ft.config.EoraSFTConfig`
-    calls it from ``__post_init__``. Idempotent.
+    calls it from ``__post_init__``. ``timeout`` bounds every collective (the Trainer passes
+    ``ddp_timeout`` on GPUs; here it is ours to pass). Idempotent.
     """
     if torch.cuda.is_available():
         return None
     if PartialState._shared_state:
         return PartialState()
+    options = {} if timeout is None else {"timeout": timeout}
     if deepspeed_requested():
         skip_deepspeed_shm_op()
-        return PartialState(backend="gloo")
-    return PartialState(cpu=True)
+        return PartialState(backend="gloo", **options)
+    return PartialState(cpu=True, **options)
 
 
 def describe_state(state: PartialState) -> str:

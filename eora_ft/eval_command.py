@@ -62,22 +62,21 @@ def _load(args: argparse.Namespace):
     from eora_ft.peft_bridge import load_adapter
 
     dtype = getattr(torch, args.dtype)
-    if args.compressed:
-        model = load_compressed(args.compressed, dtype=dtype)
+    if args.compressed:  # small: read straight onto the device
+        model = load_compressed(args.compressed, dtype=dtype, device=args.device)
         tokenizer = AutoTokenizer.from_pretrained(args.model or args.compressed)
-    else:
+    else:  # on the CPU; evaluation moves it to the device if it fits there, else streams its layers
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if args.adapter:
         model = load_adapter(model, args.adapter)
-    return model.to(args.device).eval(), tokenizer
+    return model.eval(), tokenizer
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from eora_ft.data import read_text
-    from eora_ft.evaluate import perplexity
+    from eora_ft.placement import placed_for_inference
     from eora_ft.report import atomic_write_text
 
     if not args.model and not args.compressed:
@@ -95,6 +94,24 @@ def eval_command(args: argparse.Namespace) -> int:
         raise SystemExit(f"--output {args.output!r} is a directory; give a file name such as results.json")
     model, tokenizer = _load(args)
     metrics, columns, timings = {}, [], {}
+    with placed_for_inference(model, args.device):
+        _evaluate_all(model, tokenizer, names, data, pools, args, metrics, columns, timings)
+    results = {"model": args.model, "compressed": args.compressed, "adapter": args.adapter, "limit": args.limit,
+               "metrics": metrics, "columns": columns, "timings": timings}
+    atomic_write_text(output, json.dumps(results, indent=2) + "\n")
+    print("| metric | value |\n|---|---|")
+    for key, label, kind in columns:
+        value = metrics[key]
+        print(f"| {label} | {100 * value:.2f} |" if kind == "pct" else f"| {label} | {value:.2f} |")
+    print(f"wrote {output}")
+    return 0
+
+
+def _evaluate_all(model, tokenizer, names: list[str], data: dict, pools: dict, args: argparse.Namespace,
+                  metrics: dict, columns: list, timings: dict) -> None:
+    from eora_ft.data import read_text
+    from eora_ft.evaluate import perplexity
+
     for name in names:
         start = time.perf_counter()
         if name == "wikitext2":
@@ -112,12 +129,3 @@ def eval_command(args: argparse.Namespace) -> int:
                                          max_new_tokens=args.max_new_tokens, num_fewshot=args.num_fewshot))
             columns += [list(m) for m in task.metrics]
         timings[name] = time.perf_counter() - start
-    results = {"model": args.model, "compressed": args.compressed, "adapter": args.adapter, "limit": args.limit,
-               "metrics": metrics, "columns": columns, "timings": timings}
-    atomic_write_text(output, json.dumps(results, indent=2) + "\n")
-    print("| metric | value |\n|---|---|")
-    for key, label, kind in columns:
-        value = metrics[key]
-        print(f"| {label} | {100 * value:.2f} |" if kind == "pct" else f"| {label} | {value:.2f} |")
-    print(f"wrote {output}")
-    return 0

@@ -28,7 +28,10 @@ def _eval_mode(model: torch.nn.Module):
 
 
 def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where to put the inputs: the model's device, or the CPU for a model whose weights stream in through
+    accelerate's offload hooks (its parameters then sit on the meta device and the hooks move the inputs)."""
+    device = next(model.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def _max_length(model: torch.nn.Module, tokenizer) -> int:
@@ -99,11 +102,9 @@ def loglikelihoods(
         for batch in tqdm(batches, desc=desc, disable=not progress):
             width = len(encoded[batch[0]][0])
             inputs = [encoded[idx][0] for idx in batch]
-            input_ids = torch.tensor([inp + [pad_id] * (width - len(inp)) for inp in inputs])
-            attention_mask = torch.tensor([[1] * len(inp) + [0] * (width - len(inp)) for inp in inputs])
-            logits = model(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False
-            ).logits  # [batch, width, vocab]
+            input_ids = torch.tensor([inp + [pad_id] * (width - len(inp)) for inp in inputs], device=device)
+            attention_mask = torch.tensor([[1] * len(inp) + [0] * (width - len(inp)) for inp in inputs], device=device)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # [b, width, vocab]
             # Logit at position p predicts token p+1, so a continuation's logits end at its row's
             # last real input position. One gather for the whole batch keeps the op count (and
             # thread synchronisation on small CPUs) independent of the number of requests.
@@ -175,7 +176,7 @@ def perplexity(
     Returns `{"ppl": float, "windows": int, "tokens": int}` (`tokens`: the tokens scored, i.e.
     windows * window).
     """
-    ids = torch.tensor(_encode(tokenizer, text), dtype=torch.long)
+    ids = torch.tensor(_encode(tokenizer, text), dtype=torch.long, device="cpu")  # host side; batches move
     n_windows = ids.numel() // window
     if n_windows == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of window={window}")
@@ -183,7 +184,7 @@ def perplexity(
         n_windows = min(n_windows, max_windows)
     windows = ids[: n_windows * window].view(n_windows, window)  # [n_windows, window]
     device = _device(model)
-    nll_sum = torch.zeros((), dtype=torch.float64)
+    nll_sum = torch.zeros((), dtype=torch.float64, device="cpu")
     with _eval_mode(model):
         for start in tqdm(range(0, n_windows, batch_size), desc=desc, disable=not progress):
             batch = windows[start : start + batch_size].to(device)

@@ -47,10 +47,10 @@ def generate_until(model: torch.nn.Module, tokenizer, contexts: Sequence[str], m
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
             batch = order[start:start + batch_size]
             width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long, device="cpu")  # built on the host, moved once
+            mask = torch.zeros((len(batch), width), dtype=torch.long, device="cpu")
             for row, i in enumerate(batch):
-                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i], device="cpu")
                 mask[row, width - len(encoded[i]):] = 1
             generated = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,

@@ -29,6 +29,11 @@ class CompressedLoraLinear(LoraLinear):
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
 
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+        # PEFT probes `weight`/`qweight`; a pruned-only layer has neither, and its adapters would stay on the
+        # CPU under a CUDA base. Every CompressedLinear knows both.
+        return base_layer.device, base_layer.compute_dtype
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise RuntimeError(
             "refusing to merge a LoRA adapter into packed quantized/sparse weights: it would re-quantize the "
@@ -55,10 +60,12 @@ class CompressedLoraLinear(LoraLinear):
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
         packed = None
-        if base.bits is not None and base.perm is None and base.mask is None:
+        if base.bits is not None and base.perm is None:
             packed = Packed(base.qweight, base.scales, base.zeros, base.bits, base.group_size, base.in_features)
-        return packed_lora_linear(x, lambda: base.dequantize(x.dtype), self.lora_A[adapter].weight,
-                                  self.lora_B[adapter].weight, self.scaling[adapter], base.bias, packed)
+        # the bound method holds the module only: a closure over x would keep every layer's input alive
+        # in the autograd graph, defeating activation checkpointing
+        return packed_lora_linear(x, base.dequantize, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                                  self.scaling[adapter], base.bias, packed)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``scaling * B @ A`` ``[N, K]`` for ``adapter``."""

@@ -3,8 +3,11 @@
 
 Stages evaluated: ``base`` (uncompressed), ``compressed``, ``compensated`` (initial adapter, before
 training) and ``finetuned``. Only the main process compresses (into the artifact cache, or finds
-the entry there), evaluates and writes; every rank trains from the same cached entry. Recipes parse
-their config and call :func:`run`.
+the entry there), evaluates and writes; every rank trains from the same cached entry. While the main
+process works alone, the other ranks wait on a file (:mod:`eora_ft.handoff`), never inside a
+collective that NCCL's watchdog would time out. The uncompressed model stays on the CPU; compression
+moves one decoder layer at a time to this rank's accelerator. Recipes parse their config and call
+:func:`run`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eora_ft.artifacts import build_artifacts, key_parts, load_artifacts
@@ -31,8 +33,10 @@ from eora_ft.data.sources import _looks_like_hub_id
 from eora_ft.data.task_text import task_texts
 from eora_ft.distributed import all_cores_while_others_wait, describe_state, full_model_init, gather_trainable
 from eora_ft.evaluate import perplexity
+from eora_ft.handoff import Handoff
 from eora_ft.init import check_rank
 from eora_ft.peft_bridge import save_adapter, trainable_summary
+from eora_ft.placement import placed_for_inference
 from eora_ft.report import write_model_card, write_results
 from eora_ft.tasks import get_task
 from eora_ft.train import loss_history, train_adapters, training_backend
@@ -102,8 +106,8 @@ def validate_sources(task_args: TaskArguments, compress_args: CompressionArgumen
 
 def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args: AdapterInitArguments,
         training_args: EoraSFTConfig, model_args: EoraModelConfig) -> dict:
-    """Run the whole recipe and return the results dict (also written to ``output_dir``; empty stages on
-    ranks other than the main one)."""
+    """Run the whole recipe and return the results dict (also written to ``output_dir``; empty on ranks
+    other than the main one)."""
     state = PartialState()
     main = state.is_main_process
     progress = main and not training_args.disable_tqdm
@@ -111,6 +115,8 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     transformers.set_seed(training_args.seed)
     task = get_task(task_args.task)
     validate_sources(task_args, compress_args)
+    cache_root = Path(compress_args.cache_dir) if compress_args.cache_dir else default_cache_dir()
+    handoff = Handoff.start(state, cache_root, training_args.main_process_timeout)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -127,93 +133,68 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     eval_source = task_args.eval_dataset_name or task_args.dataset_name
     eval_items = task.load(resolve_path(eval_source), split=task_args.dataset_test_split,
                            name=task_args.dataset_config or task.hub_name, limit=task_args.eval_limit)
-    ppl_text = None
-    model = None
-    if main:  # the other ranks never evaluate and load the compressed model from the cache
-        with full_model_init():
-            tokenizer, model = load_model(model_args)
-        model.to(state.device)  # compression, statistics and evaluation run where training will
-        check_model_against_config(model, model_args.lora_target_modules, compress_args, model_args.lora_r)
-        ppl_text = read_text(resolve_path(task_args.ppl_dataset)) if task_args.ppl_dataset else None
-    lap("load")
+    ppl_text = read_text(resolve_path(task_args.ppl_dataset)) if main and task_args.ppl_dataset else None
 
     @all_cores_while_others_wait(state)
-    def evaluate(stage_model, with_ppl: bool = True) -> dict:
-        if not main:
-            return {}
+    def evaluate(stage_model) -> dict:
         metrics = task.evaluate(stage_model, tokenizer, eval_items, train_items, batch_size=task_args.eval_batch_size,
                                 progress=progress, max_new_tokens=task_args.max_new_tokens,
                                 num_fewshot=task_args.num_fewshot)
-        if with_ppl and ppl_text is not None:
+        if ppl_text is not None:
             metrics["wikitext2/ppl"] = perplexity(stage_model, tokenizer, ppl_text, window=task_args.ppl_window,
                                                   max_windows=task_args.ppl_max_windows, progress=progress)["ppl"]
         return metrics
 
-    stages = {"base": evaluate(model)} if task_args.eval_base else {}
-    lap("eval_base")
-
-    cache_root = Path(compress_args.cache_dir) if compress_args.cache_dir else default_cache_dir()
-    key_and_dtype = [None, None]
+    stages: dict[str, dict] = {}
     if main:
-        if compress_args.calib_task_dataset:
-            calib_task = task_texts(compress_args.calib_task_format, resolve_path(compress_args.calib_task_dataset))
-        else:
-            calib_task = [p + c for p, c in zip(train_dataset["prompt"], train_dataset["completion"])]
-        calib = mixed_calibration(tokenizer, compress_args.calib_dataset, calib_task,
-                                  compress_args.calib_num_samples, compress_args.calib_seq_len,
-                                  task_fraction=compress_args.calib_task_fraction, seed=compress_args.calib_seed)
-        parts = key_parts(model, model_args, compress_args, init_args, calib, training_args.seed,
-                          resolve_path(model_args.model_name_or_path))
-        key_and_dtype = [cache_key(parts), parts["dtype"]]
-    broadcast_object_list(key_and_dtype)
-    key, dtype = key_and_dtype[0], getattr(torch, key_and_dtype[1].removeprefix("torch."))
-    with state.main_process_first():  # main builds or verifies the entry; the others wait, then read it
-        if main:
-            with all_cores_while_others_wait(state):
-                entry, built = ensure_entry(cache_root, key, lambda tmp: build_artifacts(
-                    tmp, model, tokenizer, calib, model_args, compress_args, init_args, training_args.seed, progress))
-        else:
-            entry, built = require_entry(cache_root, key), False
-    model = None  # compressed and wrapped in place, or never needed: everyone trains what the entry holds
+        with handoff.main_work("loading, evaluating and compressing the model"):
+            entry, built, dtype = _compress_on_main(state, task_args, compress_args, init_args, training_args,
+                                                    model_args, train_dataset, cache_root, evaluate, stages, lap,
+                                                    progress)
+        handoff.post("entry", key=entry.name, dtype=str(dtype))
+    else:
+        posted = handoff.wait("entry", "build the compressed model and its initial adapter")
+        entry = require_entry(cache_root, posted["key"])
+        built, dtype = False, getattr(torch, posted["dtype"].removeprefix("torch."))
     meta = read_meta(entry)
     with full_model_init():
         peft_model = load_artifacts(entry, dtype, state.device)
     lap("compress_and_init")
 
     output_dir = Path(training_args.output_dir)
-    with peft_model.disable_adapter():
-        stages["compressed"] = evaluate(peft_model)
-    lap("eval_compressed")
     if main:
-        save_adapter(peft_model, output_dir / f"{init_args.init_method}_init")
-    stages["compensated"] = evaluate(peft_model)
-    lap("eval_compensated")
+        with handoff.main_work("evaluating the compressed model"):
+            with peft_model.disable_adapter():
+                stages["compressed"] = evaluate(peft_model)
+            lap("eval_compressed")
+            save_adapter(peft_model, output_dir / f"{init_args.init_method}_init")
+            stages["compensated"] = evaluate(peft_model)
+            lap("eval_compensated")
+        handoff.post("ready")
+    else:
+        handoff.wait("ready", "evaluate the compressed model before training")
 
     # The eval loss curve (when eval_strategy is set) uses the evaluation items in the training format.
     eval_dataset = task.sft_dataset(eval_items) if training_args.eval_strategy != "no" else None
     trainer = train_adapters(peft_model, tokenizer, train_dataset, training_args, eval_dataset)
-    trained = gather_trainable(peft_model)
-    if trained is not None:  # ZeRO-3 sharded the model: evaluate and save an unsharded copy on the main process
-        peft_model = None
-        if main:
-            with full_model_init():
-                peft_model = load_artifacts(entry, dtype, state.device)
-            missing = set(trained) - {n for n, p in peft_model.named_parameters() if p.requires_grad}
-            if missing:
-                raise RuntimeError(f"trained parameters {sorted(missing)[:3]} have no match in the reloaded model")
-            with torch.no_grad():
-                for name, param in peft_model.named_parameters():
-                    if name in trained:
-                        param.copy_(trained[name])
+    trained = gather_trainable(peft_model)  # a collective: every rank is here straight from training
     lap("train")
-    stages["finetuned"] = evaluate(peft_model, with_ppl=task_args.ppl_after_finetune)
+    if not main:
+        return {}  # the main process evaluates and writes alone; nothing waits for it any more
+
+    if trained is not None:  # ZeRO-3 sharded the model: evaluate and save an unsharded copy
+        peft_model = _unsharded_copy(entry, dtype, state.device, trained)
+    if not task_args.ppl_after_finetune:
+        ppl_text = None
+    stages["finetuned"] = evaluate(peft_model)
     lap("eval_finetuned")
 
     results = {
         "title": f"{task.name}: {compress_args.describe()} + {init_args.init_method} r{model_args.lora_r} "
                  f"on {model_args.model_name_or_path}",
         "task": task.name,
-        "metrics": [list(m) for m in task.metrics] + ([["wikitext2/ppl", "WikiText-2 ppl", "ppl"]] if ppl_text else []),
+        "metrics": [list(m) for m in task.metrics] + ([["wikitext2/ppl", "WikiText-2 ppl", "ppl"]]
+                                                       if task_args.ppl_dataset else []),
         "stages": stages,
         "summary": {
             "model": model_args.model_name_or_path,
@@ -236,9 +217,53 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                                        (task_args, compress_args, init_args, model_args))}
                   | {"SFTConfig": training_args.to_dict()},
     }
-    if main:
-        save_adapter(peft_model, output_dir / "adapter")
-        write_results(output_dir, results)
-        write_model_card(output_dir, results)
-    state.wait_for_everyone()
+    save_adapter(peft_model, output_dir / "adapter")
+    write_results(output_dir, results)
+    write_model_card(output_dir, results)
+    handoff.close()
     return results
+
+
+def _compress_on_main(state, task_args: TaskArguments, compress_args: CompressionArguments,
+                      init_args: AdapterInitArguments, training_args: EoraSFTConfig, model_args: EoraModelConfig,
+                      train_dataset, cache_root: Path, evaluate, stages: dict, lap, progress: bool):
+    """Main process: load the uncompressed model on the CPU, evaluate it, build (or find) the cache entry.
+
+    Returns ``(entry, built, dtype)``; fills ``stages["base"]``."""
+    with full_model_init():
+        tokenizer, model = load_model(model_args)
+    check_model_against_config(model, model_args.lora_target_modules, compress_args, model_args.lora_r)
+    lap("load")
+    if task_args.eval_base:
+        with placed_for_inference(model, state.device):
+            stages["base"] = evaluate(model)
+    lap("eval_base")
+    if compress_args.calib_task_dataset:
+        calib_task = task_texts(compress_args.calib_task_format, resolve_path(compress_args.calib_task_dataset))
+    else:
+        calib_task = [p + c for p, c in zip(train_dataset["prompt"], train_dataset["completion"])]
+    calib = mixed_calibration(tokenizer, compress_args.calib_dataset, calib_task, compress_args.calib_num_samples,
+                              compress_args.calib_seq_len, task_fraction=compress_args.calib_task_fraction,
+                              seed=compress_args.calib_seed)
+    parts = key_parts(model, model_args, compress_args, init_args, calib, training_args.seed,
+                      resolve_path(model_args.model_name_or_path))
+    execution, activations = compress_args.placement(state.device)
+    with all_cores_while_others_wait(state):
+        entry, built = ensure_entry(cache_root, cache_key(parts), lambda tmp: build_artifacts(
+            tmp, model, tokenizer, calib, model_args, compress_args, init_args, training_args.seed, progress,
+            execution_device=execution, activations_device=activations))
+    return entry, built, getattr(torch, parts["dtype"].removeprefix("torch."))
+
+
+def _unsharded_copy(entry: Path, dtype: torch.dtype, device: torch.device, trained: dict):
+    """The entry's model with the gathered trained factors of a ZeRO-3 run copied in (main process)."""
+    with full_model_init():
+        peft_model = load_artifacts(entry, dtype, device)
+    missing = set(trained) - {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    if missing:
+        raise RuntimeError(f"trained parameters {sorted(missing)[:3]} have no match in the reloaded model")
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if name in trained:
+                param.copy_(trained[name])
+    return peft_model

@@ -40,16 +40,19 @@ def _use_fused(packed: Packed | None, tokens: int, force: bool) -> bool:
 
 
 class PackedLoraMatmul(torch.autograd.Function):
-    """Inputs: ``x`` ``[..., K]``, a zero-argument ``weight_fn`` returning ``W_c`` ``[N, K]`` (recomputed in
-    backward instead of saved), ``A`` ``[r, K]``, ``B`` ``[N, r]``, ``scaling``, optional ``bias`` ``[N]``,
-    optional :class:`Packed` operands for the small-M fused kernels (``force_fused`` for tests)."""
+    """Inputs: ``x`` ``[..., K]``, ``weight_fn(dtype)`` returning ``W_c`` ``[N, K]`` in that dtype (recomputed
+    in backward instead of saved; it must not capture ``x`` or any activation, which would outlive
+    activation checkpointing), ``A`` ``[r, K]``, ``B`` ``[N, r]``, ``scaling``, optional ``bias`` ``[N]``,
+    optional :class:`Packed` operands for the small-M fused kernels (``force_fused`` for tests).
+    Call it through :func:`packed_lora_linear`, which handles autocast."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight_fn: Callable[[], torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scaling: float, bias: torch.Tensor | None, packed: Packed | None = None,
                 force_fused: bool = False) -> torch.Tensor:
         tokens = x.numel() // x.shape[-1]
-        # the LoRA term runs in the adapter's dtype (fp32 under bf16 autocast), as PEFT's own layer does
+        # without autocast the LoRA term runs in the adapter's dtype (fp32 adapters on a bf16 base), as PEFT's
+        # own layer does; under autocast packed_lora_linear has already cast everything to the autocast dtype
         u = x.to(lora_a.dtype) @ lora_a.t()  # [..., r]
         ctx.fused = _use_fused(packed, tokens, force_fused)
         if ctx.fused:
@@ -59,7 +62,7 @@ class PackedLoraMatmul(torch.autograd.Function):
             y = fused_forward(x.reshape(tokens, -1), p.qweight, p.scales, p.zeros, p.bits, p.group_size, lora_a, lora_b,
                               scaling, bias, u=u.reshape(tokens, -1)).reshape(*x.shape[:-1], -1)
         else:
-            y = x @ weight_fn().to(x.dtype).t()
+            y = x @ weight_fn(x.dtype).t()
             if bias is not None:
                 y = y + bias.to(y.dtype)
             y = y + (scaling * (u @ lora_b.t())).to(y.dtype)
@@ -81,7 +84,7 @@ class PackedLoraMatmul(torch.autograd.Function):
             grad_x = fused_grad_input(grad_y2, p.qweight, p.scales, p.zeros, p.bits, p.group_size, p.in_features,
                                       lora_a, lora_b, s).reshape(x.shape).to(x.dtype)
         elif ctx.needs_input_grad[0]:
-            weight = ctx.weight_fn().to(grad_y.dtype)
+            weight = ctx.weight_fn(grad_y.dtype)
             grad_x = (grad_y2 @ weight + (s * (g @ lora_a)).to(grad_y.dtype)).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[2]:
             grad_a = s * g.t() @ x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
@@ -90,8 +93,19 @@ class PackedLoraMatmul(torch.autograd.Function):
         return grad_x, None, grad_a, grad_b, None, None, None, None
 
 
-def packed_lora_linear(x: torch.Tensor, weight_fn: Callable[[], torch.Tensor], lora_a: torch.Tensor, lora_b: torch.Tensor,
-                       scaling: float, bias: torch.Tensor | None = None, packed: Packed | None = None,
-                       force_fused: bool = False) -> torch.Tensor:
-    """Functional form of :class:`PackedLoraMatmul`."""
+def packed_lora_linear(x: torch.Tensor, weight_fn: Callable[[torch.dtype], torch.Tensor], lora_a: torch.Tensor,
+                       lora_b: torch.Tensor, scaling: float, bias: torch.Tensor | None = None,
+                       packed: Packed | None = None, force_fused: bool = False) -> torch.Tensor:
+    """Functional form of :class:`PackedLoraMatmul`.
+
+    Under autocast (bf16 mixed precision on a GPU, or on a CPU) it behaves like autocast's own linear:
+    ``x``, ``A``, ``B`` and the bias are cast to the autocast dtype here, outside the function, so
+    forward and backward both compute in that dtype (no fp32 copies of ``x`` or ``dY`` are made or
+    saved) and the adapters' gradients flow back to their fp32 parameters through the casts."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return PackedLoraMatmul.apply(x.to(dtype), weight_fn, lora_a.to(dtype), lora_b.to(dtype), scaling,
+                                          None if bias is None else bias.to(dtype), packed, force_fused)
     return PackedLoraMatmul.apply(x, weight_fn, lora_a, lora_b, scaling, bias, packed, force_fused)

@@ -5,6 +5,9 @@ Codes ``q`` are ``[K, N]`` integers in ``[0, 2**bits)``. They are packed into in
 offset ``bits * (k % (32 / bits))``, the layout GPTQ checkpoints and their kernels use. 3-bit codes
 are stored planar (DESIGN.md): a 2-bit plane of the low bits ``[K / 16, N]`` stacked on a 1-bit
 plane of the high bit ``[K / 32, N]``, so every plane keeps whole words per K slab.
+
+Keep-masks of pruned, unquantized weights are packed 8 to a byte along K (:func:`pack_mask`): bit
+``k % 8`` of byte ``k // 8`` of row ``n`` is set when ``W[n, k]`` is kept.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ def _check(bits: int, k: int) -> None:
 def _pack_plane(codes: torch.Tensor, bits: int) -> torch.Tensor:
     k, n = codes.shape
     per_word = _WORD // bits
-    grouped = codes.to(torch.int64).reshape(k // per_word, per_word, n)
-    shifts = (torch.arange(per_word, dtype=torch.int64) * bits).view(1, per_word, 1)
-    words = (grouped << shifts).sum(dim=1)  # disjoint bit fields: sum == bitwise or
+    grouped = codes.reshape(k // per_word, per_word, n)
+    # one slot at a time into int64 words: no int64 copy of all the codes (0.5 GB at 4096 x 14336)
+    words = torch.zeros(k // per_word, n, dtype=torch.int64, device=codes.device)
+    for slot in range(per_word):
+        words |= grouped[:, slot].to(torch.int64) << (bits * slot)
     words = torch.where(words >= 2**31, words - 2**32, words)  # reinterpret as signed int32
     return words.to(torch.int32)
 
@@ -50,7 +55,6 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits}) for bits={bits}")
     if bits == 3:
-        codes = codes.to(torch.int64)
         return torch.cat([_pack_plane(codes & 0b11, 2), _pack_plane(codes >> 2, 1)], dim=0)
     return _pack_plane(codes, bits)
 
@@ -70,3 +74,18 @@ def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int, dtype: torc
 def packed_rows(in_features: int, bits: int) -> int:
     """Number of int32 rows that ``in_features`` codes of ``bits`` bits occupy."""
     return in_features * bits // _WORD
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool ``[N, K]`` -> uint8 ``[N, ceil(K / 8)]``, 8 entries per byte, least significant bit first."""
+    n, k = mask.shape
+    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, (-k) % 8)).view(n, -1, 8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=mask.device)
+    return (padded * weights).sum(dim=-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: uint8 ``[N, ceil(K / 8)]`` -> bool ``[N, K]`` (same device)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.view(packed.shape[0], -1)[:, :in_features].to(torch.bool)

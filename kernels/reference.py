@@ -19,7 +19,6 @@ def dequantize(
     bits: int,
     group_size: int,
     in_features: int,
-    mask: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Dense weight ``[N, K]`` in ``dtype`` from packed codes.
@@ -27,16 +26,14 @@ def dequantize(
     Args:
         qweight: int32 ``[K * bits / 32, N]`` (see ``packing``).
         scales: float ``[G, N]``, ``G = K / group_size`` (``G = 1`` for per-channel).
-        zeros: integer or float ``[G, N]`` zero points (in code units).
-        mask: optional bool ``[N, K]``; False entries are forced to exactly 0 (pruned weights).
+        zeros: integer or float ``[G, N]`` zero points (in code units). Pruned weights hold the zero
+            point and come out exactly 0: no mask is needed.
     """
     codes = unpack_codes(qweight, bits, in_features, dtype=torch.int32)  # [K, N]
     group = in_features if group_size == -1 else group_size
     n = codes.shape[1]
     grouped = codes.view(in_features // group, group, n).to(torch.float32)  # broadcast the [G, N] grids
     weight = ((grouped - zeros.to(torch.float32)[:, None, :]) * scales.to(torch.float32)[:, None, :]).view(in_features, n).t()
-    if mask is not None:
-        weight = weight * mask
     return weight.to(dtype).contiguous()
 
 

@@ -77,6 +77,33 @@ def test_init_writes_a_plain_peft_adapter_that_reloads(compressed_dir, tmp_path,
     assert torch.isfinite(with_adapter).all() and not torch.equal(with_adapter, without)
 
 
+def test_init_gives_the_factors_of_the_one_pass_recipe_path(compressed_dir, tmp_path):
+    """`init` on a saved compressed model runs the same layer-wise driver with the saved linears: its
+    statistics, hence its EoRA factors, are those of compressing and initialising in one pass."""
+    import torch
+    from safetensors.torch import load_file
+
+    from eora_ft.compress import make_compressor
+    from eora_ft.compress.sequential import compress_model
+    from eora_ft.config import LLAMA_LINEARS, CompressionArguments, EoraModelConfig
+    from eora_ft.data import calibration_tokens, resolve_path
+    from eora_ft.pipeline import load_model
+
+    out = tmp_path / "adapter"
+    assert main(["init", "--compressed", str(compressed_dir), "--method", "eora", "--rank", "4", *SMALL,
+                 "--output", str(out)]) == 0
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    tokenizer, model = load_model(EoraModelConfig(model_name_or_path=NANO))
+    calib = calibration_tokens(tokenizer, resolve_path(CompressionArguments().calib_dataset), 2, 64, seed=0)
+    result = compress_model(model, calib, make_compressor("gptq", bits=2, group_size=128), ["eora"], rank=4,
+                            target_modules=LLAMA_LINEARS, progress=False)
+    path = "model.layers.2.mlp.down_proj"
+    factors = result.factors[path]["eora"]
+    a = saved[f"base_model.model.{path}.lora_A.weight"]
+    b = saved[f"base_model.model.{path}.lora_B.weight"]
+    assert torch.allclose(b @ a, factors.delta(), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("flags,error,match", [
     (["--method", "eora", "--rank", "0"], ValueError, "rank=0 is invalid"),
     (["--method", "eora", "--rank", "200"], ValueError, r"rank=200 is invalid for .*k_proj .*valid: 1..128"),

@@ -74,6 +74,12 @@ def test_saved_adapter_reloads_in_plain_peft_over_dequantized_base(compressed, t
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
+# bitsandbytes' CPU 4-bit matmul depends on the CPU: with AVX-512 BF16 it rounds the input and the block
+# absmax to bf16 and returns a bf16 result (bitsandbytes/backends/cpu/ops.py, gemv_4bit); elsewhere it
+# dequantizes to fp32. Unit roundoff of bf16 (8 significant bits).
+BF16_UNIT_ROUNDOFF = 2.0**-8
+
+
 def test_nf4_base_gets_peft_bnb_lora_with_the_factors(nano_model_and_tokenizer):
     model = copy.deepcopy(nano_model_and_tokenizer[0])
     ids = torch.randint(1, 8192, (2, 32), generator=torch.Generator().manual_seed(1))
@@ -81,11 +87,18 @@ def test_nf4_base_gets_peft_bnb_lora_with_the_factors(nano_model_and_tokenizer):
     peft_model = build_lora_model(model, {p: f["eora"] for p, f in result.factors.items()}, lora_config(4, 8, 0.0, LINEARS))
     module = peft_model.base_model.model.get_submodule("model.layers.0.mlp.up_proj")
     assert type(module.base_layer).__name__ == "NF4Linear"
-    x = torch.randn(3, 256)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(2))
     factors = result.factors["model.layers.0.mlp.up_proj"]["eora"]
-    expected = x @ (module.base_layer.dequantize() + factors.delta()).t()
+    weight = module.base_layer.dequantize(torch.float32)
     with torch.no_grad():
-        assert torch.allclose(module(x), expected, atol=1e-4)
+        got, got_base = module(x), module.base_layer(x)
+    # The base through bitsandbytes, bounded for its lowest-precision path (bf16): x and absmax rounded
+    # and their product with the NF4 code (one roundoff each per product), the output rounded once.
+    base = x @ weight.t()
+    base_tolerance = 3 * BF16_UNIT_ROUNDOFF * (x.abs() @ weight.abs().t()) + BF16_UNIT_ROUNDOFF * base.abs()
+    assert torch.all((got_base - base).abs() <= base_tolerance)
+    # The adapter's term is PEFT's, added in fp32 on top of that output: exactly the factors' correction.
+    assert torch.allclose(got - got_base, x @ factors.delta().t(), rtol=1e-5, atol=1e-5 * float(got.abs().max()))
     assert trainable_summary(peft_model)["trainable"] > 0
 
 

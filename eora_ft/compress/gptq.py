@@ -30,7 +30,8 @@ class GPTQ:
 
     def compress(self, weight: torch.Tensor, stats: ActivationStats) -> QuantizedWeight:
         """Quantize ``weight`` ``[N, K]`` given the input statistics; codes ``[K, N]``, grids ``[G, N]``."""
-        result = obs_sweep(weight, stats.covariance(), quant=self.spec, damp_percent=self.damp_percent,
+        result = obs_sweep(weight, stats.covariance(), overwrite_hessian=True,
+                           quant=self.spec, damp_percent=self.damp_percent,
                            block_size=self.block_size, act_order=self.act_order)
         return QuantizedWeight(result.codes.t().contiguous(), result.scales.to(torch.float32),
                                result.zeros.to(torch.float32), self.spec)

@@ -73,14 +73,16 @@ def unpack_gptq(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
 
 
 def gptq_tensors(layer: CompressedLinear, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
-    """The GPTQ tensors of one quantized, unmasked layer: ``{"qweight", "qzeros", "scales", "g_idx"[, "bias"]}``.
+    """The GPTQ tensors of one quantized layer: ``{"qweight", "qzeros", "scales", "g_idx"[, "bias"]}``.
 
-    Raises ValueError for what the layout cannot carry: pruned-only or masked (2:4) layers, N or K
-    not multiples of 32, zero points outside the format's range, scales that overflow fp16.
+    A pruned and quantized layer (2:4 + GPTQ) exports as it is: its pruned codes hold the zero point,
+    which every GPTQ kernel dequantizes to 0. Raises ValueError for what the layout cannot carry:
+    pruned-only (unquantized) layers, N or K not multiples of 32, zero points outside the format's
+    range, scales that overflow fp16.
     """
-    if layer.bits is None or layer.mask is not None:
-        kind = "pruned-only (unquantized)" if layer.bits is None else "masked (sparse)"
-        raise ValueError(f"a {kind} layer cannot be stored in the GPTQ layout, which has no sparsity mask")
+    if layer.bits is None:
+        raise ValueError("a pruned-only (unquantized) layer cannot be stored in the GPTQ layout, which holds "
+                         "integer codes only")
     bits, k, n = layer.bits, layer.in_features, layer.out_features
     _check_rows(n, bits, "out_features")
     codes = unpack_codes(layer.qweight, bits, k)  # [K, N], storage order
@@ -145,8 +147,8 @@ def layer_from_gptq(
             raise ValueError("zero point 256 (v1 qzeros field 255 at 8 bits) does not fit the uint8 zero points")
         warnings.warn(f"qzeros hold v1 fields of {2**bits - 1}: loaded as zero point {2**bits}, as GPTQ kernels "
                       "compute it (GPTQModel reads 0 there); re-export such layers with checkpoint_format='gptq_v2'")
-    monotone = torch.arange(k) // group
-    g_idx = tensors.get("g_idx", monotone).to(torch.int64).cpu()  # very old checkpoints have no g_idx
+    monotone = torch.arange(k, device=codes.device) // group
+    g_idx = tensors.get("g_idx", monotone).to(device=codes.device, dtype=torch.int64)  # very old checkpoints have none
     perm = None
     if g_idx.shape != (k,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
         raise ValueError(f"g_idx must be [{k}] with values in [0, {groups}), got shape {tuple(g_idx.shape)}")
@@ -155,7 +157,7 @@ def layer_from_gptq(
             raise ValueError(f"non-monotone g_idx must put exactly group_size={group} inputs in every group")
         perm = torch.argsort(g_idx, stable=True)
         codes = codes[perm]
-    layer = CompressedLinear(k, n, bits, group_size, bias="bias" in tensors, dtype=dtype)
+    layer = CompressedLinear(k, n, bits, group_size, bias="bias" in tensors, dtype=dtype, device=qweight.device)
     layer.qweight.copy_(pack_codes(codes, bits))
     layer.scales.copy_(scales.to(dtype))
     layer.zeros.copy_(zeros.to(torch.uint8))

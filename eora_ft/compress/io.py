@@ -4,9 +4,15 @@ Our format (:func:`save_compressed` / :func:`load_compressed`), one directory:
 
 - ``config.json`` (+ ``generation_config.json``, tokenizer files): the base model's, unchanged;
 - ``model.safetensors``: the whole state dict, every :class:`CompressedLinear` as its buffers
-  (``qweight`` int32 ``[K*bits/32, N]``, ``scales`` ``[G, N]``, ``zeros`` uint8 ``[G, N]``, ``mask`` bool
-  ``[N, K]``, ``perm`` int64 ``[K]``, or ``weight`` ``[N, K]`` when pruned only); tied duplicates dropped;
-- ``compression_config.json``: the caller's settings plus ``modules``, the shape of every compressed layer.
+  (``qweight`` int32 ``[K*bits/32, N]``, ``scales`` ``[G, N]``, ``zeros`` uint8 ``[G, N]``, ``perm`` int64
+  ``[K]``; or, pruned only, ``values`` ``[kept]`` and ``keep_bits`` uint8 ``[N, ceil(K/8)]``); tied
+  duplicates dropped;
+- ``compression_config.json``: the caller's settings plus ``format_version`` and ``modules``, the shape
+  of every compressed layer. Version 1 (before 2026-11-30) stored a dense bool mask ``[N, K]`` per
+  pruned layer, and a dense weight when pruned only; it still loads (converted on the way in).
+
+Loading builds the architecture with its parameters on the meta device and assigns the saved tensors
+(already on the target device): no dense copy of the model is ever made.
 
 GPTQ checkpoints (:func:`export_gptq` / :func:`import_gptq`) use the layout in :mod:`.gptq_format`.
 Quantized layers carry fp16 scales (what GPTQ kernels read); biases and every other tensor keep the
@@ -32,12 +38,15 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from .gptq_format import ZERO_OFFSET, gptq_tensors, layer_from_gptq
+from eora_ft.kernels.packing import pack_mask
+
 from .linear import CompressedLinear, set_module
 
 CONFIG, WEIGHTS, WEIGHTS_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 COMPRESSION_CONFIG, QUANTIZE_CONFIG = "compression_config.json", "quantize_config.json"
 GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 DEFAULT_DAMP_PERCENT = 0.01  # our GPTQ default; written when the model does not record its own
+FORMAT_VERSION = 2  # 2: pruned-only layers as kept values + packed keep-mask, no dense masks
 
 
 
@@ -51,7 +60,8 @@ def _nf4_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {path: m for path, m in model.named_modules() if hasattr(getattr(m, "weight", None), "quant_state")}
 
 
-def _nf4_shell(spec: dict, state: dict[str, torch.Tensor], path: str, dtype: torch.dtype) -> nn.Module:
+def _nf4_shell(spec: dict, state: dict[str, torch.Tensor], path: str, dtype: torch.dtype,
+               device: torch.device) -> nn.Module:
     """Rebuild an NF4 layer from its saved codes + quant state (popped from ``state``)."""
     import bitsandbytes as bnb
 
@@ -62,7 +72,7 @@ def _nf4_shell(spec: dict, state: dict[str, torch.Tensor], path: str, dtype: tor
     prefix = f"{path}.weight."
     stats = {name[len(prefix):]: state.pop(name) for name in [n for n in state if n.startswith(prefix)]}
     layer.weight = bnb.nn.Params4bit.from_prequantized(data=state.pop(f"{path}.weight"), quantized_stats=stats,
-                                                       requires_grad=False, device="cpu", module=layer)
+                                                       requires_grad=False, device=device, module=layer)
     if spec["bias"]:
         layer.bias = nn.Parameter(state.pop(f"{path}.bias").to(dtype), requires_grad=False)
     return layer
@@ -125,13 +135,14 @@ def _write_model_files(model: nn.Module, tmp: Path, tokenizer, config=None) -> N
 def save_compressed(model: nn.Module, directory: str | os.PathLike, compression_config: dict, tokenizer=None) -> Path:
     """Write ``model`` (with its :class:`CompressedLinear` layers) to ``directory``; returns its Path.
 
-    ``compression_config`` (JSON-serializable) is stored with ``"modules": {path: {"bits", "group_size",
-    "masked", "bias", "in_features", "out_features", "act_order"}}`` added for every compressed layer.
+    ``compression_config`` (JSON-serializable) is stored with ``"format_version"`` and ``"modules": {path:
+    {"bits", "group_size", "kept", "bias", "in_features", "out_features", "act_order"}}`` added for every
+    compressed layer (``kept``: stored weights of a pruned-only layer, else None).
     """
     layers = _compressed_layers(model)
-    meta = dict(compression_config)
+    meta = dict(compression_config, format_version=FORMAT_VERSION)
     meta["modules"] = {
-        path: {"bits": m.bits, "group_size": m.group_size, "masked": m.mask is not None, "bias": m.bias is not None,
+        path: {"bits": m.bits, "group_size": m.group_size, "kept": m.kept, "bias": m.bias is not None,
                "in_features": m.in_features, "out_features": m.out_features, "act_order": m.perm is not None}
         for path, m in layers.items()
     }
@@ -156,45 +167,65 @@ def _require(directory: Path, names: list[str], what: str) -> None:
 
 
 def _build_model(config, dtype: torch.dtype) -> nn.Module:
-    """An architecture-only model: weight init skipped (every tensor is loaded next)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers < 5
-        from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
+    """An architecture-only model: parameters on the meta device (no memory, no init), buffers that are
+    not saved (rotary frequencies) computed on the CPU; every parameter is assigned by :func:`_load_state`."""
+    from accelerate import init_empty_weights
+
+    with torch.device("cpu"), init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()  # init_weights, which ties, was skipped
+    model.tie_weights()
     return model
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path, base: dict | None = None,
                 skip: list[str] = ()) -> None:
-    """``load_state_dict(strict=True)`` after filling tied names (and, if given, gaps from ``base``).
+    """Assign ``state`` to ``model`` (``load_state_dict(strict=True, assign=True)``) after filling tied names
+    (and, if given, gaps from ``base``); float tensors take the dtype the model was built with.
 
     Modules under a ``skip`` path were already loaded (NF4) and are left out of the strict check."""
-    expected = {n: t for n, t in model.state_dict().items() if not any(n.startswith(f"{p}.") for p in skip)}
-    by_storage: dict[int, list[str]] = {}
-    for name, tensor in expected.items():
-        by_storage.setdefault(tensor.untyped_storage().data_ptr(), []).append(name)
-    for names in by_storage.values():  # the fresh model ties lm_head to the embedding: share the saved copy
+    expected = {n: t for n, t in model.state_dict(keep_vars=True).items()
+                if not any(n.startswith(f"{p}.") for p in skip)}
+    tied: dict[int, list[str]] = {}  # the built model ties lm_head to the embedding: one Parameter, two names
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
+    for names in tied.values():
         present = [n for n in names if n in state]
         for name in names:
-            if name not in state and present and expected[name].numel():
+            if name not in state and present:
                 state[name] = state[present[0]]
     for name in expected.keys() - state.keys():
         if base is not None and name in base:
             state[name] = base[name]
+    for name, tensor in state.items():
+        want = expected.get(name)
+        if want is not None and want.is_floating_point() and tensor.is_floating_point() and tensor.dtype != want.dtype:
+            state[name] = tensor.to(want.dtype)
     try:
-        if skip:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            missing = [n for n in missing if not any(n.startswith(f"{p}.") for p in skip)]
-            if missing or unexpected:
-                raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-        else:
-            model.load_state_dict(state, strict=True)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [n for n in missing if not any(n.startswith(f"{p}.") for p in skip)]
+        if missing or unexpected:
+            raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     except RuntimeError as err:
         raise ValueError(f"the tensors in {source} do not fit the model built from its config: {err}") from err
     model.tie_weights()
+    meta_left = [n for n, t in model.state_dict().items() if t.device.type == "meta"]
+    if meta_left:
+        raise ValueError(f"{source} leaves {meta_left[:3]} without a value")
+
+
+def _upgrade_v1_layer(path: str, spec: dict, state: dict[str, torch.Tensor]) -> dict:
+    """Format 1 kept a dense bool mask ``[N, K]`` beside pruned layers (and a dense weight when pruned only):
+    rewrite this layer's tensors in place to format 2 and return its format-2 spec."""
+    spec = dict(spec)
+    mask = state.pop(f"{path}.mask", None) if spec.pop("masked", False) else None
+    spec["kept"] = None
+    if spec["bits"] is None:  # pruned only: keep the values the mask keeps
+        weight = state.pop(f"{path}.weight")
+        mask = mask if mask is not None else torch.ones_like(weight, dtype=torch.bool)
+        state[f"{path}.values"], state[f"{path}.keep_bits"] = weight[mask], pack_mask(mask)
+        spec["kept"] = int(mask.sum())
+    # a quantized pruned layer's pruned codes already hold the zero point: the mask was redundant
+    return spec
 
 
 def _finish(model: nn.Module, directory: Path, meta: dict) -> nn.Module:
@@ -204,17 +235,25 @@ def _finish(model: nn.Module, directory: Path, meta: dict) -> nn.Module:
     return model.eval()
 
 
-def load_compressed(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a directory written by :func:`save_compressed`: the model in eval mode, compressed layers as
-    :class:`CompressedLinear`, float tensors in ``dtype``; ``model.compression_config`` holds the metadata."""
+def load_compressed(directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> nn.Module:
+    """Load a directory written by :func:`save_compressed`: the model in eval mode on ``device``, compressed
+    layers as :class:`CompressedLinear`, float tensors in ``dtype``; ``model.compression_config`` holds the
+    metadata. The tensors are read straight onto ``device``; nothing dense is built on the way."""
     directory = Path(directory)
     _require(directory, [CONFIG, WEIGHTS, COMPRESSION_CONFIG], "compressed-model directory (save_compressed output)")
     meta = json.loads((directory / COMPRESSION_CONFIG).read_text())
     modules = meta.get("modules") if isinstance(meta, dict) else None
     if not isinstance(modules, dict):
         raise ValueError(f"{directory / COMPRESSION_CONFIG} has no 'modules' table: not written by save_compressed")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{directory} has format_version {version!r}, newer than this eora_ft reads "
+                         f"(up to {FORMAT_VERSION}): upgrade eora_ft")
+    device = torch.device(device)
     model = _build_model(AutoConfig.from_pretrained(directory), dtype)
-    state = load_file(str(directory / WEIGHTS))
+    # safetensors names devices "cpu" or "cuda:N" ("cpu:0", as accelerate reports it, is refused)
+    state = load_file(str(directory / WEIGHTS), device="cpu" if device.type == "cpu" else str(device))
     for path, spec in modules.items():
         try:
             model.get_submodule(path)
@@ -222,16 +261,18 @@ def load_compressed(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
             raise ValueError(f"{directory / COMPRESSION_CONFIG} lists module {path!r}, "
                              f"which the model in {CONFIG} lacks") from err
         if spec.get("kind") == "nf4":  # loaded directly: bitsandbytes rebuilds its quant state itself
-            set_module(model, path, _nf4_shell(spec, state, path, dtype))
+            set_module(model, path, _nf4_shell(spec, state, path, dtype, device))
             continue
+        if version == 1:
+            spec = _upgrade_v1_layer(path, spec, state)
         shell = CompressedLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
-                                 bias=spec["bias"], masked=spec["masked"], dtype=dtype)
+                                 bias=spec["bias"], kept=spec["kept"], dtype=dtype, device="meta")
         if spec.get("act_order"):
-            shell.perm = torch.zeros(spec["in_features"], dtype=torch.int64)
+            shell.perm = torch.zeros(spec["in_features"], dtype=torch.int64, device="meta")
         set_module(model, path, shell)
     nf4_paths = [path for path, spec in modules.items() if spec.get("kind") == "nf4"]
     _load_state(model, state, directory / WEIGHTS, skip=nf4_paths)
-    return _finish(model, directory, meta)
+    return _finish(model.to(device), directory, meta)
 
 
 def _is_gptq_dir(directory: Path) -> bool:
@@ -242,7 +283,7 @@ def export_gptq(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
     """Write a GPTQ checkpoint that GPTQ-aware loaders read (``config.json`` with ``quantization_config``,
     also as ``quantize_config.json``; ``model.safetensors``). Returns the directory.
 
-    Every :class:`CompressedLinear` must be quantized, unmasked and share one bit width and group size.
+    Every :class:`CompressedLinear` must be quantized (2:4-pruned ones included) and share one bit width and group size.
     ``checkpoint_format``: ``"gptq"`` (v1, zero points stored minus 1: asymmetric grids with a zero point
     of 0 cannot be stored) or ``"gptq_v2"`` (zero points as they are; GPTQModel and recent loaders).
     Loaders expect every decoder linear quantized: export a model compressed with all of them targeted.
@@ -253,7 +294,7 @@ def export_gptq(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
     if not layers:
         raise ValueError("the model has no CompressedLinear layer: nothing to export as GPTQ")
     tensors: dict[str, torch.Tensor] = {}
-    for path, layer in layers.items():  # per-layer problems (masks, ranges) first: the most specific error
+    for path, layer in layers.items():  # per-layer problems (pruned-only, ranges) first: the most specific error
         try:
             tensors.update({f"{path}.{k}": v for k, v in gptq_tensors(layer, checkpoint_format).items()})
         except ValueError as err:

@@ -1,25 +1,28 @@
-"""CompressedLinear: a frozen linear layer stored as packed integer codes plus group grids."""
+"""CompressedLinear: a frozen linear layer stored as packed integer codes plus group grids, or as the
+kept values of a pruned weight plus a packed keep-mask."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from eora_ft.kernels.packing import pack_codes
+from eora_ft.kernels.packing import pack_codes, pack_mask, unpack_mask
 from eora_ft.kernels.reference import dequantize
 
 from .result import QuantizedWeight, SparseWeight
 
 
 class CompressedLinear(nn.Module):
-    """Drop-in replacement for ``nn.Linear`` whose weight lives as packed codes (buffers, not parameters).
+    """Drop-in replacement for ``nn.Linear`` whose weight lives compressed (buffers, not parameters).
 
     Quantized (``bits`` in 2, 3, 4, 8): buffers ``qweight`` int32 ``[K*bits/32, N]``, ``scales``
-    ``[G, N]`` (compute dtype), ``zeros`` uint8 ``[G, N]``. Pruned only (``bits=None``): buffer
-    ``weight`` ``[N, K]`` (compute dtype). Either may carry ``mask`` bool ``[N, K]`` (False = pruned,
-    always exactly zero). ``bias`` stays a frozen parameter if present. ``dequantize()`` uses the
-    Triton kernel on a GPU and the pure-torch reference (its specification) on CPU; with a LoRA
-    adapter on top, training goes through ``eora_ft.kernels.lora_matmul.PackedLoraMatmul``.
+    ``[G, N]`` (compute dtype), ``zeros`` uint8 ``[G, N]``. A pruned and quantized layer (SparseGPT +
+    GPTQ) needs nothing more: its pruned codes hold the zero point and dequantize to exactly 0.
+    Pruned only (``bits=None``): ``values`` ``[kept]`` (compute dtype: the kept weights, row-major) and
+    ``keep_bits`` uint8 ``[N, ceil(K/8)]`` (:func:`~eora_ft.kernels.packing.pack_mask`): 2:4 at fp16 or bf16
+    takes 9/16 of the dense bytes. ``bias`` stays a frozen parameter if present. ``dequantize()``
+    uses the Triton kernel on a GPU and the pure-torch reference (its specification) on CPU; with a
+    LoRA adapter on top, training goes through ``eora_ft.kernels.lora_matmul.PackedLoraMatmul``.
 
     Optional buffer ``perm`` int64 ``[K]`` (None unless an act-order GPTQ checkpoint was imported):
     stored input column ``j`` is original input ``perm[j]``. Storage keeps groups monotone (columns
@@ -34,7 +37,7 @@ class CompressedLinear(nn.Module):
         bits: int | None,
         group_size: int,
         bias: bool = False,
-        masked: bool = False,
+        kept: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -42,65 +45,87 @@ class CompressedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         if bits is None:
-            self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=dtype, device=device))
+            kept = in_features * out_features if kept is None else kept
+            self.register_buffer("values", torch.zeros(kept, dtype=dtype, device=device))
+            self.register_buffer("keep_bits", torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8,
+                                                          device=device))
         else:
             groups = 1 if group_size == -1 else in_features // group_size
             self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device))
             self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
             self.register_buffer("zeros", torch.zeros(groups, out_features, dtype=torch.uint8, device=device))
-        self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device) if masked else None)
         self.register_buffer("perm", None)  # set to an int64 [K] tensor by the act-order importer only
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     @property
     def compute_dtype(self) -> torch.dtype:
         """Dtype of the dequantized weight (PEFT reads this name to place adapters)."""
-        return (self.weight if self.bits is None else self.scales).dtype
+        return (self.values if self.bits is None else self.scales).dtype
 
     @property
     def device(self) -> torch.device:
-        return (self.weight if self.bits is None else self.scales).device
+        return (self.values if self.bits is None else self.scales).device
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Pruned-only layers: the kept values ``[kept]``, for tools that find a layer's device and dtype
+        through ``weight`` (PEFT places adapters so). Quantized layers have no ``weight`` (PEFT reads
+        ``qweight``); use :meth:`dequantize` for the dense matrix."""
+        if self.bits is None:
+            return self.values
+        raise AttributeError("a quantized CompressedLinear has no `weight`: its codes are `qweight`; "
+                             "dequantize() gives the dense [N, K] weight")
+
+    @property
+    def kept(self) -> int | None:
+        """Number of stored weights of a pruned-only layer (None for a quantized one)."""
+        return self.values.numel() if self.bits is None else None
 
     @classmethod
     def from_quantized(cls, quantized: QuantizedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> "CompressedLinear":
-        """Pack a compressor's :class:`QuantizedWeight` (codes ``[K, N]``)."""
+        """Pack a compressor's :class:`QuantizedWeight` (codes ``[K, N]``). A pruned one must hold the zero
+        point in its pruned codes (then no mask is stored)."""
         k, n = quantized.codes.shape
         spec = quantized.spec
-        layer = cls(k, n, spec.bits, spec.group_size, bias=bias is not None, masked=quantized.mask is not None, dtype=dtype, device=quantized.codes.device)
+        if quantized.mask is not None:
+            group_of = torch.arange(k, device=quantized.codes.device) // spec.group(k)
+            at_zero = quantized.codes == quantized.zeros[group_of].to(quantized.codes.dtype)  # [K, N]
+            if not bool((at_zero | quantized.mask.t()).all()):
+                raise ValueError("pruned codes must hold their group's zero point (they then dequantize to 0 and "
+                                 "need no mask)")
+        layer = cls(k, n, spec.bits, spec.group_size, bias=bias is not None, dtype=dtype, device=quantized.codes.device)
         layer.qweight.copy_(pack_codes(quantized.codes, spec.bits))
         layer.scales.copy_(quantized.scales.to(dtype))
         layer.zeros.copy_(quantized.zeros.to(torch.uint8))
-        if quantized.mask is not None:
-            layer.mask.copy_(quantized.mask)
         if bias is not None:
             layer.bias.data.copy_(bias.detach().to(dtype))
         return layer
 
     @classmethod
     def from_sparse(cls, sparse: SparseWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> "CompressedLinear":
-        """Store a pruned, unquantized weight ``[N, K]`` with its mask."""
+        """Store a pruned, unquantized weight ``[N, K]``: its kept values and its packed keep-mask."""
         n, k = sparse.weight.shape
-        layer = cls(k, n, None, -1, bias=bias is not None, masked=True, dtype=dtype, device=sparse.weight.device)
-        layer.weight.copy_((sparse.weight * sparse.mask).to(dtype))
-        layer.mask.copy_(sparse.mask)
+        values = sparse.weight[sparse.mask].to(dtype)
+        layer = cls(k, n, None, -1, bias=bias is not None, kept=values.numel(), dtype=dtype, device=sparse.weight.device)
+        layer.values.copy_(values)
+        layer.keep_bits.copy_(pack_mask(sparse.mask))
         if bias is not None:
             layer.bias.data.copy_(bias.detach().to(dtype))
         return layer
 
     def _stored_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense ``[N, K]`` in storage column order (= original order unless ``perm`` is set)."""
+        dtype = dtype or self.compute_dtype
         if self.bits is None:
-            return self.weight.to(dtype or self.compute_dtype)
+            weight = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.values.device)
+            return weight.masked_scatter_(unpack_mask(self.keep_bits, self.in_features), self.values.to(dtype))
         if self.qweight.is_cuda:  # the Triton kernel; the reference below is its specification
             from eora_ft.kernels.dequant import dequantize_triton
 
-            weight = dequantize_triton(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                                       self.in_features, dtype=dtype or self.compute_dtype)
-            return weight if self.mask is None else weight * self.mask
-        return dequantize(
-            self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
-            mask=self.mask, dtype=dtype or self.compute_dtype,
-        )
+            return dequantize_triton(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                     self.in_features, dtype=dtype)
+        return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
+                          dtype=dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense weight ``[N, K]`` in the original input order (exactly the compressor's ``W_c``)."""
@@ -116,8 +141,8 @@ class CompressedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits or 'dense'}, "
-            f"group_size={self.group_size}, sparse_mask={self.mask is not None}"
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits or 'pruned'}, "
+            + (f"group_size={self.group_size}" if self.bits is not None else f"kept={self.values.numel()}")
             + (", act_order=True" if self.perm is not None else "")
         )
 

@@ -17,7 +17,7 @@ from .quantizer import QuantSpec, grid_params, quantize_codes
 
 @dataclass
 class SweepResult:
-    """Compressed weight in original column order: values ``[N, K]`` fp64 (pruned = 0), codes int64
+    """Compressed weight in original column order: values ``[N, K]`` fp64 (pruned = 0), codes uint8
     ``[N, K]`` + grids ``[G, N]`` if quantized, keep-mask ``[N, K]`` bool if pruned."""
 
     values: torch.Tensor
@@ -27,16 +27,19 @@ class SweepResult:
     mask: torch.Tensor | None
 
 
-def inverse_hessian_factor(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (fp64 ``[K, K]``)."""
-    damp = damp_percent * torch.mean(torch.diag(h))
-    h = h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+def _working_copy(weight: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """fp64 copy of ``weight`` ``[N, K]`` with the columns of inputs that never fire set to 0."""
+    w = weight.detach().to(torch.float64).clone()
+    w[:, dead] = 0.0
+    return w
+
+
+def _cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
     try:
-        h_inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+        return torch.linalg.cholesky(h)
     except torch.linalg.LinAlgError as err:
         raise FloatingPointError(f"Hessian is not positive definite even with damp_percent={damp_percent}; "
                                  "raise damp_percent or use more calibration tokens") from err
-    return torch.linalg.cholesky(h_inv, upper=True)
 
 
 def obs_sweep(
@@ -47,12 +50,14 @@ def obs_sweep(
     damp_percent: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    overwrite_hessian: bool = False,
 ) -> SweepResult:
     """Run the sweep on ``weight`` ``[N, K]`` with ``hessian`` ``[K, K]`` (any float; computed in fp64).
 
     ``act_order`` visits columns by decreasing Hessian diagonal; the quantization groups then stay
     the original contiguous ones (static groups, chosen from the unmodified weight before the
-    sweep), so the result needs no ``g_idx`` and packs like any other layer.
+    sweep), so the result needs no ``g_idx`` and packs like any other layer. ``overwrite_hessian``:
+    the caller hands over ``hessian`` (a fresh fp64 copy), which is then modified instead of copied.
     """
     if quant is None and prune is None:
         raise ValueError("obs_sweep needs a quantization spec, a pruning spec, or both")
@@ -61,22 +66,36 @@ def obs_sweep(
     n, k = weight.shape
     if prune is not None and prune.structured and k % prune.m:
         raise ValueError(f"in_features={k} is not a multiple of m={prune.m} for {prune} sparsity")
-    w = weight.detach().to(torch.float64).clone()
-    h = hessian.to(torch.float64).to(w.device).clone()
+    h = hessian.to(dtype=torch.float64, device=weight.device)
+    if h is hessian and not overwrite_hessian:
+        h = h.clone()
+    del hessian
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
 
     group = quant.group(k) if quant else k
     static = None
-    if quant is not None and act_order:
-        grids = [grid_params(w[:, g * group:(g + 1) * group], quant) for g in range(k // group)]
+    perm = None  # column visiting order; None = left to right (no permuted copies of w and h)
+    if act_order:
+        unvisited = _working_copy(weight, dead)
+        grids = [grid_params(unvisited[:, g * group:(g + 1) * group], quant) for g in range(k // group)]
         static = (torch.stack([s for s, _ in grids]).to(torch.float64), torch.stack([z for _, z in grids]).to(torch.float64))
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=w.device)
-    w, h = w[:, perm], h[perm][:, perm]
-    hinv = inverse_hessian_factor(h, damp_percent)
+        del unvisited
+        perm = torch.argsort(torch.diag(h), descending=True)
+        h = h[perm][:, perm]
+    # The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1. Each step replaces the previous
+    # matrix: two K x K fp64 matrices alive at a time, not five (1.6 GB each at K = 14336); the fp64
+    # working copy of the weight is made only after it.
+    h.diagonal().add_(damp_percent * torch.mean(torch.diag(h)))
+    h = _cholesky(h, damp_percent)
+    h = torch.cholesky_inverse(h)
+    hinv = torch.linalg.cholesky(h, upper=True)
+    del h
+    w = _working_copy(weight, dead)
+    if perm is not None:
+        w = w[:, perm]
 
-    codes = torch.zeros(n, k, dtype=torch.int64, device=w.device) if quant else None
+    codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device) if quant else None  # bits <= 8
     scales = torch.zeros(k // group, n, dtype=torch.float64, device=w.device) if quant else None
     zeros = torch.zeros_like(scales) if quant else None
     if static is not None:
@@ -105,13 +124,13 @@ def obs_sweep(
                     g = int(perm[col]) // group
                     scale, zero = scales[g], zeros[g]
                 elif col % group == 0:
-                    window = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
+                    window = torch.cat([w1[:, i:], w[:, i2:i2 + group]], dim=1)[:, :group]
                     scale, zero = (t.to(torch.float64) for t in grid_params(window, quant))
                     scales[col // group], zeros[col // group] = scale, zero
                 q = quantize_codes(value, scale, zero, quant.maxq)
                 if mask is not None:  # a pruned weight sits exactly at the zero point
                     q = torch.where(mask[:, col], q, zero)
-                codes[:, col] = q.to(torch.int64)
+                codes[:, col] = q.to(torch.uint8)
                 value = scale * (q - zero)
             err = (w1[:, i] - value) / hinv1[i, i]
             w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
@@ -120,10 +139,9 @@ def obs_sweep(
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
-    inverse = torch.argsort(perm)
-    return SweepResult(
-        values=w[:, inverse],
-        codes=codes[:, inverse] if codes is not None else None,
-        scales=scales, zeros=zeros,
-        mask=mask[:, inverse] if mask is not None else None,
-    )
+    if perm is not None:  # back to the original column order
+        inverse = torch.argsort(perm)
+        w = w[:, inverse]
+        codes = codes[:, inverse] if codes is not None else None
+        mask = mask[:, inverse] if mask is not None else None
+    return SweepResult(values=w, codes=codes, scales=scales, zeros=zeros, mask=mask)

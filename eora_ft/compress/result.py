@@ -15,7 +15,8 @@ class QuantizedWeight:
     """GPTQ-semantics quantized weight: ``W[n, k] = scales[g, n] * (codes[k, n] - zeros[g, n])``.
 
     Attributes:
-        codes: int64 ``[K, N]`` in ``[0, 2**bits)``; pruned entries (if ``mask``) hold the zero point.
+        codes: integer ``[K, N]`` (uint8 from the compressors) in ``[0, 2**bits)``; pruned entries (if
+            ``mask``) hold the zero point.
         scales: fp32 ``[G, N]``; zeros: fp32 ``[G, N]`` integer-valued zero points.
         mask: optional bool ``[N, K]`` of kept weights (2:4 / unstructured sparsity); None = dense.
     """

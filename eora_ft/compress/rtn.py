@@ -25,7 +25,7 @@ class RTN:
         scale, zero = grid_params(w.permute(1, 0, 2).reshape(-1, group), self.spec)  # [G*N]
         scales, zeros = scale.view(k // group, n), zero.view(k // group, n)
         codes = torch.clamp(torch.round(w / scales.t().unsqueeze(2)) + zeros.t().unsqueeze(2), 0, self.spec.maxq)
-        return QuantizedWeight(codes.reshape(n, k).t().to(torch.int64), scales, zeros, self.spec)
+        return QuantizedWeight(codes.reshape(n, k).t().to(torch.uint8), scales, zeros, self.spec)
 
 
 __all__ = ["RTN", "quantize_codes"]

@@ -30,7 +30,8 @@ class SparseGPT:
 
     def compress(self, weight: torch.Tensor, stats: ActivationStats) -> QuantizedWeight | SparseWeight:
         """Prune (and quantize) ``weight`` ``[N, K]``; the keep-mask is ``[N, K]`` bool."""
-        result = obs_sweep(weight, stats.covariance(), quant=self.spec, prune=self.prune,
+        result = obs_sweep(weight, stats.covariance(), overwrite_hessian=True,
+                           quant=self.spec, prune=self.prune,
                            damp_percent=self.damp_percent, block_size=self.block_size)
         if self.spec is None:
             return SparseWeight(result.values.to(torch.float32), result.mask)

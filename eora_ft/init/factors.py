@@ -26,6 +26,10 @@ class LowRankFactors:
     def rank(self) -> int:
         return self.a.shape[0]
 
+    def to(self, device: torch.device | str) -> "LowRankFactors":
+        """The same factors with ``a`` and ``b`` on ``device``."""
+        return LowRankFactors(self.a.to(device), self.b.to(device), self.effective_rank, self.base)
+
     def delta(self) -> torch.Tensor:
         """``B @ A`` ``[N, K]``."""
         return self.b @ self.a

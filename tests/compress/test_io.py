@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from eora_ft.compress import RTN, CompressedLinear, QuantizedWeight, SparseWeight, make_compressor
+from eora_ft.compress import RTN, ActivationStats, CompressedLinear, SparseWeight, make_compressor
 from eora_ft.compress import io as cio
 from eora_ft.compress.gptq_format import gptq_tensors, layer_from_gptq, pack_gptq, unpack_gptq
 from eora_ft.compress.io import export_gptq, import_gptq, load_compressed, save_compressed
@@ -86,8 +86,9 @@ def test_save_load_is_exact_and_pickle_free(compressed_nano, tmp_path):
     meta = json.loads((out / "compression_config.json").read_text())
     assert meta["bits"] == 3 and len(meta["modules"]) == 28
     assert meta["modules"]["model.layers.0.self_attn.q_proj"] == {
-        "bits": 3, "group_size": 128, "masked": False, "bias": False, "in_features": 256, "out_features": 256,
+        "bits": 3, "group_size": 128, "kept": None, "bias": False, "in_features": 256, "out_features": 256,
         "act_order": False}
+    assert meta["format_version"] == cio.FORMAT_VERSION
     assert loaded.compression_config == meta
     files = sorted(os.listdir(out))
     assert {"config.json", "model.safetensors", "compression_config.json", "tokenizer.json"} <= set(files)
@@ -96,25 +97,68 @@ def test_save_load_is_exact_and_pickle_free(compressed_nano, tmp_path):
         assert not name.endswith((".bin", ".pt", ".pth", ".pkl")) and head[:1] != b"\x80" and head != b"PK", name
 
 
-def test_masked_and_pruned_only_layers_round_trip(tmp_path):
+def _two_four(rows, cols):
+    mask = torch.zeros(rows, cols // 4, 4, dtype=torch.bool)
+    mask[:, :, :2] = True
+    return mask.reshape(rows, cols)
+
+
+def test_pruned_layers_round_trip_smaller_than_dense_and_pruned_quantized_ones_export(tmp_path):
     model = _tiny_model(bits=4)
     g = torch.Generator().manual_seed(3)
     w = torch.randn(64, 64, generator=g)
-    mask = torch.zeros(64, 16, 4, dtype=torch.bool)
-    mask[:, :, :2] = True  # 2:4
-    mask = mask.reshape(64, 64)
-    quantized = RTN(bits=4, group_size=32).compress(w)
+    mask = _two_four(64, 64)
+    sparse = make_compressor("gptq+sparsegpt", sparsity="2:4", bits=4, group_size=32)
+    stats = ActivationStats(64)
+    stats.add_batch(torch.randn(256, 64, generator=g))
+    joint = sparse.compress(w, stats)
     layer0 = model.model.layers[0].self_attn
-    masked = QuantizedWeight(quantized.codes, quantized.scales, quantized.zeros, quantized.spec, mask)
-    layer0.q_proj = masked.to_module(None, torch.float32)
+    layer0.q_proj = joint.to_module(None, torch.float32)
     layer0.o_proj = SparseWeight(w * mask, mask).to_module(torch.randn(64), torch.float32)
+    assert set(dict(layer0.q_proj.named_buffers())) == {"qweight", "scales", "zeros"}  # no mask stored
+    assert set(dict(layer0.o_proj.named_buffers())) == {"values", "keep_bits"}
+    o_bytes = sum(t.numel() * t.element_size() for t in layer0.o_proj.buffers())
+    assert o_bytes == 64 * 32 * 4 + 64 * 8  # half the fp32 values + one bit per weight: 53% of dense fp32
     loaded = load_compressed(save_compressed(model, tmp_path / "m", {}))
     ids = _ids(seed=2)
     assert torch.equal(_logits(model, ids), _logits(loaded, ids))
-    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.mask, mask)
-    assert loaded.model.layers[0].self_attn.o_proj.bits is None
-    with pytest.raises(ValueError, match="masked"):
+    o_proj = loaded.model.layers[0].self_attn.o_proj
+    assert o_proj.bits is None and o_proj.kept == 64 * 32 and torch.equal(o_proj.dequantize(), w * mask)
+    assert torch.all(loaded.model.layers[0].self_attn.q_proj.dequantize()[~joint.mask] == 0)
+    with pytest.raises(ValueError, match="pruned-only"):
         export_gptq(model, tmp_path / "g")
+    layer0.o_proj = RTN(bits=4, group_size=32).compress(w).to_module(None, torch.float32)
+    reloaded = import_gptq(export_gptq(model, tmp_path / "g2", checkpoint_format="gptq_v2"))
+    exported_q = reloaded.model.layers[0].self_attn.q_proj.dequantize()
+    assert torch.all(exported_q[~joint.mask] == 0)  # GPTQ kernels see the pruned codes at the zero point too
+    assert torch.allclose(exported_q, layer0.q_proj.dequantize(), rtol=1e-3)  # fp16 scales in the GPTQ layout
+
+
+def test_format_1_directories_with_dense_masks_still_load(tmp_path):
+    model = _tiny_model(bits=4)
+    g = torch.Generator().manual_seed(5)
+    w, mask = torch.randn(128, 64, generator=g), _two_four(128, 64)  # gate_proj: 64 -> 128
+    model.model.layers[1].mlp.gate_proj = SparseWeight(w * mask, mask).to_module(None, torch.float32)
+    out = save_compressed(model, tmp_path / "v2", {})
+    # rewrite it as format 1 wrote it: dense weight + bool mask, "masked" in the module table
+    state = load_file(str(out / "model.safetensors"))
+    path = "model.layers.1.mlp.gate_proj"
+    state.pop(f"{path}.values"), state.pop(f"{path}.keep_bits")
+    state[f"{path}.weight"], state[f"{path}.mask"] = w * mask, mask
+    save_file(state, str(out / "model.safetensors"))
+    meta = json.loads((out / "compression_config.json").read_text())
+    del meta["format_version"]
+    for name, spec in meta["modules"].items():
+        spec["masked"] = name == path
+        del spec["kept"]
+    (out / "compression_config.json").write_text(json.dumps(meta))
+    loaded = load_compressed(out)
+    assert torch.equal(loaded.get_submodule(path).dequantize(), w * mask)
+    assert torch.equal(_logits(model, _ids(seed=6)), _logits(loaded, _ids(seed=6)))
+    meta["format_version"] = cio.FORMAT_VERSION + 1
+    (out / "compression_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="newer than this eora_ft reads"):
+        load_compressed(out)
 
 
 def test_nf4_model_round_trips(tmp_path):
@@ -315,7 +359,7 @@ def test_import_takes_missing_tensors_from_the_base_model(tmp_path):
     weights = tmp_path / "g" / "model.safetensors"
     quantized_only = {k: v for k, v in load_file(str(weights)).items() if k.endswith(("qweight", "qzeros", "scales", "g_idx"))}
     save_file(quantized_only, str(weights), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="Missing key.*embed_tokens"):
+    with pytest.raises(ValueError, match="missing keys.*embed_tokens"):
         import_gptq(tmp_path / "g")
     imported = import_gptq(tmp_path / "g", base_model=model)
     ids = _ids(seed=6)

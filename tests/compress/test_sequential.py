@@ -8,6 +8,7 @@ from torch import nn
 
 from eora_ft.compress import CompressedLinear, StatsCollector, make_compressor
 from eora_ft.compress.sequential import compress_model, find_decoder_layers
+from eora_ft.init import loftq_factors
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -75,8 +76,12 @@ def test_loftq_base_replaces_the_module_and_capture_modes_differ(nano_model_and_
     result = compress_model(loftq_model, ids, compressor, ["loftq"], rank=4, init_options={"loftq": {"iters": 2}},
                             target_modules=LINEARS, base_from="loftq", progress=False)
     path = "model.layers.2.mlp.down_proj"
-    own = result.factors[path]["loftq"].base.dequantize()
+    # RTN ignores the statistics: LoftQ on the original weight gives this layer's Q_T again
+    original = nano_model_and_tokenizer[0].get_submodule(path).weight.detach()
+    own = loftq_factors(original, compressor, None, 4, iters=2).base.dequantize()
     assert torch.equal(loftq_model.get_submodule(path).dequantize(torch.float32), own)
+    # the packed module is the only copy kept: no layer's int64 codes pile up in the result (8B: tens of GB)
+    assert all(f["loftq"].base is None for f in result.factors.values())
 
     plain, compensated = (copy.deepcopy(nano_model_and_tokenizer[0]) for _ in range(2))
     a = compress_model(plain, ids, compressor, ["eora"], rank=4, target_modules=LINEARS, progress=False)
@@ -88,3 +93,100 @@ def test_loftq_base_replaces_the_module_and_capture_modes_differ(nano_model_and_
     assert not torch.equal(a.factors[later]["eora"].a, b.factors[later]["eora"].a)
     with pytest.raises(ValueError, match="capture='nope'"):
         compress_model(plain, ids, compressor, ["eora"], capture="nope", progress=False)
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+@pytest.mark.parametrize("method,options", [
+    ("rtn", {"bits": 8, "group_size": 32}),  # the largest quantized storage: 8-bit codes, the smallest groups
+    ("gptq", {"bits": 4, "group_size": 128}),
+    ("sparsegpt", {"sparsity": "2:4"}),
+    ("wanda", {"sparsity": "4:8"}),
+    ("gptq+sparsegpt", {"bits": 4, "group_size": 32, "sparsity": "2:4"}),
+    ("nf4", {}),
+])
+def test_every_compressed_linear_is_smaller_than_the_bf16_linear_it_replaces(nano_model_and_tokenizer, method, options):
+    model = copy.deepcopy(nano_model_and_tokenizer[0]).to(torch.bfloat16)
+    dense = {name: _bytes(m) for name, m in model.named_modules() if name.split(".")[-1] in LINEARS}
+    compress_model(model, _calib(n=2, length=32), make_compressor(method, **options), target_modules=LINEARS,
+                   progress=False)
+    for name, size in dense.items():
+        stored = _bytes(model.get_submodule(name))
+        # a pruned-only layer at bf16 keeps half its values (2 bytes) + one bit per weight: 9/16 of the dense
+        # bytes; quantized storage is smaller still (8-bit g32 with bf16 scales: 0.55)
+        assert stored <= 9 / 16 * size, (name, stored, size)
+
+
+def test_one_layer_at_a_time_moves_to_the_execution_device_and_back(nano_model_and_tokenizer, monkeypatch):
+    """The model stays where it was loaded: each decoder layer alone goes to the execution device (a no-op
+    move on a CPU-only machine, so the moves themselves are recorded) and returns home before the next."""
+    import weakref
+
+    from eora_ft.compress import stats as stats_module
+
+    model = copy.deepcopy(nano_model_and_tokenizer[0])
+    moves, alive, peak = [], weakref.WeakSet(), []
+    for index, layer in enumerate(model.model.layers):
+        original_to = layer.to
+
+        def recording_to(*args, _index=index, _to=original_to, **kwargs):
+            moves.append((_index, str(args[0] if args else kwargs.get("device"))))
+            return _to(*args, **kwargs)
+
+        layer.to = recording_to
+    created = stats_module.ActivationStats.__init__
+
+    def tracked_init(self, *args, **kwargs):
+        created(self, *args, **kwargs)
+        alive.add(self)
+        peak.append(len(alive))
+
+    monkeypatch.setattr(stats_module.ActivationStats, "__init__", tracked_init)
+    result = compress_model(model, _calib(n=2, length=32), make_compressor("gptq", bits=4), ["eora"], rank=4,
+                            target_modules=LINEARS, progress=False, execution_device="cpu",
+                            activations_device="cpu")
+    assert moves == [(i, device) for i in range(4) for device in ("cpu", "cpu")]  # there, then home
+    # statistics of one decoder layer only (4 distinct inputs: q/k/v, o, gate/up, down), never the model's
+    assert max(peak) <= 4 and len(result.factors) == 28
+
+
+def test_relative_output_error_from_the_statistics_equals_the_one_from_activations():
+    from eora_ft.compress import ActivationStats
+    from eora_ft.compress.accounting import OutputError
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(300, 24, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, 24, dtype=torch.float64)
+    stats = ActivationStats(24)
+    stats.add_batch(x)
+    weight, delta = torch.randn(10, 24, generator=g), torch.randn(10, 24, generator=g) * 0.1
+    a, b = torch.randn(3, 24, generator=g) * 0.1, torch.randn(10, 3, generator=g) * 0.1
+    errors = OutputError(delta, weight, stats.xtx)
+
+    def direct(e):
+        return float(torch.linalg.norm(e.double() @ x.t()) / torch.linalg.norm(weight.double() @ x.t()))
+
+    assert errors.of() == pytest.approx(direct(delta), rel=1e-10)
+    assert errors.of(a, b) == pytest.approx(direct(delta.double() - b.double() @ a.double()), rel=1e-10)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_model_stays_on_the_cpu_and_the_gpu_holds_about_one_layer(nano_model_and_tokenizer):
+    """A 16-layer model of the nano's width: compressing it on the GPU keeps every weight on the CPU, and the
+    GPU's peak is a fraction of the model (one layer, its activations, its statistics)."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(nano_model_and_tokenizer[0].config)
+    config.num_hidden_layers = 16
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    torch.cuda.reset_peak_memory_stats()
+    result = compress_model(model, _calib(n=8, length=128), make_compressor("gptq", bits=4), ["eora"], rank=8,
+                            target_modules=LINEARS, progress=False, execution_device="cuda")
+    assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+    assert all(f["eora"].a.device.type == "cpu" for f in result.factors.values())
+    peak = torch.cuda.max_memory_allocated()
+    assert peak < 4 * layer_bytes + 8 * 128 * 768 * 4 * 4 + 16 * 2**20, (peak, layer_bytes)
+    assert peak < 16 * layer_bytes / 3

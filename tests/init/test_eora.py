@@ -163,3 +163,28 @@ def test_quantized_factors_sit_on_a_grid_and_stay_close():
         assert all(len(torch.unique(row)) <= 16 for row in rows)
     rel = float(torch.linalg.norm(q.delta() - f.delta()) / torch.linalg.norm(f.delta()))
     assert rel < 0.2
+
+
+@pytest.mark.parametrize("n,k", [(12, 20), (20, 12)])
+@pytest.mark.parametrize("mode,options", [("inverse_free", {}), ("damp", {"damp": 0.05}), ("inverse_free", {"shrink": 0.3})])
+def test_output_and_input_sides_give_the_same_correction(n, k, mode, options):
+    """dW C dW^T [N, N] (no K x K eigendecomposition) and the SVD of dW Q L^1/2 give the same B A."""
+    delta, x, stats = _problem(3, n=n, k=k)
+    for rank in (1, 4, min(n, k)):
+        by_output = eora_factors(delta, stats, rank, eigen_mode=mode, side="output", **options)
+        by_input = eora_factors(delta, stats, rank, eigen_mode=mode, side="input", **options)
+        assert torch.allclose(by_output.delta(), by_input.delta(), atol=1e-5, rtol=1e-5)  # fp32 factors
+        assert by_output.effective_rank == by_input.effective_rank == rank
+    optimum = _alternating_least_squares(delta, x, 3)
+    assert _weighted_error(delta, eora_factors(delta, stats, 3, side="output").delta().double(), x) == pytest.approx(
+        optimum, rel=1e-5)
+
+
+def test_auto_side_skips_the_input_eigendecomposition_when_the_output_is_narrower():
+    delta, _, stats = _problem(4, n=8, k=24)
+    eora_factors(delta, stats, 4)
+    assert not stats.has_eigh  # N < K: dW C dW^T, no K x K eigendecomposition computed or cached
+    eora_factors(delta.t().contiguous()[:24, :8] @ torch.ones(8, 24, dtype=torch.float64), stats, 4)
+    assert stats.has_eigh  # N >= K: the shared K x K decomposition, cached for the other linears
+    with pytest.raises(ValueError, match="side='output'"):
+        eora_factors(delta, stats, 4, eigen_mode="clamp", side="output")

@@ -53,7 +53,7 @@ def test_autograd_function_small_m_path_matches_the_reference_path():
 
     qweight, scales, zeros, a, b = _layer(4, 128, 64, 32, 8, torch.float32, seed=3)
     packed = Packed(qweight, scales, zeros, 4, 32, 128)
-    weight_fn = lambda: dequantize(qweight, scales, zeros, 4, 32, 128)  # noqa: E731
+    weight_fn = lambda dtype: dequantize(qweight, scales, zeros, 4, 32, 128, dtype=dtype)  # noqa: E731
     x = torch.randn(1, 3, 128, device=DEVICE, requires_grad=True)
     results = []
     for force in (True, False):

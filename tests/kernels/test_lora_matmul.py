@@ -2,10 +2,16 @@
 
 import copy
 
+import gc
+import weakref
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from eora_ft.kernels.lora_matmul import packed_lora_linear
+
+MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
 
 
 @pytest.mark.parametrize("shape", [(5, 64), (2, 3, 64)])
@@ -19,7 +25,7 @@ def test_gradients_match_autograd_through_the_reference(shape, with_bias):
     b = torch.randn(24, 4, generator=g, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(*shape[:-1], 24, generator=g, dtype=torch.float64)
 
-    y = packed_lora_linear(x, lambda: weight, a, b, 0.5, bias)
+    y = packed_lora_linear(x, lambda dtype: weight.to(dtype), a, b, 0.5, bias)
     fused = torch.autograd.grad(y, (x, a, b), grad_out)
     x2, a2, b2 = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
     y2 = x2 @ weight.t() + 0.5 * (x2 @ a2.t()) @ b2.t() + (bias if bias is not None else 0)
@@ -65,10 +71,70 @@ def test_bf16_autocast_training_step_runs_and_matches_fp32():
     a = (torch.randn(4, 64, generator=g) * 0.1).requires_grad_(True)
     b = (torch.randn(24, 4, generator=g) * 0.1).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = packed_lora_linear(x, lambda: weight, a, b, 2.0)
+        y = packed_lora_linear(x, lambda dtype: weight.to(dtype), a, b, 2.0)
     grads = torch.autograd.grad(y.float().square().sum(), (x, a, b))
     assert [t.dtype for t in grads] == [torch.float32] * 3  # each gradient in its input's dtype
-    y32 = packed_lora_linear(x, lambda: weight, a, b, 2.0)
+    y32 = packed_lora_linear(x, lambda dtype: weight.to(dtype), a, b, 2.0)
     grads32 = torch.autograd.grad(y32.square().sum(), (x, a, b))
     for got, want in zip(grads, grads32):
         assert torch.allclose(got, want, rtol=5e-2, atol=5e-2 * float(want.abs().max()))
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the operand dtypes of every matrix product that runs inside it (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in MATMULS:
+            self.seen.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
+        return func(*args, **(kwargs or {}))
+
+
+def test_under_autocast_every_product_runs_in_the_autocast_dtype_and_nothing_fp32_is_saved():
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(24, 64, generator=g)
+    x = torch.randn(6, 64, generator=g, requires_grad=True)  # an fp32 residual stream, as in an fp32 model
+    a = (torch.randn(4, 64, generator=g) * 0.1).requires_grad_(True)
+    b = (torch.randn(24, 4, generator=g) * 0.1).requires_grad_(True)
+    saved = []
+    with _MatmulDtypes() as products, torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.dtype) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = packed_lora_linear(x, lambda dtype: weight.to(dtype), a, b, 2.0)
+        y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16  # what autocast's own linear returns
+    assert len(products.seen) >= 6 and all(dtypes == {torch.bfloat16} for dtypes in products.seen), products.seen
+    assert torch.float32 not in set(saved[:4]), saved  # x, U, A, B are kept in bf16: half the activation memory
+    assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32  # back to the fp32 parameters
+
+
+def test_the_layer_input_does_not_outlive_activation_checkpointing(nano_model_and_tokenizer):
+    """The autograd graph must hold no reference to a checkpointed layer's input (a closure over x did)."""
+    from eora_ft.compress import make_compressor
+    from eora_ft.compress.sequential import compress_model
+    from eora_ft.peft_bridge import build_lora_model, lora_config
+
+    model = copy.deepcopy(nano_model_and_tokenizer[0])
+    ids = torch.randint(1, 8192, (2, 32), generator=torch.Generator().manual_seed(0))
+    result = compress_model(model, ids, make_compressor("rtn", bits=4), ["svd"], rank=4, target_modules=["down_proj"],
+                            progress=False)
+    peft_model = build_lora_model(model, {p: f["svd"] for p, f in result.factors.items()},
+                                  lora_config(4, 8, 0.0, ["down_proj"]))
+    layer = peft_model.base_model.model.get_submodule("model.layers.0.mlp.down_proj")
+    inputs = []
+
+    def block(x):
+        hidden = torch.nn.functional.silu(x)  # an activation made inside the checkpointed region
+        inputs.append(weakref.ref(hidden))
+        return layer(hidden)
+
+    x = torch.randn(2, 5, 768, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    gc.collect()
+    assert layer._fused_adapter({}) == "default"
+    assert inputs[0]() is None, "the packed LoRA function kept the checkpointed input alive"
+    y.sum().backward()  # recomputes the block: the gradient still arrives
+    assert layer.lora_A["default"].weight.grad is not None and x.grad is not None

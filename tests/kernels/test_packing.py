@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eora_ft.kernels.packing import SUPPORTED_BITS, pack_codes, packed_rows, unpack_codes
+from eora_ft.kernels.packing import SUPPORTED_BITS, pack_codes, pack_mask, packed_rows, unpack_codes, unpack_mask
 from eora_ft.kernels.reference import dequantize, lora_linear
 
 
@@ -58,9 +58,21 @@ def test_dequantize_is_scale_times_code_minus_zero(bits, group):
     for kk in (0, 31, 64, 127):
         gi = 0 if group == -1 else kk // group
         assert torch.allclose(w[:, kk], scales[gi] * (codes[kk] - zeros[gi]))
-    mask = torch.rand(n, k, generator=g) > 0.5
-    masked = dequantize(pack_codes(codes, bits), scales, zeros, bits, group, k, mask=mask)
-    assert torch.all(masked[~mask] == 0) and torch.equal(masked[mask], w[mask])
+    # a pruned weight holds its group's zero point: exactly 0, with no mask anywhere
+    pruned = torch.rand(k, n, generator=g) > 0.5
+    group_of = torch.arange(k) // (k if group == -1 else group)
+    at_zero = torch.where(pruned, zeros[group_of], codes)
+    sparse = dequantize(pack_codes(at_zero, bits), scales, zeros, bits, group, k)
+    assert torch.all(sparse.t()[pruned] == 0) and torch.equal(sparse.t()[~pruned], w.t()[~pruned])
+
+
+@pytest.mark.parametrize("k", [8, 12, 64, 100])
+def test_keep_mask_packs_eight_to_a_byte_and_round_trips(k):
+    mask = torch.rand(5, k, generator=torch.Generator().manual_seed(k)) > 0.5
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, (k + 7) // 8)
+    assert torch.equal(unpack_mask(packed, k), mask)
+    assert int(packed[0, 0]) == sum(1 << i for i in range(min(8, k)) if mask[0, i])  # least significant bit first
 
 
 def test_lora_linear_reference():

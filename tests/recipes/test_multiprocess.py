@@ -38,3 +38,18 @@ def test_deepspeed_zero2_two_ranks_equal_ddp(two_ranks, tmp_path):
                 num_processes=2)
     assert ds["summary"]["world size"] == 2 and ds["summary"]["training backend"] == "deepspeed zero-2 x2"
     assert losses(ds) == pytest.approx(losses(two_ranks), rel=TOLERANCE)
+
+
+def test_main_only_work_outlasting_the_collective_timeout_does_not_kill_the_other_rank(tmp_path):
+    """Rank 1 waits on a file while rank 0 loads, evaluates and compresses (fresh cache), with every
+    collective bounded by ddp_timeout as NCCL's watchdog bounds it on GPUs; a rank waiting in a barrier
+    instead would time out."""
+    timeout = 8
+    results = launch("accelerate_configs/cpu.yaml", tmp_path / "run", "--per_device_train_batch_size", "4",
+                     "--ddp_timeout", str(timeout), "--eval_limit", "96", "--ppl_max_windows", "8",
+                     EORA_FT_CACHE=str(tmp_path / "fresh_cache"))
+    main_only = sum(results["timings"][stage] for stage in
+                    ("load", "eval_base", "compress_and_init", "eval_compressed", "eval_compensated"))
+    assert main_only > timeout, f"main-only work took {main_only:.1f} s: too short to test anything"
+    assert results["summary"]["world size"] == 2 and len(losses(results)) == 2
+    assert results["summary"]["artifact cache"].startswith("built")

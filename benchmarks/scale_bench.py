@@ -1,0 +1,250 @@
+"""Real shapes without the real model: Llama-3-8B-shaped decoder layers through compression, EoRA, the PEFT
+wrap and one training step, with per-layer time of each stage and peak memory.
+
+    OMP_NUM_THREADS=2 python benchmarks/scale_bench.py --layers 1 --tokens 1024 --compress gptq --bits 4
+    OMP_NUM_THREADS=2 python benchmarks/scale_bench.py --layers 1 --tokens 1024 --compress sparsegpt
+    python benchmarks/scale_bench.py --device cuda --layers 2 --tokens 4096    # on a GPU: accelerator peaks too
+
+The model is a ``LlamaForCausalLM`` with Llama-3-8B's decoder shapes (hidden 4096, 32 query and 8 key/value
+heads, intermediate 14336; ``--shape 70b``: hidden 8192, 64/8 heads, intermediate 28672) and a cut-down
+vocabulary, random weights (std 0.02), built in fp32 on the CPU. It stays there: ``compress_model`` moves one
+decoder layer at a time to ``--device``. Peak host memory is the process's resident set, sampled every 20 ms;
+the budget it is compared with is the model's fp32 weights + its calibration activations (fp32, inputs and
+outputs of a layer) + one layer's fp64 input statistics. Prints one JSON object per stage and a markdown
+summary with the projection to a 32-layer (8B) or 80-layer (70B) run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import threading
+import time
+from typing import Iterator
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from eora_ft.compress import make_compressor
+from eora_ft.compress.accounting import SequentialResult
+from eora_ft.compress.sequential import compress_model
+from eora_ft.init import INITIALIZERS
+from eora_ft.peft_bridge import build_lora_model, lora_config
+
+SHAPES = {  # hidden, heads, kv heads, intermediate, layers of the real model
+    "8b": (4096, 32, 8, 14336, 32),
+    "70b": (8192, 64, 8, 28672, 80),
+    "tiny": (256, 4, 2, 768, 4),  # the nano model's shapes: the smoke test that keeps this script working
+}
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class PeakRSS:
+    """Resident set size of this process sampled in a thread; ``reset()`` starts a new window."""
+
+    def __init__(self, period: float = 0.02) -> None:
+        self.period, self.peak, self._stop = period, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(self.period)
+
+    def reset(self) -> int:
+        self.peak = self.now()
+        return self.peak
+
+    @contextlib.contextmanager
+    def window(self, totals: dict[str, int], key: str) -> Iterator[None]:
+        """Record into ``totals[key]`` the peak while the body runs (the overall peak is kept too)."""
+        overall = self.peak
+        self.peak = self.now()
+        try:
+            yield
+        finally:
+            self.peak = max(self.peak, self.now())
+            totals[key] = max(totals.get(key, 0), self.peak)
+            self.peak = max(overall, self.peak)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def instrument(sampler: PeakRSS, peaks: dict[str, int]) -> None:
+    """Per-stage peak host memory of the driver's stages and of each initializer."""
+    timed = SequentialResult.timed
+
+    @contextlib.contextmanager
+    def timed_with_peak(self, stage: str) -> Iterator[None]:
+        with timed(self, stage), sampler.window(peaks, stage):
+            yield
+
+    SequentialResult.timed = timed_with_peak
+    for name, init in list(INITIALIZERS.items()):
+        def wrapped(*args, _init=init, _name=name, **kwargs):
+            with sampler.window(peaks, f"init:{_name}"):
+                return _init(*args, **kwargs)
+        INITIALIZERS[name] = wrapped
+
+
+def build_model(shape: str, layers: int, vocab: int) -> LlamaForCausalLM:
+    hidden, heads, kv_heads, intermediate, _ = SHAPES[shape]
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192,
+                         rope_theta=500000.0, tie_word_embeddings=False, initializer_range=0.02)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        return LlamaForCausalLM(config).eval()
+
+
+def budget_bytes(model: LlamaForCausalLM, tokens: int) -> dict[str, int]:
+    """The issue's yardstick: fp32 weights + calibration activations + one layer's fp64 statistics."""
+    config = model.config
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    activations = 2 * tokens * config.hidden_size * 4  # a layer's inputs and outputs, fp32
+    inputs = [config.hidden_size, config.hidden_size, config.hidden_size, config.intermediate_size]  # qkv, o, gate/up, down
+    statistics = sum(k * k * 8 for k in inputs)
+    return {"weights": weights, "activations": activations, "statistics": statistics,
+            "total": weights + activations + statistics}
+
+
+VOCAB = {"8b": 128256, "70b": 128256, "tiny": 8192}
+
+
+def memory_plan(shape: str, tokens: int, batch_tokens: int, dtype_bytes: int = 2) -> dict[str, float]:
+    """GB needed to compress + initialise one model of ``shape`` layer by layer, from its component sizes
+    (the same components this script measures on the CPU at ``--layers 1``).
+
+    Accelerator: one decoder layer in the model dtype, every calibration activation of a layer (inputs
+    and outputs, model dtype), and the larger of (a) the widest input's compressor working set: its fp64
+    ``X^T X`` plus the two ``K x K`` fp64 matrices of the Hessian inversion plus fp32 and fp64 copies of
+    the weight, and (b) one calibration batch through the layer (MLP intermediates, three of them).
+    Host: the whole model in its dtype (it stays there), plus the activations when kept on the host."""
+    hidden, heads, kv_heads, intermediate, layers = SHAPES[shape]
+    head_dim = hidden // heads
+    attention = 2 * hidden * hidden + 2 * hidden * kv_heads * head_dim
+    layer_params = attention + 3 * hidden * intermediate
+    model_params = layers * layer_params + 2 * VOCAB[shape] * hidden
+    widest = intermediate  # down_proj's input
+    compressor = 3 * widest**2 * 8 + hidden * widest * (4 + 8)
+    forward = 3 * batch_tokens * intermediate * dtype_bytes
+    activations = 2 * tokens * hidden * dtype_bytes
+    layer = layer_params * dtype_bytes
+    gb = 1e9
+    return {"layer": layer / gb, "activations": activations / gb, "working_set": max(compressor, forward) / gb,
+            "accelerator": (layer + activations + max(compressor, forward)) / gb,
+            "accelerator_activations_on_host": (layer + 2 * batch_tokens * hidden * dtype_bytes
+                                                + max(compressor, forward)) / gb,
+            "host": model_params * dtype_bytes / gb, "host_activations_on_host": (model_params * dtype_bytes
+                                                                                  + activations) / gb}
+
+
+def print_plan(tokens: int, batch_tokens: int) -> None:
+    print(f"| model | accelerator GB (activations there) | accelerator GB (calib_activations_device: cpu) | "
+          f"host GB | of which one layer / activations / working set |\n|---|---|---|---|---|")
+    for shape in ("8b", "70b"):
+        plan = memory_plan(shape, tokens, batch_tokens)
+        print(f"| {shape} bf16, {tokens} calibration tokens | {plan['accelerator']:.1f} | "
+              f"{plan['accelerator_activations_on_host']:.1f} | {plan['host']:.0f} (+{plan['activations']:.1f}) | "
+              f"{plan['layer']:.2f} / {plan['activations']:.2f} / {plan['working_set']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--tokens", type=int, default=1024, help="calibration tokens (sequences of --seq-len)")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--compress", default="gptq", help="gptq, rtn, sparsegpt, gptq+sparsegpt, wanda")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--device", default="cpu", help="execution device of each layer (cpu, cuda)")
+    parser.add_argument("--train-tokens", type=int, default=512, help="tokens in the one training step")
+    parser.add_argument("--plan", action="store_true",
+                        help="only print the computed memory plan of an 8B and a 70B run (128 x 2048 tokens)")
+    args = parser.parse_args()
+    if args.plan:
+        print_plan(128 * 2048, 8 * 2048)
+        return
+
+    sampler = PeakRSS()
+    start_rss = sampler.reset()
+    stage_peaks: dict[str, int] = {}
+    instrument(sampler, stage_peaks)
+    device = torch.device(args.device)
+    rows: dict[str, dict] = {}
+
+    def stage(name: str, seconds: float, **extra) -> None:
+        rows[name] = {"stage": name, "seconds": round(seconds, 2), "peak_host_gb": round(sampler.peak / 1e9, 2), **extra}
+        if device.type == "cuda":
+            rows[name]["peak_accelerator_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+            torch.cuda.reset_peak_memory_stats(device)
+        print(json.dumps(rows[name]), flush=True)
+        sampler.reset()
+
+    clock = time.perf_counter()
+    model = build_model(args.shape, args.layers, args.vocab)
+    budget = budget_bytes(model, args.tokens)
+    stage("build", time.perf_counter() - clock, model_gb=round(budget["weights"] / 1e9, 2))
+
+    calib = torch.randint(0, args.vocab, (max(args.tokens // args.seq_len, 1), args.seq_len),
+                          generator=torch.Generator().manual_seed(1))
+    options = {"bits": args.bits, "group_size": args.group_size, "sparsity": "2:4"}
+    clock = time.perf_counter()
+    result = compress_model(model, calib, make_compressor(args.compress, **options), ["eora"], rank=args.rank,
+                            target_modules=LINEARS, batch_size=1, execution_device=device, progress=False)
+    per_layer = {k: round(v / args.layers, 2) for k, v in {**result.stage_seconds,
+                                                          **{f"init:{n}": s for n, s in result.init_seconds.items()}}.items()}
+    stage("compress+eora", time.perf_counter() - clock, per_layer_seconds=per_layer,
+          peak_host_gb_by_stage={k: round(v / 1e9, 2) for k, v in stage_peaks.items()})
+
+    clock = time.perf_counter()
+    factors = {path: per_init["eora"] for path, per_init in result.factors.items()}
+    peft_model = build_lora_model(model, factors, lora_config(args.rank, args.rank, 0.0, LINEARS))
+    stage("peft_wrap", time.perf_counter() - clock)
+
+    peft_model.to(device).train()
+    clock = time.perf_counter()
+    ids = torch.randint(0, args.vocab, (1, args.train_tokens), generator=torch.Generator().manual_seed(2), device=device)
+    loss = peft_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    stage("train_step", time.perf_counter() - clock, loss=round(float(loss.detach()), 4))
+    sampler.stop()
+
+    peak = max(row["peak_host_gb"] for row in rows.values()) * 1e9
+    real_layers = SHAPES[args.shape][4]
+    layer_seconds = rows["compress+eora"]["seconds"] / args.layers
+    summary = {
+        "shape": args.shape, "layers": args.layers, "vocab": args.vocab, "calibration_tokens": int(calib.numel()),
+        "compress": args.compress, "device": str(device), "torch_threads": torch.get_num_threads(),
+        "peak_host_gb": round(peak / 1e9, 2), "start_host_gb": round(start_rss / 1e9, 2),
+        "budget_gb": {k: round(v / 1e9, 2) for k, v in budget.items()},
+        "peak_over_budget": round(peak / budget["total"], 2),
+        "seconds_per_layer": round(layer_seconds, 1),
+        f"projected_{args.shape}_hours": round(layer_seconds * real_layers / 3600, 2),
+    }
+    print(json.dumps(summary))
+    print(f"\n| stage | seconds | peak host GB |\n|---|---|---|")
+    for row in rows.values():
+        print(f"| {row['stage']} | {row['seconds']} | {row['peak_host_gb']} |")
+    print(f"\nper layer: {json.dumps(per_layer)}")
+    print(f"peak host GB by stage: {json.dumps(rows['compress+eora']['peak_host_gb_by_stage'])}")
+    print(f"peak host {summary['peak_host_gb']} GB vs budget {summary['budget_gb']['total']} GB "
+          f"(weights {summary['budget_gb']['weights']} + activations {summary['budget_gb']['activations']} + "
+          f"statistics {summary['budget_gb']['statistics']}): {summary['peak_over_budget']}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""What the layer-by-layer driver reports: its result (factors, per-linear rows, timings) and the relative
+output errors of each linear, computed from the statistics alone."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from eora_ft.init import LowRankFactors
+
+from .stats import ActivationStats
+
+
+@dataclass
+class SequentialResult:
+    """Output of :func:`compress_model`.
+
+    Attributes:
+        factors: ``{module_path: {init_name: LowRankFactors}}`` (paths as in ``model.named_modules()``).
+        layers: one row per linear: relative output error ``||dW X^T|| / ||W X^T||`` before and after
+            each init's correction, and each init's effective rank.
+        calib_tokens: calibration tokens seen by every layer; seconds: wall time (all of it);
+            init_seconds: wall time spent in each initializer; stage_seconds: wall time of the other
+            stages (``statistics``: the passes that collect them, ``compressor``, ``errors``: the report's
+            output errors, ``layer_outputs``: the pass that feeds the next layer, ``moves``: device moves).
+        stats, deltas: per linear, its input statistics and ``W - W_c`` ``[N, K]`` fp32 (only with
+            ``keep_stats=True``: enough to compute any other initializer afterwards).
+    """
+
+    factors: dict[str, dict[str, LowRankFactors]] = field(default_factory=dict)
+    layers: list[dict] = field(default_factory=list)
+    calib_tokens: int = 0
+    seconds: float = 0.0
+    init_seconds: dict[str, float] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stats: dict[str, ActivationStats] = field(default_factory=dict)
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the body's wall time to ``stage_seconds[stage]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+class OutputError:
+    """Relative output errors ``||E X^T||_F / ||W X^T||_F`` of one linear, from its fp64 ``X^T X`` (the
+    token count cancels), without touching activations or copying the ``K x K`` statistics.
+
+    ``E = dW`` costs one ``[N, K] x [K, K]`` product, reused for every ``E = dW - B A``: the correction's
+    terms need only ``A X^T X`` (``[r, K]``)."""
+
+    def __init__(self, delta: torch.Tensor, weight: torch.Tensor, xtx: torch.Tensor) -> None:
+        self.xtx = xtx
+        self.delta = delta.to(torch.float64)
+        self.delta_term = float((self.delta @ xtx).mul_(self.delta).sum())  # tr(dW C dW^T) * n
+        w = weight.to(torch.float64)
+        self.weight_term = float((w @ xtx).mul_(w).sum())
+
+    def of(self, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> float:
+        """For ``dW`` (no factors) or ``dW - B A``."""
+        num = self.delta_term
+        if a is not None:
+            a, b = a.to(torch.float64), b.to(torch.float64)
+            a_c = a @ self.xtx  # [r, K]
+            num += -2.0 * float((a_c * (b.t() @ self.delta)).sum()) + float(((a_c @ a.t()) * (b.t() @ b)).sum())
+        return float(max(num, 0.0) / self.weight_term) ** 0.5 if self.weight_term > 0 else 0.0

@@ -1,0 +1,24 @@
+"""The benchmark scripts still run (at toy sizes): what BENCHMARKS.md reports cannot rot unnoticed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_scale_bench_runs_every_stage_and_reports_its_memory_budget():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/scale_bench.py", "--shape", "tiny", "--vocab", "512", "--tokens", "128",
+         "--seq-len", "64", "--compress", "sparsegpt"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                                                     "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    stages = [row.get("stage") for row in rows]
+    assert stages[:4] == ["build", "compress+eora", "peft_wrap", "train_step"]
+    compress = rows[1]
+    assert {"statistics", "compressor", "errors", "init:eora"} <= set(compress["per_layer_seconds"])
+    summary = rows[-1]
+    assert summary["budget_gb"]["total"] > 0 and summary["peak_host_gb"] >= summary["start_host_gb"]
