@@ -62,9 +62,9 @@ class CompressedLoraLinear(LoraLinear):
         packed = None
         if base.bits is not None and base.perm is None:
             packed = Packed(base.qweight, base.scales, base.zeros, base.bits, base.group_size, base.in_features)
-        # the bound method holds the module only: a closure over x would keep every layer's input alive
-        # in the autograd graph, defeating activation checkpointing
-        return packed_lora_linear(x, base.dequantize, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+        # the bound method holds the module only (a closure over x would keep every layer's input alive in
+        # the autograd graph, defeating activation checkpointing); on a GPU it dequantizes into scratch
+        return packed_lora_linear(x, base.transient_weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
                                   self.scaling[adapter], base.bias, packed)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:

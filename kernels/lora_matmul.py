@@ -1,14 +1,13 @@
 """``y = x W_c^T + s (x A^T) B^T`` and its backward over a frozen packed ``W_c``, as one autograd function.
 
-Large-M (training) path: dequantize ``W_c`` (Triton into a scratch buffer on GPU, the pure-torch
-reference on CPU), one dense matmul, and the LoRA term with ``U = x A^T`` saved in forward. The
-backward reads ``dY`` once for ``G = dY B`` and ``dB = s dY^T U``; ``dX = dY W_c + s G A``,
-``dA = s G^T x``; ``W_c`` gets no gradient.
+Large-M (training) path: dequantize ``W_c`` (Triton into the device's shared scratch buffer on a GPU,
+:mod:`.scratch`; the pure-torch reference on CPU), one dense matmul, and the LoRA term with
+``U = x A^T`` saved in forward. The backward reads ``dY`` once for ``G = dY B`` and ``dB = s dY^T U``;
+``dX = dY W_c + s G A``, ``dA = s G^T x``; ``W_c`` gets no gradient.
 
 Small-M (generation, evaluation) path, on a GPU or when forced: the fused Triton kernels of
-:mod:`.fused` (dequantize inside the K loop, LoRA as an extra K slab) for ``y`` and for ``dX``.
-``SMALL_M_MAX_TOKENS`` is the switch point; it is a placeholder until measured on a GPU
-(``benchmarks/`` has no GPU table yet).
+:mod:`.fused` (dequantize inside the K loop, LoRA as an extra K slab) for ``y`` and for ``dX``. The
+switch point is a table per GPU architecture (:func:`.configs.small_m_max_tokens`).
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ from typing import Callable
 
 import torch
 
+from .configs import small_m_max_tokens
 
-SMALL_M_MAX_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,9 @@ class Packed:
 
 
 def _use_fused(packed: Packed | None, tokens: int, force: bool) -> bool:
-    return packed is not None and (force or (packed.qweight.is_cuda and tokens <= SMALL_M_MAX_TOKENS))
+    if packed is None:
+        return False
+    return force or (packed.qweight.is_cuda and tokens <= small_m_max_tokens(packed.qweight.device))
 
 
 class PackedLoraMatmul(torch.autograd.Function):

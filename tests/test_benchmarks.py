@@ -22,3 +22,16 @@ def test_scale_bench_runs_every_stage_and_reports_its_memory_budget():
     assert {"statistics", "compressor", "errors", "init:eora"} <= set(compress["per_layer_seconds"])
     summary = rows[-1]
     assert summary["budget_gb"]["total"] > 0 and summary["peak_host_gb"] >= summary["start_host_gb"]
+
+
+def test_gpu_check_dry_run_runs_every_part_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                               "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["dry_run"] and {"tests", "kernels", "crossover", "model"} <= set(report)
+    assert {row["kind"] for row in report["kernels"]} == {"packed", "dense", "nf4"}
+    assert len(report["model"]) == 5 and "| shape | M | r |" in proc.stdout

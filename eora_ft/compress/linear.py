@@ -113,19 +113,30 @@ class CompressedLinear(nn.Module):
             layer.bias.data.copy_(bias.detach().to(dtype))
         return layer
 
-    def _stored_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense ``[N, K]`` in storage column order (= original order unless ``perm`` is set)."""
+    def _stored_weight(self, dtype: torch.dtype | None = None, transient: bool = False) -> torch.Tensor:
+        """Dense ``[N, K]`` in storage column order (= original order unless ``perm`` is set).
+
+        ``transient``: the caller consumes the weight at once (a matmul), so on a GPU it is written into
+        the device's shared scratch buffer (:mod:`eora_ft.kernels.scratch`) instead of a new tensor."""
         dtype = dtype or self.compute_dtype
         if self.bits is None:
             weight = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.values.device)
             return weight.masked_scatter_(unpack_mask(self.keep_bits, self.in_features), self.values.to(dtype))
         if self.qweight.is_cuda:  # the Triton kernel; the reference below is its specification
             from eora_ft.kernels.dequant import dequantize_triton
+            from eora_ft.kernels.scratch import scratch
 
+            out = scratch(self.out_features, self.in_features, dtype, self.qweight.device) if transient else None
             return dequantize_triton(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                                     self.in_features, dtype=dtype)
+                                     self.in_features, dtype=dtype, out=out)
         return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
                           dtype=dtype)
+
+    def transient_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """:meth:`dequantize` for a caller that consumes the result at once and keeps no reference (the
+        packed LoRA function's ``weight_fn``): on a GPU it lives in a shared scratch buffer."""
+        weight = self._stored_weight(dtype, transient=self.perm is None)
+        return weight if self.perm is None else weight.index_select(1, torch.argsort(self.perm))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense weight ``[N, K]`` in the original input order (exactly the compressor's ``W_c``)."""
@@ -137,7 +148,7 @@ class CompressedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:  # permute the activations, not the [N, K] weight, on every call
             x = x.index_select(-1, self.perm)
-        return nn.functional.linear(x, self._stored_weight(x.dtype), self.bias)
+        return nn.functional.linear(x, self._stored_weight(x.dtype, transient=True), self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -36,6 +36,15 @@ def test_matches_reference(bits, k, n, group, dtype):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_a_tile_across_groups_gathers_its_scales(bits):
+    from eora_ft.kernels.dequant import dequantize_triton
+
+    qweight, scales, zeros = _packed(bits, 128, 64, 32, seed=5)
+    got = dequantize_triton(qweight, scales, zeros, bits, 32, 128, dtype=torch.float32, block_k=64)  # 2 groups a tile
+    assert torch.equal(got, dequantize(qweight, scales, zeros, bits, 32, 128))
+
+
 def test_writes_into_a_reused_buffer_and_rejects_a_wrong_one():
     from eora_ft.kernels.dequant import dequantize_triton
 

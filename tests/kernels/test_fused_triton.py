@@ -26,10 +26,34 @@ def _layer(bits, k, n, group, rank, dtype, seed=0):
     return to(pack_codes(codes, bits)), to(scales.to(dtype)), to(zeros), to(a.to(dtype)), to(b.to(dtype))
 
 
+# What the kernels compute, written with torch: operands rounded to the activations' dtype (the weight
+# once, from fp32, as dequantize(dtype=...) does; the LoRA slab's left operand after scaling), products
+# summed in fp32. The kernels differ from it only by fp32 summation order and the final rounding to dtype.
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11}
+
+
+def _forward_spec(x, weight, a, b, scaling, bias, dtype):
+    u = (scaling * (x.float() @ a.float().t())).to(dtype).float()
+    y = x.float() @ weight.to(dtype).float().t() + u @ b.to(dtype).float().t()
+    return y + bias.float() if bias is not None else y
+
+
+def _grad_input_spec(grad_y, weight, a, b, scaling, dtype):
+    g = (scaling * (grad_y.float() @ b.float())).to(dtype).float()
+    return grad_y.float() @ weight.to(dtype).float() + g @ a.to(dtype).float()
+
+
+def _tolerance(reference, operand_magnitude, dtype):
+    """Output rounding to ``dtype`` plus fp32 summation of the K (or N) products."""
+    return UNIT_ROUNDOFF[dtype] * reference.abs() + 2.0**-20 * operand_magnitude
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("m,k,n,group,rank", [(1, 128, 64, 32, 8), (5, 96, 72, -1, 4), (17, 160, 40, 32, 16)])
+# group 64: every K tile inside one group (one row of scales per tile); 32 and ragged per-channel: gathered
+@pytest.mark.parametrize("m,k,n,group,rank,split", [(1, 128, 64, 32, 8, 1), (5, 96, 72, -1, 4, 2), (17, 160, 40, 32, 16, 3),
+                                                    (2, 192, 64, 64, 8, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_forward_and_grad_input_match_reference(bits, m, k, n, group, rank, dtype):
+def test_forward_and_grad_input_match_what_they_should_compute(bits, m, k, n, group, rank, split, dtype):
     from eora_ft.kernels.fused import fused_forward, fused_grad_input
 
     qweight, scales, zeros, a, b = _layer(bits, k, n, group, rank, dtype, seed=bits + m)
@@ -37,15 +61,36 @@ def test_forward_and_grad_input_match_reference(bits, m, k, n, group, rank, dtyp
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
     bias = torch.randn(n, generator=gen).to(dtype).to(DEVICE)
     weight = dequantize(qweight, scales, zeros, bits, group, k, dtype=torch.float32)
-    want = lora_linear(x.float(), weight, a.float(), b.float(), 0.5, bias.float())
-    got = fused_forward(x, qweight, scales, zeros, bits, group, a, b, 0.5, bias)
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    assert got.dtype == dtype and torch.allclose(got.float(), want, atol=tol, rtol=tol)
+    want = _forward_spec(x, weight, a, b, 0.5, bias, dtype)
+    got = fused_forward(x, qweight, scales, zeros, bits, group, a, b, 0.5, bias, split=split)
+    magnitude = x.float().abs() @ weight.abs().t() + 1.0
+    assert got.dtype == dtype and torch.all((got.float() - want).abs() <= _tolerance(want, magnitude, dtype))
 
     grad_y = torch.randn(m, n, generator=gen).to(dtype).to(DEVICE)
-    want_dx = grad_y.float() @ weight + 0.5 * (grad_y.float() @ b.float()) @ a.float()
-    got_dx = fused_grad_input(grad_y, qweight, scales, zeros, bits, group, k, a, b, 0.5)
-    assert got_dx.shape == (m, k) and torch.allclose(got_dx.float(), want_dx, atol=tol, rtol=tol)
+    want_dx = _grad_input_spec(grad_y, weight, a, b, 0.5, dtype)
+    got_dx = fused_grad_input(grad_y, qweight, scales, zeros, bits, group, k, a, b, 0.5, split=split)
+    magnitude = grad_y.float().abs() @ weight.abs() + 1.0
+    assert got_dx.shape == (m, k) and torch.all((got_dx.float() - want_dx).abs() <= _tolerance(want_dx, magnitude, dtype))
+
+
+def test_fp16_dots_round_the_weight_to_fp16_and_fp32_dots_do_not():
+    """The weight tile enters the dot in the activations' dtype: fp16 results follow the fp16-rounded
+    weight, fp32 results the exact one (IEEE fp32, no TF32 rounding)."""
+    from eora_ft.kernels.fused import fused_forward
+
+    qweight, scales, zeros, a, b = _layer(8, 128, 64, 32, 4, torch.float32, seed=11)
+    scales = scales * (1 + 2.0**-14)  # weights that fp16 cannot hold exactly
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    weight = dequantize(qweight, scales, zeros, 8, 32, 128, dtype=torch.float32)
+    exact = fused_forward(x, qweight, scales, zeros, 8, 32, a, b * 0, 1.0)
+    reference = x.double() @ weight.double().t()
+    # fp32 summation only; TF32 (10-bit mantissas) would be off by ~2^-11 of the magnitude, 500x this bound
+    assert torch.all((exact.double() - reference).abs() <= _tolerance(reference, x.abs() @ weight.abs().t(), torch.float32))
+    half = fused_forward(x.half(), qweight, scales.half(), zeros, 8, 32, a.half(), b.half() * 0, 1.0).float()
+    weight_half = dequantize(qweight, scales.half(), zeros, 8, 32, 128, dtype=torch.float16).float()
+    rounded = x.half().float() @ weight_half.t()
+    assert torch.all((half - rounded).abs() <= _tolerance(rounded, x.abs() @ weight.abs().t(), torch.float16))
+    assert not torch.all((half - exact).abs() <= _tolerance(exact, x.abs() @ weight.abs().t(), torch.float16))
 
 
 def test_autograd_function_small_m_path_matches_the_reference_path():

@@ -138,3 +138,40 @@ def test_the_layer_input_does_not_outlive_activation_checkpointing(nano_model_an
     assert inputs[0]() is None, "the packed LoRA function kept the checkpointed input alive"
     y.sum().backward()  # recomputes the block: the gradient still arrives
     assert layer.lora_A["default"].weight.grad is not None and x.grad is not None
+
+
+def test_scratch_buffer_is_shared_per_device_and_dtype_and_grows():
+    from eora_ft.kernels.scratch import release, scratch
+
+    release()
+    small = scratch(4, 8, torch.float32, torch.device("cpu"))
+    again = scratch(2, 16, torch.float32, torch.device("cpu"))
+    assert small.shape == (4, 8) and again.shape == (2, 16) and again.data_ptr() == small.data_ptr()
+    other_dtype = scratch(4, 8, torch.float16, torch.device("cpu"))
+    assert other_dtype.data_ptr() != small.data_ptr()
+    grown = scratch(64, 64, torch.float32, torch.device("cpu"))
+    assert grown.shape == (64, 64) and grown.is_contiguous()
+    release()
+
+
+@pytest.mark.gpu
+def test_large_m_path_dequantizes_every_layer_into_one_scratch_buffer_with_exact_gradients():
+    from eora_ft.compress import RTN
+
+    g = torch.Generator().manual_seed(4)
+    layers = [RTN(bits=4, group_size=128).compress(torch.randn(n, 512, generator=g) * 0.02).to_module(None, torch.bfloat16)
+              .cuda() for n in (256, 384)]
+    first, second = (layer.transient_weight(torch.bfloat16) for layer in layers)
+    assert first.data_ptr() == second.data_ptr()  # one buffer, grown to the larger layer
+    assert torch.equal(second, layers[1].dequantize(torch.bfloat16))
+    x = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    a = (torch.randn(8, 512, device="cuda") * 0.02).requires_grad_(True)
+    b = (torch.randn(384, 8, device="cuda") * 0.02).requires_grad_(True)
+    y = packed_lora_linear(x, layers[1].transient_weight, a.bfloat16(), b.bfloat16(), 2.0)
+    grads = torch.autograd.grad(y.float().square().sum(), (x, a, b))
+    weight = layers[1].dequantize(torch.float32)
+    x2, a2, b2 = (t.detach().float().requires_grad_(True) for t in (x, a, b))
+    reference = x2 @ weight.t() + 2.0 * (x2 @ a2.bfloat16().float().t()) @ b2.bfloat16().float().t()
+    want = torch.autograd.grad(reference.square().sum(), (x2, a2, b2))
+    for got, expected in zip(grads, want):
+        assert torch.allclose(got.float(), expected, rtol=3e-2, atol=3e-2 * float(expected.abs().max()))
