@@ -40,7 +40,8 @@ class _One(nn.Module):
         return self.proj(x)
 
 
-def _build(kind: str, k: int, n: int, rank: int, dtype: torch.dtype, device: str) -> nn.Module:
+def _build(kind: str, k: int, n: int, rank: int, dtype: torch.dtype, device: str) -> tuple[nn.Module, nn.Module]:
+    """The PEFT-wrapped one-linear model and its base layer."""
     weight = torch.randn(n, k) * 0.02
     if kind == "packed":
         proj = RTN(bits=4, group_size=128).compress(weight).to_module(None, dtype)
@@ -51,7 +52,7 @@ def _build(kind: str, k: int, n: int, rank: int, dtype: torch.dtype, device: str
         proj.weight.data.copy_(weight.to(dtype))
         proj.requires_grad_(False)
     model = build_lora_model(_One(proj).to(device), None, lora_config(rank, rank, 0.0, ["proj"], task_type=None))
-    return model.to(device)
+    return model.to(device), model.get_submodule("base_model.model.proj").base_layer
 
 
 def _time(fn, device: str, repeats: int) -> float:
@@ -70,7 +71,7 @@ def _time(fn, device: str, repeats: int) -> float:
 
 def measure(kind: str, k: int, n: int, tokens: int, rank: int, device: str, repeats: int) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = _build(kind, k, n, rank, dtype, device)
+    model, base = _build(kind, k, n, rank, dtype, device)
     x = torch.randn(tokens, k, dtype=dtype, device=device, requires_grad=True)
 
     def forward():
@@ -83,6 +84,8 @@ def measure(kind: str, k: int, n: int, tokens: int, rank: int, device: str, repe
     row = {"kind": kind, "shape": f"{k}x{n}", "tokens": tokens, "rank": rank, "device": device, "dtype": str(dtype)}
     row["fwd_ms"] = _time(forward, device, repeats)
     row["fwd_bwd_ms"] = _time(forward_backward, device, repeats)
+    if hasattr(base, "dequantize"):  # the whole weight back to dense: what the large-M path pays per call
+        row["dequant_ms"] = _time(lambda: base.dequantize(dtype), device, repeats)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         forward_backward()
@@ -122,6 +125,24 @@ def main() -> None:
                     r = next(r for r in rows if r["kind"] == kind and r["shape"] == shape and r["tokens"] == m and r["rank"] == rank)
                     cells += [f"{r['fwd_ms']:.2f}", f"{r['fwd_bwd_ms']:.2f}"]
                 print(f"| {shape} | {m} | {rank} | " + " | ".join(cells) + " |")
+    if "dense" in args.kinds:
+        print("\nfwd+bwd time relative to the dense layer's with the same LoRA (same run):\n")
+        others = [kind for kind in args.kinds if kind != "dense"]
+        print("| shape (KxN) | M | r | " + " | ".join(others) + " |\n|---|---|---|" + "---|" * len(others))
+        for shape in shapes:
+            for m in tokens:
+                for rank in ranks:
+                    at = {r["kind"]: r for r in rows if r["shape"] == shape and r["tokens"] == m and r["rank"] == rank}
+                    ratios = [f"{at[kind]['fwd_bwd_ms'] / at['dense']['fwd_bwd_ms']:.2f}x" for kind in others]
+                    print(f"| {shape} | {m} | {rank} | " + " | ".join(ratios) + " |")
+    dequantizing = [kind for kind in args.kinds if any("dequant_ms" in r for r in rows if r["kind"] == kind)]
+    if dequantizing:
+        print("\nDequantize the whole weight (ms, median; same run):\n")
+        print("| shape (KxN) | " + " | ".join(dequantizing) + " |\n|---|" + "---|" * len(dequantizing))
+        for shape in shapes:
+            cells = [f"{statistics.median(r['dequant_ms'] for r in rows if r['kind'] == kind and r['shape'] == shape):.1f}"
+                     for kind in dequantizing]
+            print(f"| {shape} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=defaults.group_size, help="-1 = per channel")
     parser.add_argument("--sym", action="store_true")
-    parser.add_argument("--act-order", action="store_true")
+    parser.add_argument("--grid-search", action="store_true", help="least-error grid per group (IST-DASLab's mse)")
+    parser.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                        help="GPTQ column order by decreasing Hessian diagonal (default: on for gptq)")
     parser.add_argument("--damp", type=float, default=defaults.damp_percent)
     parser.add_argument("--sparsity", default=defaults.sparsity, help="2:4, 4:8 or a ratio such as 0.5")
     parser.add_argument("--no-true-sequential", action="store_true")
@@ -65,7 +67,8 @@ def compress_command(args: argparse.Namespace) -> int:
     from eora_ft.config import EoraModelConfig
 
     options = CompressionArguments(
-        compress_method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, damp_percent=args.damp,
+        compress_method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, grid_search=args.grid_search,
+        damp_percent=args.damp,
         act_order=args.act_order, true_sequential=not args.no_true_sequential, sparsity=args.sparsity,
         calib_dataset=args.calib, calib_num_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         calib_seed=args.calib_seed, execution_device=args.execution_device,

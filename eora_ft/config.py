@@ -75,8 +75,15 @@ class CompressionArguments:
     bits: int = field(default=2, metadata={"help": "Bits per weight: 2, 3, 4 or 8."})
     group_size: int = field(default=128, metadata={"help": "Group length along in_features; -1 = per channel."})
     sym: bool = field(default=False, metadata={"help": "Symmetric grid (zero point in the middle)."})
+    grid_search: bool = field(default=False, metadata={"help": "Shrink each group's min-max grid to the least |error|^2.4 "
+                                                                "(IST-DASLab/gptq's mse option)."})
     damp_percent: float = field(default=0.01, metadata={"help": "GPTQ damping, relative to mean(diag(H))."})
-    act_order: bool = field(default=False, metadata={"help": "GPTQ: visit columns by decreasing Hessian diagonal (static groups)."})
+    act_order: bool | None = field(
+        default=None,
+        metadata={"help": "GPTQ: visit columns by decreasing Hessian diagonal (static groups, so no reordering at "
+                          "inference). None = the method's default: on for gptq (chosen by measurement, BENCHMARKS.md), "
+                          "unused by the others."},
+    )
     true_sequential: bool = field(default=True, metadata={"help": "Compress q/k/v, then o, then gate/up, then down, re-collecting statistics."})
     sparsity: str = field(default="2:4", metadata={"help": "sparsegpt / wanda / gptq+sparsegpt: 2:4, 4:8 or a ratio such as 0.5."})
     calib_dataset: str = field(
@@ -112,8 +119,13 @@ class CompressionArguments:
             raise ValueError(f"compress_method={self.compress_method!r} is unknown; valid: {sorted(COMPRESSORS)}")
         if self.compress_method in USES_BITS:
             QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym)  # validates bits / group size
+        elif self.grid_search:
+            raise ValueError(f"grid_search=True chooses quantization grids; compress_method={self.compress_method!r} "
+                             "does not quantize")
         if self.compress_method in USES_SPARSITY:
             PruneSpec.parse(self.sparsity)
+        if self.act_order is None:
+            self.act_order = self.compress_method == "gptq"
         if self.act_order and self.compress_method != "gptq":
             raise ValueError(f"act_order=True is a GPTQ option; compress_method={self.compress_method!r} does not use it")
         if self.calib_task_format not in TASK_TEXT_FORMATS:
@@ -147,7 +159,8 @@ class CompressionArguments:
 
     def compressor_options(self) -> dict:
         """Keyword options for :func:`eora_ft.compress.make_compressor` (each method reads its own)."""
-        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "damp_percent": self.damp_percent,
+        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "grid_search": self.grid_search,
+                "damp_percent": self.damp_percent,
                 "act_order": self.act_order, "sparsity": self.sparsity}
 
     def describe(self) -> str:

@@ -2,7 +2,10 @@
 
 Large-M (training) path: dequantize ``W_c`` (Triton into the device's shared scratch buffer on a GPU,
 :mod:`.scratch`; the pure-torch reference on CPU), one dense matmul, and the LoRA term with
-``U = x A^T`` saved in forward. The backward reads ``dY`` once for ``G = dY B`` and ``dB = s dY^T U``;
+``U = x A^T`` saved in forward. On a GPU the backward dequantizes ``W_c`` again (a bandwidth-bound pass, small
+next to the matmul, and GPU memory is what bounds the batch); on a CPU, where dequantizing costs a good part
+of the matmul, the forward's ``W_c`` is kept for the backward while the host has memory to spare
+(:func:`keep_weight_for_backward`). The backward reads ``dY`` once for ``G = dY B`` and ``dB = s dY^T U``;
 ``dX = dY W_c + s G A``, ``dA = s G^T x``; ``W_c`` gets no gradient.
 
 Small-M (generation, evaluation) path, on a GPU or when forced: the fused Triton kernels of
@@ -15,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import psutil
 import torch
 
 from .configs import small_m_max_tokens
@@ -32,6 +36,19 @@ class Packed:
     bits: int
     group_size: int
     in_features: int
+
+
+# Keep a CPU layer's W_c between forward and backward only while this much host memory stays free after it:
+# each kept layer lowers what the next one sees, so a model too large to keep them all keeps its first layers.
+KEEP_FREE_BYTES = 2 << 30
+
+
+def keep_weight_for_backward(weight: torch.Tensor) -> bool:
+    """Whether to save the dequantized ``weight`` for the backward instead of dequantizing it again: on a CPU,
+    while at least :data:`KEEP_FREE_BYTES` of host memory stays available after it."""
+    if weight.device.type != "cpu":
+        return False
+    return psutil.virtual_memory().available - weight.numel() * weight.element_size() > KEEP_FREE_BYTES
 
 
 def _use_fused(packed: Packed | None, tokens: int, force: bool) -> bool:
@@ -62,18 +79,22 @@ class PackedLoraMatmul(torch.autograd.Function):
             p = packed
             y = fused_forward(x.reshape(tokens, -1), p.qweight, p.scales, p.zeros, p.bits, p.group_size, lora_a, lora_b,
                               scaling, bias, u=u.reshape(tokens, -1)).reshape(*x.shape[:-1], -1)
+            kept = None
         else:
-            y = x @ weight_fn(x.dtype).t()
+            weight = weight_fn(x.dtype)
+            y = x @ weight.t()
             if bias is not None:
                 y = y + bias.to(y.dtype)
             y = y + (scaling * (u @ lora_b.t())).to(y.dtype)
-        ctx.save_for_backward(x, u, lora_a, lora_b)
+            kept = weight if ctx.needs_input_grad[0] and keep_weight_for_backward(weight) else None
+        # saved, not set on ctx: activation checkpointing's hooks must see (and drop) the kept weight too
+        ctx.save_for_backward(x, u, lora_a, lora_b, kept)
         ctx.weight_fn, ctx.scaling, ctx.packed = weight_fn, scaling, packed
         return y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x, u, lora_a, lora_b = ctx.saved_tensors
+        x, u, lora_a, lora_b, kept = ctx.saved_tensors
         s = ctx.scaling
         grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])
         g = grad_y2.to(lora_b.dtype) @ lora_b  # [M, r] in the adapter dtype: the one extra read of dY
@@ -85,7 +106,7 @@ class PackedLoraMatmul(torch.autograd.Function):
             grad_x = fused_grad_input(grad_y2, p.qweight, p.scales, p.zeros, p.bits, p.group_size, p.in_features,
                                       lora_a, lora_b, s).reshape(x.shape).to(x.dtype)
         elif ctx.needs_input_grad[0]:
-            weight = ctx.weight_fn(grad_y.dtype)
+            weight = ctx.weight_fn(grad_y.dtype) if kept is None else kept.to(grad_y.dtype)
             grad_x = (grad_y2 @ weight + (s * (g @ lora_a)).to(grad_y.dtype)).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[2]:
             grad_a = s * g.t() @ x.reshape(-1, x.shape[-1]).to(lora_a.dtype)

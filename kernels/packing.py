@@ -37,14 +37,6 @@ def _pack_plane(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return words.to(torch.int32)
 
 
-def _unpack_plane(words: torch.Tensor, bits: int) -> torch.Tensor:
-    per_word = _WORD // bits
-    shifts = (torch.arange(per_word, dtype=torch.int32, device=words.device) * bits).view(1, per_word, 1)
-    # int32 arithmetic shift then mask: the sign bits shifted in are masked off, so no int64 widening
-    codes = (words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(-1, words.shape[-1])
-
-
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes ``[K, N]`` (any int dtype, values in ``[0, 2**bits)``) into int32 words.
 
@@ -59,16 +51,35 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return _pack_plane(codes, bits)
 
 
-def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: int32 ``[K * bits / 32, N]`` -> codes ``[K, N]`` in ``dtype``
-    (int64 by default; the dequantizer asks for int32 and skips the widening)."""
+def _plane_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 words ``[R, N]`` of ``bits``-bit codes -> uint8 codes ``[N, R * 32 / bits]`` (row ``n`` = output ``n``).
+
+    The words are transposed first (a ``[N, R]`` int32 copy: ``bits / 8`` of the codes' bytes), so each word's
+    codes land next to each other in the output row; the codes come out of the words' bytes (little-endian,
+    as every CPU and GPU torch runs on), one uint8 pass per code in a byte, no int32 or int64 copy of them."""
+    rows, n = words.shape
+    per_byte = 8 // bits
+    transposed = torch.empty(n, rows, dtype=torch.int32, device=words.device).copy_(words.t())  # unit strides
+    byte_view = transposed.view(torch.uint8).view(n, rows * 4, 1)
+    codes = torch.empty(n, rows * 4, per_byte, dtype=torch.uint8, device=words.device)
+    for position in range(per_byte):
+        torch.bitwise_and(byte_view >> (bits * position), (1 << bits) - 1, out=codes[..., position:position + 1])
+    return codes.view(n, rows * 4 * per_byte)
+
+
+def unpack_rows(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Codes of :func:`pack_codes`'s words as uint8 ``[N, K]``: the weight's own layout, so that dequantizing
+    is a conversion and two in-place passes (:func:`eora_ft.kernels.reference.dequantize`)."""
     _check(bits, in_features)
-    if bits == 3:
-        low_rows = in_features * 2 // _WORD
-        low = _unpack_plane(qweight[:low_rows], 2)
-        high = _unpack_plane(qweight[low_rows:], 1)
-        return (low | (high << 2)).to(dtype)
-    return _unpack_plane(qweight, bits).to(dtype)
+    if bits != 3:
+        return _plane_rows(qweight, bits)
+    low_rows = in_features * 2 // _WORD
+    return _plane_rows(qweight[:low_rows], 2) | (_plane_rows(qweight[low_rows:], 1) << 2)
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 ``[K * bits / 32, N]`` -> codes ``[K, N]`` in ``dtype`` (int64 by default)."""
+    return unpack_rows(qweight, bits, in_features).t().to(dtype).contiguous()
 
 
 def packed_rows(in_features: int, bits: int) -> int:

@@ -73,6 +73,14 @@ def test_options_a_method_does_not_use_are_rejected(tmp_path):
         parse_recipe_args(_args(tmp_path, compress_method="rtn", act_order="true"))
 
 
+@pytest.mark.parametrize("method,given,expected", [("gptq", None, True), ("gptq", "false", False), ("rtn", None, False),
+                                                     ("sparsegpt", None, False)])
+def test_act_order_defaults_to_the_methods_own(tmp_path, method, given, expected):
+    overrides = {"compress_method": method} | ({"act_order": given} if given is not None else {})
+    compress = parse_recipe_args(_args(tmp_path, **overrides))[1]
+    assert compress.act_order is expected and compress.compressor_options()["act_order"] is expected
+
+
 def test_calibrating_on_the_perplexity_text_is_refused(tmp_path):
     with pytest.raises(ValueError, match="would leak it into the metric"):
         _run(tmp_path, calib_dataset="eora_ft/assets/data/wikitext2/wikitext-2-raw-v1.test.joined.txt")

@@ -38,7 +38,7 @@ def make_compressor(method: str, **options):
     if method not in COMPRESSORS:
         raise ValueError(f"unknown compression method {method!r}; valid: {sorted(COMPRESSORS)}")
     if method not in USES_BITS:  # e.g. a config's bits is meaningless for a pure pruner
-        options = {k: v for k, v in options.items() if k not in ("bits", "group_size", "sym")}
+        options = {k: v for k, v in options.items() if k not in ("bits", "group_size", "sym", "grid_search")}
     elif method == "gptq+sparsegpt" and not options.get("bits"):
         options["bits"] = 4
     return COMPRESSORS[method](**options)

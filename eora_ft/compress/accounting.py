@@ -55,14 +55,19 @@ class OutputError:
     token count cancels), without touching activations or copying the ``K x K`` statistics.
 
     ``E = dW`` costs one ``[N, K] x [K, K]`` product, reused for every ``E = dW - B A``: the correction's
-    terms need only ``A X^T X`` (``[r, K]``)."""
+    terms need only ``A X^T X`` (``[r, K]``). The denominator ``||W X^T||^2`` is ``weight_energy`` when the
+    caller has it (:attr:`~eora_ft.compress.stats.StatsCollector.output_energy`, summed from the forward's
+    own outputs), else one more such product."""
 
-    def __init__(self, delta: torch.Tensor, weight: torch.Tensor, xtx: torch.Tensor) -> None:
+    def __init__(self, delta: torch.Tensor, weight: torch.Tensor, xtx: torch.Tensor,
+                 weight_energy: float | None = None) -> None:
         self.xtx = xtx
         self.delta = delta.to(torch.float64)
         self.delta_term = float((self.delta @ xtx).mul_(self.delta).sum())  # tr(dW C dW^T) * n
-        w = weight.to(torch.float64)
-        self.weight_term = float((w @ xtx).mul_(w).sum())
+        if weight_energy is None:
+            w = weight.to(torch.float64)
+            weight_energy = float((w @ xtx).mul_(w).sum())
+        self.weight_term = weight_energy
 
     def of(self, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> float:
         """For ``dW`` (no factors) or ``dW - B A``."""

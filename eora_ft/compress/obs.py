@@ -3,6 +3,11 @@
 Columns are visited left to right (or in act-order); each is pruned and/or quantized, and its error,
 scaled by the inverse Hessian's Cholesky factor, is pushed onto the columns not yet visited (lazy
 block updates). GPTQ = quantize only; SparseGPT = prune (+ optionally quantize, the joint setting).
+
+Precision, as the published implementations (IST-DASLab/gptq, sparsegpt; GPTQModel): the sweep runs
+in fp32. The upper Cholesky factor of the damped inverse Hessian is computed in fp64 and rounded to
+fp32 once: for ``J`` the reversal permutation and ``J H J = L L^T``, it is ``J L^-1 J`` (one Cholesky and
+one triangular inverse, half the work of Cholesky -> inverse -> Cholesky; the two agree to 1e-15).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from .quantizer import QuantSpec, grid_params, quantize_codes
 
 @dataclass
 class SweepResult:
-    """Compressed weight in original column order: values ``[N, K]`` fp64 (pruned = 0), codes uint8
+    """Compressed weight in original column order: values ``[N, K]`` fp32 (pruned = 0), codes uint8
     ``[N, K]`` + grids ``[G, N]`` if quantized, keep-mask ``[N, K]`` bool if pruned."""
 
     values: torch.Tensor
@@ -28,10 +33,30 @@ class SweepResult:
 
 
 def _working_copy(weight: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-    """fp64 copy of ``weight`` ``[N, K]`` with the columns of inputs that never fire set to 0."""
-    w = weight.detach().to(torch.float64).clone()
+    """fp32 copy of ``weight`` ``[N, K]`` with the columns of inputs that never fire set to 0."""
+    w = weight.detach().to(torch.float32).clone()
     w[:, dead] = 0.0
     return w
+
+
+def _inverse_lower(lower: torch.Tensor) -> torch.Tensor:
+    """``L^-1`` of a lower-triangular fp64 ``L`` ``[K, K]`` (LAPACK ``trtri`` on a CPU, in ``L``'s own memory: a
+    third of the work of a triangular solve against the identity, and no second ``K x K`` matrix)."""
+    if lower.device.type == "cpu":
+        import scipy.linalg.lapack
+
+        array = lower.numpy()
+        # LAPACK works in place only on a Fortran-ordered array: L itself when torch returned it column-major
+        # (its Cholesky does), else its transpose, which is upper triangular
+        as_lower = array.flags.f_contiguous
+        inverse, info = scipy.linalg.lapack.dtrtri(array if as_lower else array.T, lower=int(as_lower),
+                                                   overwrite_c=1)
+        if info:
+            raise FloatingPointError(f"triangular inverse failed (LAPACK info {info})")
+        result = torch.from_numpy(inverse)
+        return result if as_lower else result.t()
+    identity = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    return torch.linalg.solve_triangular(lower, identity, upper=False)
 
 
 def _cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
@@ -79,24 +104,27 @@ def obs_sweep(
     if act_order:
         unvisited = _working_copy(weight, dead)
         grids = [grid_params(unvisited[:, g * group:(g + 1) * group], quant) for g in range(k // group)]
-        static = (torch.stack([s for s, _ in grids]).to(torch.float64), torch.stack([z for _, z in grids]).to(torch.float64))
+        static = torch.stack([s for s, _ in grids]), torch.stack([z for _, z in grids])
         del unvisited
         perm = torch.argsort(torch.diag(h), descending=True)
-        h = h[perm][:, perm]
-    # The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1. Each step replaces the previous
-    # matrix: two K x K fp64 matrices alive at a time, not five (1.6 GB each at K = 14336); the fp64
-    # working copy of the weight is made only after it.
+    # The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in fp64. Each step replaces the
+    # previous matrix: two K x K fp64 matrices alive at a time (1.6 GB each at K = 14336); the working
+    # copy of the weight is made only after it. The reversal J and the act-order permutation are one
+    # gather per axis (rows, then columns: never three copies at once).
     h.diagonal().add_(damp_percent * torch.mean(torch.diag(h)))
+    reverse = perm.flip(0) if perm is not None else torch.arange(k - 1, -1, -1, device=h.device)
+    h = h.index_select(0, reverse)
+    h = h.index_select(1, reverse)
     h = _cholesky(h, damp_percent)
-    h = torch.cholesky_inverse(h)
-    hinv = torch.linalg.cholesky(h, upper=True)
+    h = _inverse_lower(h).to(torch.float32)  # L^-1, then J L^-1 J below
+    hinv = h.flip((0, 1))
     del h
     w = _working_copy(weight, dead)
     if perm is not None:
         w = w[:, perm]
 
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device) if quant else None  # bits <= 8
-    scales = torch.zeros(k // group, n, dtype=torch.float64, device=w.device) if quant else None
+    scales = torch.zeros(k // group, n, dtype=torch.float32, device=w.device) if quant else None
     zeros = torch.zeros_like(scales) if quant else None
     if static is not None:
         scales, zeros = static
@@ -125,7 +153,7 @@ def obs_sweep(
                     scale, zero = scales[g], zeros[g]
                 elif col % group == 0:
                     window = torch.cat([w1[:, i:], w[:, i2:i2 + group]], dim=1)[:, :group]
-                    scale, zero = (t.to(torch.float64) for t in grid_params(window, quant))
+                    scale, zero = grid_params(window, quant)
                     scales[col // group], zeros[col // group] = scale, zero
                 q = quantize_codes(value, scale, zero, quant.maxq)
                 if mask is not None:  # a pruned weight sits exactly at the zero point

@@ -17,11 +17,13 @@ SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128, 256)
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Bits, group size along K (-1 = one group per row) and symmetry of the grid."""
+    """Bits, group size along K (-1 = one group per row), symmetry of the grid, and ``grid_search``: shrink the
+    min-max range until the group's ``|error|^2.4`` is least (IST-DASLab/gptq's ``mse`` option: 80 steps of 1%)."""
 
     bits: int = 4
     group_size: int = 128
     sym: bool = False
+    grid_search: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -58,11 +60,33 @@ def grid_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     flat = (xmin == 0) & (xmax == 0)  # an all-zero row still needs a valid grid
     xmin = torch.where(flat, -1.0, xmin)
     xmax = torch.where(flat, 1.0, xmax)
+    scale, zero_point = _grid(xmin, xmax, spec)
+    if spec.grid_search:
+        scale, zero_point = _searched_grid(w, xmin, xmax, scale, zero_point, spec)
+    return scale, zero_point
+
+
+def _grid(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (xmax - xmin) / spec.maxq
     if spec.sym:
-        zero_point = torch.full_like(scale, (spec.maxq + 1) / 2)
-    else:
-        zero_point = torch.round(-xmin / scale)
+        return scale, torch.full_like(scale, (spec.maxq + 1) / 2)
+    return scale, torch.round(-xmin / scale)
+
+
+# IST-DASLab/gptq quant.py: grid=100, maxshrink=0.8, norm=2.4
+_SEARCH_STEPS, _SEARCH_NORM = 80, 2.4
+
+
+def _searched_grid(w, xmin, xmax, scale, zero_point, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    best = torch.full_like(scale, float("inf"))
+    for step in range(_SEARCH_STEPS):
+        shrink = 1.0 - step / 100
+        candidate_scale, candidate_zero = _grid(shrink * xmin, shrink * xmax, spec)
+        error = (fake_quantize(w, candidate_scale, candidate_zero, spec.maxq) - w).abs_().pow_(_SEARCH_NORM).sum(1)
+        better = error < best
+        best = torch.where(better, error, best)
+        scale = torch.where(better, candidate_scale, scale)
+        zero_point = torch.where(better, candidate_zero, zero_point)
     return scale, zero_point
 
 

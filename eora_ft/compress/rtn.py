@@ -14,8 +14,9 @@ class RTN:
 
     needs_stats = False
 
-    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, **_: object) -> None:
-        self.spec = QuantSpec(bits=bits, group_size=group_size, sym=sym)
+    def __init__(self, bits: int = 4, group_size: int = 128, sym: bool = False, grid_search: bool = False,
+                 **_: object) -> None:
+        self.spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, grid_search=grid_search)
 
     def compress(self, weight: torch.Tensor, stats: ActivationStats | None = None) -> QuantizedWeight:
         """Quantize ``weight`` ``[N, K]``; returns codes ``[K, N]`` and ``[G, N]`` grids."""

@@ -25,7 +25,7 @@ from eora_ft.init import LowRankFactors, get_initializer
 
 from .accounting import OutputError, SequentialResult
 from .linear import set_module
-from .stats import ActivationStats, StatsCollector
+from .stats import ActivationStats, StatisticsComplete, StatsCollector
 
 
 CAPTURE_MODES = ("compressed", "compensated")
@@ -99,17 +99,23 @@ def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], collec
     """Run ``layer`` over every calibration batch (each moved to ``run_on``, its output kept on ``store_on``;
     None = where it is). With ``first_stage_only``, statistics after the first batch (which reveals
     which linears share an input) accumulate only for the first stage: the later stages are
-    re-collected from the partly compressed layer anyway."""
+    re-collected from the partly compressed layer anyway. A collecting pass returns no outputs: each forward
+    ends as soon as its statistics are complete (:class:`~eora_ft.compress.stats.StatisticsComplete`)."""
     outputs = []
     for batch, (hidden, kwargs) in enumerate(inputs):
         if collector is not None:
             if batch == 1 and first_stage_only:
                 collector.restrict(_stages(collector)[0])
             collector.next_batch()
-        if run_on is None:
-            out = layer(hidden, **kwargs)
-        else:
-            out = layer(hidden.to(run_on), **_to_device(kwargs, run_on))
+        try:
+            if run_on is None:
+                out = layer(hidden, **kwargs)
+            else:
+                out = layer(hidden.to(run_on), **_to_device(kwargs, run_on))
+        except StatisticsComplete:
+            continue
+        if collector is not None:
+            continue
         out = (out[0] if isinstance(out, tuple) else out).detach()
         outputs.append((out if store_on is None else out.to(store_on), kwargs))
     return outputs
@@ -219,16 +225,20 @@ def compress_model(
         stages = _stages_of(collector.stats)
         # under true-sequential the later stages are re-collected from the partly compressed layer
         stats = {name: collector.stats[name] for name in (stages[0] if true_sequential else collector.stats)}
+        energies = {name: collector.output_energy[name] for name in stats}
         del collector
         for stage_index, stage in enumerate(stages):
             if true_sequential and stage_index:
                 with result.timed("statistics"):
-                    stats.update(_collect(layer, inputs, {name: linears[name] for name in stage}, run_on=run_on).stats)
+                    stage_collector = _collect(layer, inputs, {name: linears[name] for name in stage}, run_on=run_on)
+                stats.update(stage_collector.stats)
+                energies.update(stage_collector.output_energy)
+                del stage_collector  # its statistics must not outlive the layer
             for name in stage:
                 path = f"{prefix}.{index}.{name}"
                 # pop: the original fp32 linear goes as soon as its packed replacement is in
-                result.layers.append(_compress_linear(layer, name, linears.pop(name), stats.pop(name), context, path,
-                                                      home))
+                result.layers.append(_compress_linear(layer, name, linears.pop(name), stats.pop(name), energies.pop(name),
+                                                      context, path, home))
                 if capture == "compensated":
                     factors = result.factors[path][init_methods[0]]
                     set_module(layer, name, _Compensated(layer.get_submodule(name), factors))
@@ -292,8 +302,8 @@ class _LinearContext:
     precompressed: dict[str, nn.Module]
 
 
-def _compress_linear(layer, name, linear, stats: ActivationStats, ctx: _LinearContext, path: str,
-                     home: torch.device) -> dict:
+def _compress_linear(layer, name, linear, stats: ActivationStats, weight_energy: float, ctx: _LinearContext,
+                     path: str, home: torch.device) -> dict:
     """Compress one linear, factor every init's correction, swap the module in; returns its report row.
 
     Factors are stored on ``home`` (the layer's own device) and an init's own base (LoftQ's ``Q_T``) is
@@ -307,7 +317,7 @@ def _compress_linear(layer, name, linear, stats: ActivationStats, ctx: _LinearCo
             compressed = ctx.compressor.compress(weight, stats).to_module(linear.bias, linear.weight.dtype)
         delta = weight - compressed.dequantize(torch.float32)  # what the stored module really computes
     with result.timed("errors"):
-        errors = OutputError(delta, weight, stats.xtx)
+        errors = OutputError(delta, weight, stats.xtx, weight_energy)
     row = {"layer": path, "tokens": stats.tokens, "rel_out_err/compressed": errors.of()}
     result.factors[path] = {}
     if ctx.keep_stats:
@@ -322,7 +332,7 @@ def _compress_linear(layer, name, linear, stats: ActivationStats, ctx: _LinearCo
         own_errors = errors
         if factors.base is not None:  # LoftQ: the correction belongs to its own base Q_T
             own_base = factors.base.to_module(linear.bias, linear.weight.dtype)
-            own_errors = OutputError(weight - own_base.dequantize(torch.float32), weight, stats.xtx)
+            own_errors = OutputError(weight - own_base.dequantize(torch.float32), weight, stats.xtx, weight_energy)
             if init_name == ctx.base_from:
                 compressed = own_base
             factors.base = None  # packed above (or unused): its int64 codes must not pile up over the layers

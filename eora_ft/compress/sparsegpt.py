@@ -21,11 +21,11 @@ class SparseGPT:
     needs_stats = True
 
     def __init__(self, sparsity: str | float = "2:4", bits: int | None = None, group_size: int = 128, sym: bool = False,
-                 damp_percent: float = 0.01, block_size: int = 128, **_: object) -> None:
+                 grid_search: bool = False, damp_percent: float = 0.01, block_size: int = 128, **_: object) -> None:
         if not 0 < damp_percent < 1:
             raise ValueError(f"damp_percent={damp_percent} must lie in (0, 1)")
         self.prune = PruneSpec.parse(sparsity)
-        self.spec = QuantSpec(bits=bits, group_size=group_size, sym=sym) if bits else None
+        self.spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, grid_search=grid_search) if bits else None
         self.damp_percent, self.block_size = damp_percent, block_size
 
     def compress(self, weight: torch.Tensor, stats: ActivationStats) -> QuantizedWeight | SparseWeight:

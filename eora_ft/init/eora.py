@@ -7,11 +7,19 @@ eigenvalues cannot blow it up). This equals the Cholesky-whitening optimum (SVD-
 
 Two routes to the same ``U_r, S_r`` (fp64 both):
 - ``input`` side: the ``K x K`` eigendecomposition of ``C`` (cached on the statistics and shared by
-  every linear reading that input: q/k/v, gate/up), then the SVD of the ``[N, K]`` matrix ``dW Q L^1/2``;
+  every linear reading that input: gate/up), then ``M = dW Q L^1/2`` and the top eigenpairs of its
+  Gram on the smaller side (``M^T M``, ``K x K``, for a wide output: ``U_r = M V_r / S_r``);
 - ``output`` side: ``U_r`` and ``S_r^2`` are the top eigenpairs of the ``N x N`` matrix ``dW C dW^T``,
   no ``K x K`` eigendecomposition at all. For a down projection (``N = 4096 < K = 14336`` in Llama-3-8B)
-  this skips a 14336 x 14336 fp64 eigendecomposition (1.6 GB, minutes on a CPU) and the SVD.
-``side="auto"`` takes the output side when ``N < K`` and no decomposition of ``C`` is cached yet.
+  this skips a 14336 x 14336 fp64 eigendecomposition (1.6 GB, minutes on a CPU).
+``side="auto"`` takes the output side when ``N <= K`` and no decomposition of ``C`` is cached yet (q, k,
+v, o, down in Llama), else the input side (gate/up share one decomposition). Only the top ``r``
+eigenpairs of a Gram are computed (LAPACK's ``syevr`` through scipy on a CPU: the tridiagonal reduction
+and ``r`` eigenvectors instead of all of them). A Gram squares the singular values, so directions
+below ``sqrt(n eps)`` of the largest count as dead; the EoRA objective is unaffected at that level
+(tests/init/test_eora.py: the objective equals the fp64 full-SVD optimum to 1e-6 relative where the
+subspace iteration runs, and both routes agree with each other and with brute force). The
+reference's ``clamp`` mode, which needs the right singular vectors, keeps the full SVD.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import torch
 from eora_ft.compress.stats import ActivationStats
 
 from .factors import LowRankFactors
+from .spectral import alive_directions, finite, gram_rtol, split_left, top_eigenpairs, top_left_singular
 
 EIGEN_MODES = ("inverse_free", "clamp", "damp")
 SIDES = ("auto", "input", "output")
@@ -56,14 +65,13 @@ def eora_factors(
         raise ValueError(f"shrink={shrink} must lie in [0, 1]")
     if side == "auto":
         cached = isinstance(cov, tuple) or (isinstance(cov, ActivationStats) and cov.has_eigh)
-        side = "output" if delta_w.shape[0] < delta_w.shape[1] and eigen_mode != "clamp" and not cached else "input"
+        side = "output" if delta_w.shape[0] <= delta_w.shape[1] and eigen_mode != "clamp" and not cached else "input"
     if side == "output":
         if eigen_mode == "clamp" or isinstance(cov, tuple):
             raise ValueError("side='output' needs the covariance itself and eigen_mode inverse_free or damp")
         dw = delta_w.to(torch.float64)
         u, s = _output_side(dw, cov, shrink, damp if eigen_mode == "damp" else 0.0, rank)
-        # eigenvalues of the Gram are exact to ~N eps of the largest: its singular values to sqrt(N eps)
-        return _split(dw, u, s, rank, max(rtol, (dw.shape[0] * torch.finfo(torch.float64).eps) ** 0.5))
+        return split_left(dw, u, s, rank, gram_rtol(rtol, dw.shape[0]))
     return _input_side(delta_w, cov, rank, eigen_mode, damp, shrink, rtol)
 
 
@@ -84,10 +92,8 @@ def _output_side(dw: torch.Tensor, cov: torch.Tensor | ActivationStats, shrink: 
     identity_weight = (shrink + damp) * mean_eigenvalue
     if shrink or damp:
         gram = (1.0 - shrink) * gram + identity_weight * (dw @ dw.t())
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
-    keep = min(rank, evals.shape[0])
-    top = evals.flip(0)[:keep].clamp_min(0.0)
-    return evecs.flip(1)[:, :keep], top.sqrt()
+    top, vectors = top_eigenpairs(gram, rank)
+    return vectors, top.clamp_min(0.0).sqrt()
 
 
 def _input_side(delta_w, cov, rank, eigen_mode, damp, shrink, rtol) -> LowRankFactors:
@@ -109,38 +115,15 @@ def _input_side(delta_w, cov, rank, eigen_mode, damp, shrink, rtol) -> LowRankFa
         evals = torch.where(evals > 0, evals, floor)
 
     root = evals.sqrt()
-    u, s, vh = torch.linalg.svd((dw @ evecs) * root, full_matrices=False)
+    whitened = (dw @ evecs) * root  # M = dW Q L^1/2 [N, K]
     if eigen_mode != "clamp":
-        return _split(dw, u, s, rank, rtol)
+        return split_left(dw, *top_left_singular(whitened, rank), rank, gram_rtol(rtol, min(whitened.shape)))
+    u, s, vh = torch.linalg.svd(whitened, full_matrices=False)
     keep = min(rank, s.shape[0])
-    alive = _alive(s[:keep], s, rtol)
+    alive = alive_directions(s[:keep], s, rtol)
     s_root = torch.where(alive, s[:keep].sqrt(), torch.zeros_like(s[:keep]))
     b = torch.zeros(dw.shape[0], rank, dtype=torch.float64, device=dw.device)
     a = torch.zeros(rank, dw.shape[1], dtype=torch.float64, device=dw.device)
     b[:, :keep] = u[:, :keep] * s_root
     a[:keep] = (s_root.unsqueeze(1) * vh[:keep]) / root @ evecs.t()
-    return _finite(LowRankFactors(a.to(torch.float32), b.to(torch.float32), int(alive.sum())))
-
-
-def _alive(top: torch.Tensor, s: torch.Tensor, rtol: float) -> torch.Tensor:
-    """Which of the leading singular values ``top`` count as non-zero (relative to the largest)."""
-    return top > rtol * s[0].clamp_min(torch.finfo(s.dtype).tiny)
-
-
-def _split(dw: torch.Tensor, u: torch.Tensor, s: torch.Tensor, rank: int, rtol: float) -> LowRankFactors:
-    """``B = U_r S_r^1/2``, inverse-free ``A = S_r^-1/2 U_r^T dW`` (zero rows/columns for dead directions)."""
-    keep = min(rank, s.shape[0])
-    alive = _alive(s[:keep], s, rtol)
-    s_root = torch.where(alive, s[:keep].sqrt(), torch.zeros_like(s[:keep]))
-    inv_s_root = torch.where(alive, 1.0 / s[:keep].clamp_min(torch.finfo(s.dtype).tiny).sqrt(), torch.zeros_like(s[:keep]))
-    b = torch.zeros(dw.shape[0], rank, dtype=torch.float64, device=dw.device)
-    a = torch.zeros(rank, dw.shape[1], dtype=torch.float64, device=dw.device)
-    b[:, :keep] = u[:, :keep] * s_root
-    a[:keep] = inv_s_root.unsqueeze(1) * (u[:, :keep].t() @ dw)
-    return _finite(LowRankFactors(a.to(torch.float32), b.to(torch.float32), int(alive.sum())))
-
-
-def _finite(factors: LowRankFactors) -> LowRankFactors:
-    if not (torch.isfinite(factors.a).all() and torch.isfinite(factors.b).all()):
-        raise FloatingPointError("EoRA produced non-finite factors; try eigen_mode='damp' or more calibration tokens")
-    return factors
+    return finite(LowRankFactors(a.to(torch.float32), b.to(torch.float32), int(alive.sum())))

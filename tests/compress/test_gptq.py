@@ -29,6 +29,39 @@ def test_gptq_beats_rtn_on_correlated_inputs(bits, group):
     assert _output_error(w, gptq, x) < _output_error(w, rtn, x)
 
 
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_grid_search_never_raises_a_groups_error_and_keeps_valid_grids(bits, sym):
+    from eora_ft.compress.quantizer import fake_quantize, grid_params
+
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(4)) ** 3  # heavy tails: shrinking pays
+    plain, searched = QuantSpec(bits, 128, sym), QuantSpec(bits, 128, sym, grid_search=True)
+
+    def error(spec):
+        scale, zero = grid_params(w, spec)
+        return (fake_quantize(w, scale, zero, spec.maxq) - w).abs().pow(2.4).sum(1), zero
+
+    before, _ = error(plain)
+    after, zero = error(searched)
+    assert bool((after <= before).all()) and float(after.sum()) < float(before.sum())
+    assert torch.equal(zero, zero.round()) and int(zero.min()) >= 0 and int(zero.max()) <= 2**bits - 1
+    if sym:
+        assert bool((zero == 2 ** (bits - 1)).all())
+
+
+def test_grid_search_is_one_option_for_every_quantizing_compressor():
+    w, x, stats = _toy_layer(2)
+    for method in ("rtn", "gptq", "gptq+sparsegpt"):
+        plain = make_compressor(method, bits=2).compress(w, stats).dequantize()
+        searched = make_compressor(method, bits=2, grid_search=True).compress(w, stats).dequantize()
+        assert not torch.equal(plain, searched), method
+    make_compressor("sparsegpt", grid_search=True)  # a pruner ignores the option, as it ignores bits
+    with pytest.raises(ValueError, match="grid_search"):
+        from eora_ft.config import CompressionArguments
+
+        CompressionArguments(compress_method="sparsegpt", grid_search=True)
+
+
 def test_gptq_codes_and_grids_are_consistent():
     w, _, stats = _toy_layer(1)
     q = GPTQ(bits=3, group_size=32).compress(w, stats)
@@ -92,3 +125,20 @@ def test_memory_is_what_the_bits_say(bits):
     assert code_bytes / bf16_bytes == bits / 16
     grid_bytes = sum(b.numel() * b.element_size() for b in (layer.scales, layer.zeros))
     assert grid_bytes == (512 // 128) * 256 * (4 + 1)  # fp32 scale + uint8 zero per group and row
+
+
+@pytest.mark.parametrize("column_major", [True, False])
+def test_triangular_inverse_is_exact_and_in_place_for_either_layout(column_major):
+    """The Hessian chain's L^-1 reuses L's memory (no second K x K fp64 matrix: 1.6 GB at K = 14336) whether
+    torch handed L over column-major (its Cholesky does) or row-major."""
+    from eora_ft.compress.obs import _inverse_lower
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 40, generator=g, dtype=torch.float64)
+    lower = torch.linalg.cholesky(a @ a.t() + 40 * torch.eye(40, dtype=torch.float64))
+    lower = lower if column_major else lower.contiguous()
+    assert lower.is_contiguous() is not column_major
+    want = torch.linalg.inv(lower)
+    address = lower.data_ptr()
+    got = _inverse_lower(lower)
+    assert got.data_ptr() == address and torch.allclose(got, want, atol=1e-14, rtol=0)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from eora_ft.compress import CompressedLinear, StatsCollector, make_compressor
+from eora_ft.compress.stats import StatisticsComplete
 from eora_ft.compress.sequential import compress_model, find_decoder_layers
 from eora_ft.init import loftq_factors
 
@@ -28,7 +29,8 @@ def test_each_distinct_input_is_accumulated_once(nano_model_and_tokenizer):
         with torch.no_grad():
             for _ in range(3):
                 collector.next_batch()
-                layer(hidden, position_embeddings=position_embeddings)
+                with pytest.raises(StatisticsComplete):  # down_proj, the last linear, ends the forward
+                    layer(hidden, position_embeddings=position_embeddings)
     finally:
         collector.remove()
     distinct = collector.distinct()
@@ -37,6 +39,30 @@ def test_each_distinct_input_is_accumulated_once(nano_model_and_tokenizer):
     assert s["self_attn.q_proj"] is s["self_attn.k_proj"] is s["self_attn.v_proj"]
     assert s["mlp.gate_proj"] is s["mlp.up_proj"] and s["mlp.down_proj"] is not s["mlp.up_proj"]
     assert all(st.batches == 3 and st.tokens == 3 * 2 * 16 for st in distinct)
+
+
+def test_output_energy_is_the_squared_output_norm_without_bias_over_the_unmasked_tokens():
+    g = torch.Generator().manual_seed(5)
+    linears = {"shared_a": nn.Linear(12, 7, bias=True), "shared_b": nn.Linear(12, 5, bias=False)}
+    collector = StatsCollector(linears)
+    x = torch.randn(2, 6, 12, generator=g)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False  # padding
+    try:
+        with torch.no_grad():
+            for _ in range(2):
+                collector.next_batch(mask)
+                linears["shared_a"](x)
+                with pytest.raises(StatisticsComplete):  # every collected linear has now seen the batch
+                    linears["shared_b"](x)
+    finally:
+        collector.remove()
+    kept = x[mask].double()
+    for name, module in linears.items():
+        want = 2 * float((kept @ module.weight.double().t()).square().sum())
+        # the outputs are fp32 products: their squares summed in fp64 agree to fp32 round-off
+        assert collector.output_energy[name] == pytest.approx(want, rel=1e-5)
+    assert collector.stats["shared_a"] is collector.stats["shared_b"] and collector.stats["shared_a"].tokens == 20
 
 
 def test_compress_model_replaces_linears_and_factors_the_error(nano_model_and_tokenizer):
@@ -190,3 +216,29 @@ def test_on_a_gpu_the_model_stays_on_the_cpu_and_the_gpu_holds_about_one_layer(n
     peak = torch.cuda.max_memory_allocated()
     assert peak < 4 * layer_bytes + 8 * 128 * 768 * 4 * 4 + 16 * 2**20, (peak, layer_bytes)
     assert peak < 16 * layer_bytes / 3
+
+
+def test_a_q_k_v_statistics_pass_stops_before_attention_and_the_mlp(nano_model_and_tokenizer):
+    """Collecting the first stage's statistics ends each forward at the last of q/k/v: o, gate, up and down
+    never run, and the statistics equal those of a full forward."""
+    model, _ = nano_model_and_tokenizer
+    layer = model.model.layers[0]
+    hidden = torch.randn(2, 16, 256, generator=torch.Generator().manual_seed(1))
+    kwargs = {"position_embeddings": model.model.rotary_emb(hidden, torch.arange(16).unsqueeze(0))}
+    ran = []
+    handles = [m.register_forward_hook(lambda *_, n=name: ran.append(n))
+               for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+    from eora_ft.compress.sequential import _collect
+
+    stage = {n: layer.get_submodule(n) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+    try:
+        with torch.no_grad():
+            collector = _collect(layer, [(hidden, kwargs)] * 2, stage)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert set(ran) == set(stage)
+    x = hidden.reshape(-1, 256)
+    normed = layer.input_layernorm(x).double()
+    # fp32 products of 32 tokens per batch: entries of size ~30 carry round-off of ~eps32 * 64 (the two sums)
+    assert torch.allclose(collector.stats["self_attn.q_proj"].xtx, 2 * normed.t() @ normed, rtol=1e-5, atol=1e-4)

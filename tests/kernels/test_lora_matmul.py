@@ -93,6 +93,31 @@ class _MatmulDtypes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("free_bytes", [0, 1 << 60])  # plenty of memory: keep W_c; none: dequantize it again
+def test_cpu_backward_reuses_the_forward_weight_only_while_memory_allows(monkeypatch, free_bytes):
+    from eora_ft.kernels import lora_matmul
+
+    monkeypatch.setattr(lora_matmul, "KEEP_FREE_BYTES", free_bytes)
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(24, 64, generator=g, dtype=torch.float64)
+    x = torch.randn(5, 64, generator=g, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 64, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(24, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def weight_fn(dtype):
+        calls.append(dtype)
+        return weight.to(dtype)
+
+    y = packed_lora_linear(x, weight_fn, a, b, 0.5)
+    grads = torch.autograd.grad(y.square().sum(), (x, a, b))
+    assert len(calls) == (1 if free_bytes == 0 else 2)
+    x2, a2, b2 = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
+    want = torch.autograd.grad((x2 @ weight.t() + 0.5 * (x2 @ a2.t()) @ b2.t()).square().sum(), (x2, a2, b2))
+    for got, expected in zip(grads, want):
+        assert torch.allclose(got, expected, atol=1e-10)
+
+
 def test_under_autocast_every_product_runs_in_the_autocast_dtype_and_nothing_fp32_is_saved():
     g = torch.Generator().manual_seed(2)
     weight = torch.randn(24, 64, generator=g)

@@ -8,8 +8,10 @@ import pytest
 
 from tests.recipes._runs import launch, losses
 
-# recorded with the command in test_two_step_run (seed 0); see the module docstring
-RECORDED_LOSSES = [5.390113353729248, 5.646924018859863]
+# recorded with the command in test_two_step_run (seed 0); see the module docstring. Re-recorded 2026-12-01 when
+# GPTQ's sweep moved to fp32 and act-order became its default: a different (not worse) 2-bit base on 1,024
+# calibration tokens; held-out perplexity of every compressor is in BENCHMARKS.md ("Speed at real shapes").
+RECORDED_LOSSES = [5.437941551208496, 5.563111305236816]
 TOLERANCE = 2e-3  # relative; fp32 on one CPU build is deterministic to ~1e-6, summation order may differ across CPUs
 
 
