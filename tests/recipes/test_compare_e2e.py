@@ -27,5 +27,5 @@ def test_compare_two_inits(tmp_path):
     for key, value in qlora["compressed"].items():
         assert qlora["compensated"][key] == pytest.approx(value, rel=1e-6), key
     table = (out / "results.md").read_text()
-    assert "| gptq 2-bit g128 | qlora |" in table and "| gptq 2-bit g128 | eora |" in table
+    assert "| gptq 2-bit g128 act-order | qlora |" in table and "| gptq 2-bit g128 act-order | eora |" in table
     assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
