@@ -31,12 +31,14 @@ class ActivationStats:
             x = x[token_mask.reshape(-1).to(torch.bool)]
         if not torch.isfinite(x).all():
             raise FloatingPointError("NaN or Inf in calibration activations; check the model dtype and inputs")
-        if x.dtype == torch.float64:
-            self.xtx.addmm_(x.t(), x)
+        if x.dtype == torch.float64 or x.is_cuda:
+            # on a GPU fp64 GEMMs are fast (H100/H200: 60+ TFLOPS) and a fp32 product would silently become
+            # TF32 wherever the user's training config turned TF32 on
+            self.xtx.addmm_(x.t(), x.to(torch.float64))
         else:
-            # one fp32 product per batch (half the time of fp64 on a CPU, TF32-free on a GPU), summed in fp64
-            # over the batches: each entry has the accuracy of a fp32 sum over one batch's tokens, as the
-            # published GPTQ Hessians do, and the running total loses nothing to the number of batches
+            # one fp32 product per batch (half the time of fp64 on a CPU), summed in fp64 over the batches:
+            # each entry has the accuracy of a fp32 sum over one batch's tokens, as the published GPTQ
+            # Hessians do, and the running total loses nothing to the number of batches
             x = x.to(torch.float32)
             # by blocks of rows: a fp32 product and its fp64 cast of STATS_BLOCK rows at a time (0.2 GB at
             # K = 14336) instead of the whole K x K pair (2.5 GB)
