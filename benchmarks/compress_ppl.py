@@ -26,7 +26,7 @@ from eora_ft.evaluate import perplexity
 from eora_ft.peft_bridge import build_lora_model, lora_config
 
 WIKITEXT = "eora_ft/assets/data/wikitext2/wikitext-2-raw-v1.test.joined.txt"
-C4 = "eora_ft/assets/data/c4/c4_en_train_head1000.jsonl"
+C4 = "eora_ft/assets/data/c4/c4_en_train_calib900.jsonl"
 # Text of the model's own kind that it never saw (in domain), and WikiText-2 (out of domain for the nano model).
 PPL_TEXTS = {"enwiki_heldout": "eora_ft/assets/data/enwiki_heldout/wiki_49.txt", "wikitext2": WIKITEXT}
 

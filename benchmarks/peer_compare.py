@@ -50,7 +50,7 @@ import torch
 PEER_VERSION = "0.14.0.1"
 ENWIKI = "eora_ft/assets/data/enwiki_heldout/wiki_49.txt"
 WIKITEXT = "eora_ft/assets/data/wikitext2/wikitext-2-raw-v1.test.joined.txt"
-C4 = "eora_ft/assets/data/c4/c4_en_train_head1000.jsonl"
+C4 = "eora_ft/assets/data/c4/c4_en_train_calib900.jsonl"
 DEFAULT_SETTINGS = ["gptq/4/128", "gptq/3/128", "gptq/2/128", "sparsegpt/2:4"]
 CALIB_BATCH = 8  # compress_model's default batch; llm-compressor gets the same
 COLUMNS = ["setting", "tool", "seconds", "peak_rss_gib", "loaded_rss_gib", "ppl_enwiki", "ppl_wikitext2"]

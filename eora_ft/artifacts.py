@@ -1,82 +1,175 @@
-"""Compression + initialization as cached artifacts: what the key covers, how an entry is built and loaded.
+"""Compression and adapter initialization as two kinds of cached artifacts: what each key covers, how each
+entry is built and how a run loads them.
 
-The main process builds (or finds) the entry; every rank then loads the packed base and the initial
-adapter from it, so all ranks, and every rerun, train exactly the same starting point.
+A **base entry** holds the compressed model (``base/``) and is keyed by the compressor's inputs only:
+the model's contents, the compression settings, the compressor's calibration tokens and the target
+linears. An **init entry** holds one initial adapter (``init/``, plus ``base/`` when the initializer
+rewrites the base, as LoftQ's ``Q_T`` does) and is keyed by its base entry's key, the initializer's
+settings, the LoRA shape, the adapter calibration tokens and the seed. So one compressed base serves
+any number of task adapters: a second task, rank or initializer on the same model finds the base
+(``base: hit``) and only runs the initializer's own layer-by-layer pass, on its own calibration.
+
+``compress_method: none`` is the uncompressed ceiling: its base entry records the model to load
+instead of storing a copy, and its adapter starts as PEFT's plain LoRA (``B = 0``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
+from eora_ft.cache import META, model_fingerprint, tensor_fingerprint
 from eora_ft.compress import make_compressor
 from eora_ft.compress.io import load_compressed, save_compressed
 from eora_ft.compress.sequential import compress_model
-from eora_ft.config import AdapterInitArguments, CompressionArguments, EoraModelConfig
-from eora_ft.cache import model_fingerprint, tensor_fingerprint
+from eora_ft.config import UNCOMPRESSED, AdapterInitArguments, CompressionArguments, EoraModelConfig
+from eora_ft.data.sources import resolve_path
+from eora_ft.init import SEEDED_INITS
 from eora_ft.peft_bridge import build_lora_model, load_adapter, lora_config, save_adapter
 
 BASE_DIR, INIT_DIR = "base", "init"
-# Fields that do not change what is built (where it is cached or computed, how calibration text was
-# chosen: the token ids themselves are hashed instead).
-_NOT_IN_KEY = {"cache_dir", "calib_dataset", "calib_task_dataset", "calib_task_format", "calib_task_fraction",
-               "calib_num_samples", "calib_seq_len", "calib_seed", "execution_device", "calib_activations_device"}
+# How calibration text was chosen does not enter a key: the token ids themselves are hashed. Where an
+# entry is computed or cached does not change it either.
+_NOT_IN_BASE_KEY = {"cache_dir", "calib_dataset", "calib_task_dataset", "calib_task_format", "calib_task_fraction",
+                    "calib_num_samples", "calib_seq_len", "calib_seed", "execution_device", "calib_activations_device",
+                    "calib_batch_size"}
+_NOT_IN_INIT_KEY = {"adapter_calib_dataset", "adapter_calib_num_samples", "adapter_calib_task_fraction"}
 
 
-def key_parts(model: nn.Module, model_args: EoraModelConfig, compress_args: CompressionArguments,
-              init_args: AdapterInitArguments, calib: torch.Tensor, seed: int, model_dir: str) -> dict:
-    """Everything the artifacts depend on, as JSON-able values (hashed by :func:`eora_ft.cache.cache_key`)."""
+def base_key_parts(model: nn.Module, model_args: EoraModelConfig, compress_args: CompressionArguments,
+                   calib: torch.Tensor | None, model_dir: str) -> dict:
+    """What a compressed base depends on, as JSON-able values (hashed by :func:`eora_ft.cache.cache_key`).
+
+    ``calib`` is the compressor's int64 ``[samples, seq_len]`` calibration (None for ``none``)."""
     commit = getattr(model.config, "_commit_hash", None)
     return {
+        "kind": "base",
         "model": model_fingerprint(model_dir, commit),
         "dtype": str(next(model.parameters()).dtype),
-        "compression": {k: v for k, v in dataclasses.asdict(compress_args).items() if k not in _NOT_IN_KEY},
-        "calibration": {"tokens": tensor_fingerprint(calib), "shape": list(calib.shape)},
-        "init": {**dataclasses.asdict(init_args), "options": init_args.options().get(init_args.init_method, {})},
-        "lora": {"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
-                 "targets": model_args.lora_target_modules},
-        "seed": seed,
+        "compression": {k: v for k, v in dataclasses.asdict(compress_args).items() if k not in _NOT_IN_BASE_KEY},
+        "calibration": None if calib is None else {"tokens": tensor_fingerprint(calib), "shape": list(calib.shape)},
+        "targets": model_args.lora_target_modules,
     }
 
 
-def build_artifacts(directory: Path, model: nn.Module, tokenizer, calib: torch.Tensor, model_args: EoraModelConfig,
-                    compress_args: CompressionArguments, init_args: AdapterInitArguments, seed: int,
-                    progress: bool = True, execution_device: torch.device | None = None,
-                    activations_device: torch.device | None = None) -> dict:
-    """Compress ``model`` in place, compute the initial factors, write ``base/`` and ``init/`` into ``directory``.
+def init_key_parts(base_key: str, model_args: EoraModelConfig, init_args: AdapterInitArguments,
+                   adapter_calib: torch.Tensor | None, seed: int) -> dict:
+    """What an initial adapter depends on: its base entry, the initializer, the LoRA shape, the adapter
+    calibration tokens (int64 ``[samples, seq_len]``; None when the initializer reads none) and, for an
+    initializer that draws random numbers, the seed (so the seeds of a comparison share the others)."""
+    return {
+        "kind": "init",
+        "base": base_key,
+        "init": {**{k: v for k, v in dataclasses.asdict(init_args).items() if k not in _NOT_IN_INIT_KEY},
+                 "options": init_args.options().get(init_args.init_method, {})},
+        "calibration": None if adapter_calib is None else {"tokens": tensor_fingerprint(adapter_calib),
+                                                           "shape": list(adapter_calib.shape)},
+        "lora": {"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
+                 "targets": model_args.lora_target_modules},
+        "seed": seed if init_args.init_method in SEEDED_INITS else None,
+    }
 
-    ``model`` stays where it is (the CPU); each decoder layer moves to ``execution_device`` to be
-    compressed (see :func:`eora_ft.compress.sequential.compress_model`). Returns the metadata of the
-    entry: per-layer errors, calibration tokens, timings. ``model`` is left compressed and wrapped by
-    PEFT: callers load the entry afresh instead of reusing it.
-    """
+
+def build_base(directory: Path, model: nn.Module, tokenizer, calib: torch.Tensor | None, model_args: EoraModelConfig,
+               compress_args: CompressionArguments, progress: bool = True,
+               execution_device: torch.device | None = None, activations_device: torch.device | None = None) -> dict:
+    """Compress ``model`` in place (one decoder layer at a time on ``execution_device``) and write ``base/``.
+
+    Returns the entry's metadata (per-layer errors, calibration tokens, timings). For ``none`` nothing is
+    compressed or written: the metadata names the model to load instead."""
     start = time.perf_counter()
+    if compress_args.compress_method == UNCOMPRESSED:
+        local = resolve_path(model_args.model_name_or_path)  # an absolute path: later runs may start elsewhere
+        where = os.path.abspath(local) if os.path.exists(local) else model_args.model_name_or_path
+        return {"uncompressed": {"model": where, "revision": model_args.model_revision},
+                "calib_tokens": 0, "layers": [], "compress_seconds": 0.0, "compression": compress_args.describe()}
     compressor = make_compressor(compress_args.compress_method, **compress_args.compressor_options())
-    result = compress_model(model, calib, compressor, [init_args.init_method], rank=model_args.lora_r,
-                            init_options=init_args.options(), target_modules=model_args.lora_target_modules,
+    result = compress_model(model, calib, compressor, [], target_modules=model_args.lora_target_modules,
+                            batch_size=compress_args.calib_batch_size, true_sequential=compress_args.true_sequential,
+                            progress=progress, execution_device=execution_device, activations_device=activations_device)
+    save_compressed(model, directory / BASE_DIR, {**_compression_config(compress_args),
+                                                  "calib_tokens": result.calib_tokens}, tokenizer=tokenizer)
+    return {"calib_tokens": result.calib_tokens, "layers": result.layers, "compress_seconds": result.seconds,
+            "stage_seconds": result.stage_seconds, "build_seconds": time.perf_counter() - start,
+            "compression": compress_args.describe()}
+
+
+def build_init(directory: Path, base_entry: Path, original: Callable[[], nn.Module], tokenizer,
+               adapter_calib: torch.Tensor | None, model_args: EoraModelConfig, compress_args: CompressionArguments,
+               init_args: AdapterInitArguments, seed: int, progress: bool = True,
+               execution_device: torch.device | None = None, activations_device: torch.device | None = None) -> dict:
+    """Factor the initial adapter against ``base_entry``'s compressed linears and write ``init/``.
+
+    ``original()`` returns the uncompressed model (on the CPU): the error ``W - W_c`` needs its weights, and
+    the layer-by-layer pass over ``adapter_calib`` runs it with the compressed linears swapped in, so every
+    layer's statistics come from the compressed prefix. An initializer with its own base (LoftQ) also
+    writes ``base/``. Returns the entry's metadata."""
+    start = time.perf_counter()
+    model = original()
+    config = lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
+                         model_args.lora_target_modules)
+    meta = {"base_entry": base_entry.name, "init": init_args.init_method, "compression": compress_args.describe()}
+    if compress_args.compress_method == UNCOMPRESSED:  # plain LoRA: PEFT's own init, seeded
+        torch.manual_seed(seed)
+        save_adapter(build_lora_model(model, None, config), directory / INIT_DIR)
+        return meta | {"adapter_calib_tokens": 0, "layers": [], "init_seconds": {}}
+    packed = load_compressed(base_entry / BASE_DIR, dtype=next(model.parameters()).dtype)
+    targets = model_args.lora_target_modules
+    modules = {path: module for path, module in packed.named_modules()
+               if hasattr(module, "dequantize") and (targets is None or path.split(".")[-1] in targets)}
+    compressor = make_compressor(compress_args.compress_method, **compress_args.compressor_options())
+    result = compress_model(model, adapter_calib, compressor, [init_args.init_method], rank=model_args.lora_r,
+                            init_options=init_args.options(), target_modules=targets,
                             batch_size=compress_args.calib_batch_size, seed=seed,
                             true_sequential=compress_args.true_sequential, factor_bits=init_args.factor_bits,
                             capture=init_args.capture, base_from=init_args.init_method, progress=progress,
-                            execution_device=execution_device, activations_device=activations_device)
-    save_compressed(model, directory / BASE_DIR,
-                    {"method": compress_args.compress_method, **compress_args.compressor_options(),
-                     "description": compress_args.describe(), "calib_tokens": result.calib_tokens},
-                    tokenizer=tokenizer)
+                            execution_device=execution_device, activations_device=activations_device,
+                            precompressed=modules)
+    del packed, modules
+    if result.base_replaced:  # LoftQ's Q_T: the adapter belongs to this base, not the entry's
+        save_compressed(model, directory / BASE_DIR, {**_compression_config(compress_args),
+                                                      "rewritten_by": init_args.init_method}, tokenizer=tokenizer)
     factors = {path: per_init[init_args.init_method] for path, per_init in result.factors.items()}
-    config = lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
-                         model_args.lora_target_modules)
     save_adapter(build_lora_model(model, factors, config, trim_to_effective_rank=init_args.trim_rank),
                  directory / INIT_DIR)
-    return {"calib_tokens": result.calib_tokens, "layers": result.layers, "compress_seconds": result.seconds,
-            "init_seconds": result.init_seconds, "build_seconds": time.perf_counter() - start,
-            "compression": compress_args.describe(), "init": init_args.init_method}
+    return meta | {"adapter_calib_tokens": result.calib_tokens, "layers": result.layers,
+                   "init_seconds": result.init_seconds, "build_seconds": time.perf_counter() - start}
 
 
-def load_artifacts(entry: Path, dtype: torch.dtype, device: torch.device | str, trainable: bool = True):
-    """The packed base of ``entry`` on ``device`` with its initial adapter (a PEFT model; LoRA trainable)."""
-    model = load_compressed(entry / BASE_DIR, dtype=dtype, device=device)
-    return load_adapter(model, entry / INIT_DIR, is_trainable=trainable)
+def _compression_config(compress_args: CompressionArguments) -> dict:
+    return {"method": compress_args.compress_method, **compress_args.compressor_options(),
+            "description": compress_args.describe()}
+
+
+def base_directory(init_entry: Path) -> Path | None:
+    """The compressed model an init entry's adapter belongs to: its own ``base/`` (LoftQ), else its base
+    entry's; None for the uncompressed ceiling."""
+    if (init_entry / BASE_DIR).is_dir():
+        return init_entry / BASE_DIR
+    base_entry = init_entry.parent / json.loads((init_entry / META).read_text())["base_entry"]
+    return None if _uncompressed(base_entry) else base_entry / BASE_DIR
+
+
+def _uncompressed(base_entry: Path) -> dict | None:
+    return json.loads((base_entry / META).read_text()).get("uncompressed")
+
+
+def load_artifacts(init_entry: Path, dtype: torch.dtype, device: torch.device | str, trainable: bool = True):
+    """The base of ``init_entry`` on ``device`` with its initial adapter (a PEFT model; LoRA trainable)."""
+    base = base_directory(init_entry)
+    if base is None:
+        from transformers import AutoModelForCausalLM
+
+        source = _uncompressed(init_entry.parent / json.loads((init_entry / META).read_text())["base_entry"])
+        model = AutoModelForCausalLM.from_pretrained(source["model"], revision=source["revision"], dtype=dtype)
+        model = model.to(device)
+    else:
+        model = load_compressed(base, dtype=dtype, device=device)
+    return load_adapter(model, init_entry / INIT_DIR, is_trainable=trainable)

@@ -1,10 +1,10 @@
-"""Content-addressed cache of compression + initialization artifacts.
+"""Content-addressed cache of compression and initialization artifacts.
 
-An entry is a directory ``<root>/<key>/`` holding ``base/`` (the packed model, :func:`save_compressed`),
-``init/`` (the initial adapter, plain PEFT) and ``meta.json`` (per-layer errors, calibration tokens,
-timings), sealed by ``manifest.json`` (size and sha256 of every file), which is written last. The
-key is a sha256 over the *contents* that determine the artifacts: the model's files (or the hub
-commit), the calibration token ids, the compression and initialization settings.
+An entry is a directory ``<root>/<key>/`` holding what one stage built (:mod:`eora_ft.artifacts`: a
+compressed ``base/``, or an initial adapter ``init/`` that names its base entry) and ``meta.json``
+(per-layer errors, calibration tokens, timings), sealed by ``manifest.json`` (size and sha256 of every
+file), which is written last. The key is a sha256 over the *contents* that determine the artifacts:
+the model's files (or the hub commit), the calibration token ids, the settings.
 
 Building happens in a temp directory renamed into place, under an exclusive file lock, so two jobs
 never race on one entry and a killed build leaves no half entry. An entry whose manifest is missing
@@ -30,7 +30,7 @@ from eora_ft.report import current_umask
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bump when the entry layout or what the key covers changes (2: compact pruned layers)
+CACHE_FORMAT = 3  # bump when the entry layout or what the key covers changes (3: base and init entries apart)
 MANIFEST, META = "manifest.json", "meta.json"
 _MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".model", ".txt", ".tiktoken")
 

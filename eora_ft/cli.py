@@ -5,9 +5,9 @@
                                       compress a model and save it (see eora_ft/commands.py)
     eora-ft init --compressed DIR --method eora --rank 16 --output DIR
                                       a PEFT adapter initialised for a compressed model
-    eora-ft eval --model M [--compressed DIR] [--adapter DIR] --tasks arc_challenge,wikitext2 --output results.json
+    eora-ft eval --model M [--compressed DIR] [--adapter DIR] --tasks arc_challenge,enwiki_heldout,wikitext2 --output results.json
                                       evaluate (lm-evaluation-harness semantics, offline; see eora_ft/eval_command.py)
-    eora-ft arc|mathqa|gsm8k --config FILE.yaml
+    eora-ft arc|mathqa|gsm8k|text --config FILE.yaml
                                       a recipe in this process (same flags as recipes/<task>.py)
 """
 
@@ -34,7 +34,9 @@ def _info() -> int:
     return 0
 
 
-RECIPES = ("arc", "mathqa", "gsm8k")
+# recipe -> its default config (the nano model, offline)
+RECIPES = {"arc": "arc_nano_gptq2_eora", "mathqa": "mathqa_nano_gptq3_eora", "gsm8k": "gsm8k_nano_gptq3_eora",
+           "text": "text_nano_gptq2_eora"}
 
 
 def _recipe(name: str, argv: list[str]) -> int:
@@ -43,7 +45,7 @@ def _recipe(name: str, argv: list[str]) -> int:
     from eora_ft.recipe import recipe_main
 
     # In a checkout the recipe's default config exists; an installed package falls back to the defaults.
-    default = Path(__file__).resolve().parents[1] / "recipes" / "configs" / f"{name}_nano_{'gptq2' if name == 'arc' else 'gptq3'}_eora.yaml"
+    default = Path(__file__).resolve().parents[1] / "recipes" / "configs" / f"{RECIPES[name]}.yaml"
     recipe_main(argv, default, name)
     return 0
 

@@ -17,6 +17,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 from eora_ft.compress import COMPRESSORS, USES_BITS, USES_SPARSITY, PruneSpec
 from eora_ft.compress.quantizer import QuantSpec
 from eora_ft.compress.sequential import CAPTURE_MODES
+from eora_ft.data.heldout import DEFAULT_PPL_DATASETS, heldout_texts
 from eora_ft.data.task_text import TASK_TEXT_FORMATS
 from eora_ft.distributed import configure_cpu_process_state
 from eora_ft.init import INITIALIZERS
@@ -26,13 +27,16 @@ _ASSETS = "eora_ft/assets"
 DEFAULT_MODEL = f"{_ASSETS}/models/nano-llama-5m"
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ACTIVATION_PLACES = ("execution", "cpu")
+UNCOMPRESSED = "none"  # compress_method of the ceiling: LoRA on the uncompressed model
 
 
 @dataclass
 class TaskArguments(ScriptArguments):
     """What to train on and evaluate. ``dataset_name`` is a hub id or a local .json/.jsonl file/dir."""
 
-    task: str = field(default="arc_challenge", metadata={"help": "Task: arc_challenge, arc_easy, mathqa or gsm8k."})
+    task: str = field(default="arc_challenge",
+                      metadata={"help": "Task: arc_challenge, arc_easy, mathqa, gsm8k, or text (language modeling on "
+                                        "plain text, judged by held-out perplexity)."})
     dataset_name: str | None = field(
         default=f"{_ASSETS}/data/arc/ARC-Challenge/ARC-Challenge-Train.jsonl",
         metadata={"help": "Training data: hub id (e.g. allenai/ai2_arc) or local .json/.jsonl path."},
@@ -45,8 +49,10 @@ class TaskArguments(ScriptArguments):
     train_limit: int | None = field(default=None, metadata={"help": "Use only the first N training items."})
     eval_limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N items."})
     ppl_dataset: str | None = field(
-        default=f"{_ASSETS}/data/wikitext2/wikitext-2-raw-v1.test.joined.txt",
-        metadata={"help": "Text for perplexity (WikiText-2 test joined); None skips perplexity."},
+        default=DEFAULT_PPL_DATASETS,
+        metadata={"help": "Texts for perplexity, comma-separated (.txt or JSON Lines with 'text'); each metric is named "
+                          "after its text (enwiki_heldout/ppl, c4_heldout/ppl, wikitext2/ppl). Default: the held-out "
+                          "Wikipedia file (the nano model's own kind of text), held-out C4, WikiText-2 test. None skips."},
     )
     ppl_window: int = field(default=512, metadata={"help": "Perplexity window length in tokens."})
     ppl_max_windows: int | None = field(default=40, metadata={"help": "Use only the first N windows (None = all)."})
@@ -55,6 +61,9 @@ class TaskArguments(ScriptArguments):
     num_fewshot: int = field(default=5, metadata={"help": "GSM8K: solved examples before each question (lm-eval: 5)."})
     max_new_tokens: int = field(default=256, metadata={"help": "GSM8K: generation budget per answer (lm-eval: 256)."})
     eval_base: bool = field(default=True, metadata={"help": "Evaluate the uncompressed model too (the 'base' stage)."})
+    divergence_patience: int = field(
+        default=3, metadata={"help": "Report a run as diverged when this many consecutive logged training losses "
+                                     "stay above the first one (a NaN always counts); 0 = only NaN/inf."})
 
     def __post_init__(self) -> None:
         from eora_ft.tasks import TASKS  # the registry imports evaluation code: keep config import light
@@ -65,13 +74,15 @@ class TaskArguments(ScriptArguments):
             raise ValueError(f"num_fewshot={self.num_fewshot} must be >= 0 and max_new_tokens={self.max_new_tokens} >= 1")
         if self.ppl_window < 2:
             raise ValueError(f"ppl_window={self.ppl_window} must be at least 2")
+        heldout_texts(self.ppl_dataset)  # two texts with one metric name
 
 
 @dataclass
 class CompressionArguments:
     """How the base model is compressed and which calibration data feeds the statistics."""
 
-    compress_method: str = field(default="gptq", metadata={"help": f"One of {sorted(COMPRESSORS)}."})
+    compress_method: str = field(default="gptq", metadata={"help": f"One of {sorted(COMPRESSORS)}, or {UNCOMPRESSED!r} "
+                                                                   "(no compression: the plain-LoRA ceiling)."})
     bits: int = field(default=2, metadata={"help": "Bits per weight: 2, 3, 4 or 8."})
     group_size: int = field(default=128, metadata={"help": "Group length along in_features; -1 = per channel."})
     sym: bool = field(default=False, metadata={"help": "Symmetric grid (zero point in the middle)."})
@@ -87,7 +98,7 @@ class CompressionArguments:
     true_sequential: bool = field(default=True, metadata={"help": "Compress q/k/v, then o, then gate/up, then down, re-collecting statistics."})
     sparsity: str = field(default="2:4", metadata={"help": "sparsegpt / wanda / gptq+sparsegpt: 2:4, 4:8 or a ratio such as 0.5."})
     calib_dataset: str = field(
-        default=f"{_ASSETS}/data/c4/c4_en_train_head1000.jsonl",
+        default=f"{_ASSETS}/data/c4/c4_en_train_calib900.jsonl",
         metadata={"help": "Calibration text: local .jsonl (text field) / .txt or hub id; several, comma-separated, share the rows."},
     )
     calib_num_samples: int = field(default=64, metadata={"help": "Calibration sequences."})
@@ -115,8 +126,11 @@ class CompressionArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.compress_method not in COMPRESSORS:
-            raise ValueError(f"compress_method={self.compress_method!r} is unknown; valid: {sorted(COMPRESSORS)}")
+        if self.compress_method not in COMPRESSORS and self.compress_method != UNCOMPRESSED:
+            raise ValueError(f"compress_method={self.compress_method!r} is unknown; valid: "
+                             f"{sorted(COMPRESSORS) + [UNCOMPRESSED]}")
+        if self.compress_method == UNCOMPRESSED:  # the ceiling: compression options have nothing to act on
+            self.act_order = self.grid_search = False
         if self.compress_method in USES_BITS:
             QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym)  # validates bits / group size
         elif self.grid_search:
@@ -165,6 +179,8 @@ class CompressionArguments:
 
     def describe(self) -> str:
         """Short human label, e.g. ``gptq 2-bit g128`` or ``sparsegpt 2:4``."""
+        if self.compress_method == UNCOMPRESSED:
+            return "none (uncompressed)"
         parts = [self.compress_method]
         if self.compress_method in USES_BITS:
             parts.append(f"{self.bits}-bit g{self.group_size}" + (" act-order" if self.act_order else ""))
@@ -184,6 +200,16 @@ class AdapterInitArguments:
     factor_bits: int | None = field(default=None, metadata={"help": "Round A and B to 4 or 3 bits (None = fp32)."})
     capture: str = field(default="compressed", metadata={"help": "Statistics from the compressed prefix, or 'compensated'."})
     trim_rank: bool = field(default=False, metadata={"help": "Give layers with vanishing singular values their effective rank (rank_pattern)."})
+    adapter_calib_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Generic text of the initializer's calibration (the compressor's is calib_dataset); "
+                          "None = calib_dataset. Comma-separated sources share the rows."})
+    adapter_calib_num_samples: int | None = field(
+        default=None, metadata={"help": "Sequences of the initializer's calibration (None = calib_num_samples)."})
+    adapter_calib_task_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Share of the initializer's calibration made of the task's training text (the EoRA paper "
+                          "and GPTQModel's adapter_calibration_dataset: about half task data, half generic text)."})
 
     def __post_init__(self) -> None:
         if self.init_method not in INITIALIZERS:
@@ -198,6 +224,11 @@ class AdapterInitArguments:
             raise ValueError(f"factor_bits={self.factor_bits} is not supported; valid: None, 3, 4, 8")
         if self.capture not in CAPTURE_MODES:
             raise ValueError(f"capture={self.capture!r} is not valid; choose one of {list(CAPTURE_MODES)}")
+        if not 0.0 <= self.adapter_calib_task_fraction <= 1.0:
+            raise ValueError(f"adapter_calib_task_fraction={self.adapter_calib_task_fraction} must lie in [0, 1]")
+        if self.adapter_calib_num_samples is not None and self.adapter_calib_num_samples < 1:
+            raise ValueError(f"adapter_calib_num_samples={self.adapter_calib_num_samples} must be >= 1 (or None: "
+                             "calib_num_samples)")
 
     def options(self) -> dict[str, dict]:
         """Per-initializer keyword options for :func:`eora_ft.compress.sequential.compress_model`."""
@@ -254,3 +285,10 @@ def make_parser(extra: tuple = ()) -> TrlParser:
 def parse_recipe_args(args: list[str] | None = None, extra: tuple = ()):
     """Parse ``args`` (default ``sys.argv[1:]``) into the five recipe dataclasses (then ``extra``); unknown keys raise."""
     return make_parser(extra).parse_args_and_config(args=args)
+
+
+def check_compatible(compress_args: CompressionArguments, init_args: AdapterInitArguments) -> None:
+    """Fail on settings that are valid alone but not together (before any work)."""
+    if compress_args.compress_method == UNCOMPRESSED and init_args.init_method != "qlora":
+        raise ValueError(f"compress_method={UNCOMPRESSED!r} has no compression error to initialise from; "
+                         f"init_method={init_args.init_method!r} needs one: use init_method='qlora' (plain LoRA, B = 0)")

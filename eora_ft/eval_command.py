@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from eora_ft.tasks import PPL_METRIC, TASKS, get_task
+from eora_ft.data.heldout import BUNDLED_PATHS, heldout_texts
+from eora_ft.tasks import TASKS, get_task
 
 ASSET_DATA = Path(__file__).resolve().parent / "assets" / "data"
-WIKITEXT = ASSET_DATA / "wikitext2" / "wikitext-2-raw-v1.test.joined.txt"
-EXTRA_TASKS = ("wikitext2",)
+EXTRA_TASKS = tuple(BUNDLED_PATHS)  # perplexity texts: enwiki_heldout, c4_heldout, wikitext2
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,16 +109,16 @@ def eval_command(args: argparse.Namespace) -> int:
 
 def _evaluate_all(model, tokenizer, names: list[str], data: dict, pools: dict, args: argparse.Namespace,
                   metrics: dict, columns: list, timings: dict) -> None:
-    from eora_ft.data import read_text
     from eora_ft.evaluate import perplexity
 
     for name in names:
         start = time.perf_counter()
-        if name == "wikitext2":
-            text = read_text(data.get(name, str(WIKITEXT)))
-            metrics[PPL_METRIC[0]] = perplexity(model, tokenizer, text, window=args.ppl_window,
-                                                max_windows=args.ppl_max_windows)["ppl"]
-            columns.append(list(PPL_METRIC))
+        if name in BUNDLED_PATHS:
+            (text,) = heldout_texts(BUNDLED_PATHS[name])
+            key, label, kind = text.metric
+            metrics[key] = perplexity(model, tokenizer, heldout_texts(data.get(name, text.path))[0].read(),
+                                      window=args.ppl_window, max_windows=args.ppl_max_windows, desc=name)["ppl"]
+            columns.append([key, label, kind])
         else:
             task = get_task(name)
             items = task.load(data.get(name, str(ASSET_DATA / task.bundled_eval)), split="test", limit=args.limit)

@@ -49,6 +49,25 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
+def encode_prefix(tokenizer, text: str, n_tokens: int | None) -> list[int]:
+    """The first ``n_tokens`` token ids of ``text`` (all of them for None), tokenizing only a prefix.
+
+    The prefix ends at a line break well past the tokens needed (about 8 characters per token, doubled
+    until it yields 64 tokens more than needed), so the tokens kept are those of the whole text: BPE
+    never merges across a line break. Held-out texts are megabytes; a perplexity run reads 20k tokens."""
+    if n_tokens is None:
+        return _encode(tokenizer, text)
+    chars = 8 * n_tokens
+    while chars < len(text):
+        cut = text.rfind("\n", 0, chars)
+        if cut > 0:
+            ids = _encode(tokenizer, text[:cut])
+            if len(ids) >= n_tokens + 64:
+                return ids[:n_tokens]
+        chars *= 2
+    return _encode(tokenizer, text)[:n_tokens]
+
+
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of (context, continuation) exactly as lm-eval's `_encode_pair` builds them.
 
@@ -176,7 +195,8 @@ def perplexity(
     Returns `{"ppl": float, "windows": int, "tokens": int}` (`tokens`: the tokens scored, i.e.
     windows * window).
     """
-    ids = torch.tensor(_encode(tokenizer, text), dtype=torch.long, device="cpu")  # host side; batches move
+    needed = None if max_windows is None else max_windows * window
+    ids = torch.tensor(encode_prefix(tokenizer, text, needed), dtype=torch.long, device="cpu")  # host side; batches move
     n_windows = ids.numel() // window
     if n_windows == 0:
         raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of window={window}")

@@ -23,12 +23,21 @@ import transformers
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eora_ft.artifacts import build_artifacts, key_parts, load_artifacts
+from eora_ft.artifacts import base_directory, base_key_parts, build_base, build_init, init_key_parts, load_artifacts
 from eora_ft.cache import cache_key, default_cache_dir, ensure_entry, read_meta, require_entry
 from eora_ft.compress import USES_BITS
 from eora_ft.compress.sequential import find_decoder_layers, target_linears
-from eora_ft.config import AdapterInitArguments, CompressionArguments, EoraModelConfig, EoraSFTConfig, TaskArguments
-from eora_ft.data import mixed_calibration, read_text, resolve_path
+from eora_ft.config import (
+    UNCOMPRESSED,
+    AdapterInitArguments,
+    CompressionArguments,
+    EoraModelConfig,
+    EoraSFTConfig,
+    TaskArguments,
+    check_compatible,
+)
+from eora_ft.data import mixed_calibration, resolve_path
+from eora_ft.data.heldout import heldout_texts
 from eora_ft.data.sources import _looks_like_hub_id
 from eora_ft.data.task_text import task_texts
 from eora_ft.distributed import all_cores_while_others_wait, describe_state, full_model_init, gather_trainable
@@ -39,7 +48,7 @@ from eora_ft.peft_bridge import save_adapter, trainable_summary
 from eora_ft.placement import placed_for_inference
 from eora_ft.report import write_model_card, write_results
 from eora_ft.tasks import get_task
-from eora_ft.train import loss_history, train_adapters, training_backend
+from eora_ft.train import divergence, loss_history, train_adapters, training_backend
 
 logger = logging.getLogger("eora_ft")
 
@@ -92,16 +101,24 @@ def check_model_against_config(model: torch.nn.Module, targets: list[str] | None
                              "use a divisor or -1 (per channel)")
 
 
-def validate_sources(task_args: TaskArguments, compress_args: CompressionArguments) -> None:
-    """Fail before any work on a missing data path or on calibrating with the perplexity text."""
+def validate_sources(task_args: TaskArguments, compress_args: CompressionArguments,
+                     init_args: AdapterInitArguments | None = None) -> None:
+    """Fail before any work on a missing data path or on calibrating with a perplexity text."""
+    calib = [("calib_dataset", part.strip()) for part in compress_args.calib_dataset.split(",") if part.strip()]
+    if init_args is not None and init_args.adapter_calib_dataset:
+        calib += [("adapter_calib_dataset", part.strip()) for part in init_args.adapter_calib_dataset.split(",")
+                  if part.strip()]
+    texts = heldout_texts(task_args.ppl_dataset)
     for source, what in [(task_args.dataset_name, "dataset_name"), (task_args.eval_dataset_name, "eval_dataset_name"),
-                         (task_args.ppl_dataset, "ppl_dataset"), (compress_args.calib_task_dataset, "calib_task_dataset"),
-                         *[(part, "calib_dataset") for part in compress_args.calib_dataset.split(",")]]:
+                         *[(text.path, "ppl_dataset") for text in texts],
+                         (compress_args.calib_task_dataset, "calib_task_dataset"), *[(p, w) for w, p in calib]]:
         require_source(source.strip() if source else source, what)
-    if task_args.ppl_dataset and any(resolve_path(part.strip()) == resolve_path(task_args.ppl_dataset)
-                                     for part in compress_args.calib_dataset.split(",")):
-        raise ValueError(f"calib_dataset includes {task_args.ppl_dataset!r}, the perplexity text: calibrating on the "
-                         "evaluation text would leak it into the metric; use C4 or another split")
+    for text in texts:
+        for what, part in calib:
+            if resolve_path(part) == resolve_path(text.path):
+                raise ValueError(f"{what} includes {text.path!r}, a perplexity text: calibrating on the evaluation "
+                                 "text would leak it into the metric; use another file or split (the bundled C4 "
+                                 "calibration and held-out files are disjoint)")
 
 
 def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args: AdapterInitArguments,
@@ -114,7 +131,12 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     logger.info("%s", describe_state(state))
     transformers.set_seed(training_args.seed)
     task = get_task(task_args.task)
-    validate_sources(task_args, compress_args)
+    check_compatible(compress_args, init_args)
+    if task.name == "text" and not (training_args.packing and training_args.packing_strategy == "wrapped"):
+        raise ValueError(f"task='text' trains a language model on whole documents: set packing: true and "
+                         f"packing_strategy: wrapped (got packing={training_args.packing}, packing_strategy="
+                         f"{training_args.packing_strategy!r}); without them each document is cut to max_length")
+    validate_sources(task_args, compress_args, init_args)
     cache_root = Path(compress_args.cache_dir) if compress_args.cache_dir else default_cache_dir()
     handoff = Handoff.start(state, cache_root, training_args.main_process_timeout)
     timings: dict[str, float] = {}
@@ -133,16 +155,17 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     eval_source = task_args.eval_dataset_name or task_args.dataset_name
     eval_items = task.load(resolve_path(eval_source), split=task_args.dataset_test_split,
                            name=task_args.dataset_config or task.hub_name, limit=task_args.eval_limit)
-    ppl_text = read_text(resolve_path(task_args.ppl_dataset)) if main and task_args.ppl_dataset else None
+    ppl_texts = [(text, text.read()) for text in heldout_texts(task_args.ppl_dataset)] if main else []
 
     @all_cores_while_others_wait(state)
     def evaluate(stage_model) -> dict:
         metrics = task.evaluate(stage_model, tokenizer, eval_items, train_items, batch_size=task_args.eval_batch_size,
                                 progress=progress, max_new_tokens=task_args.max_new_tokens,
                                 num_fewshot=task_args.num_fewshot)
-        if ppl_text is not None:
-            metrics["wikitext2/ppl"] = perplexity(stage_model, tokenizer, ppl_text, window=task_args.ppl_window,
-                                                  max_windows=task_args.ppl_max_windows, progress=progress)["ppl"]
+        for text, content in ppl_texts:
+            metrics[text.metric[0]] = perplexity(stage_model, tokenizer, content, window=task_args.ppl_window,
+                                                 max_windows=task_args.ppl_max_windows, progress=progress,
+                                                 desc=text.name)["ppl"]
         return metrics
 
     stages: dict[str, dict] = {}
@@ -155,7 +178,8 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     else:
         posted = handoff.wait("entry", "build the compressed model and its initial adapter")
         entry = require_entry(cache_root, posted["key"])
-        built, dtype = False, getattr(torch, posted["dtype"].removeprefix("torch."))
+        require_entry(cache_root, read_meta(entry)["base_entry"])
+        built, dtype = {}, getattr(torch, posted["dtype"].removeprefix("torch."))
     meta = read_meta(entry)
     with full_model_init():
         peft_model = load_artifacts(entry, dtype, state.device)
@@ -185,7 +209,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     if trained is not None:  # ZeRO-3 sharded the model: evaluate and save an unsharded copy
         peft_model = _unsharded_copy(entry, dtype, state.device, trained)
     if not task_args.ppl_after_finetune:
-        ppl_text = None
+        ppl_texts = []
     stages["finetuned"] = evaluate(peft_model)
     lap("eval_finetuned")
 
@@ -193,15 +217,17 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         "title": f"{task.name}: {compress_args.describe()} + {init_args.init_method} r{model_args.lora_r} "
                  f"on {model_args.model_name_or_path}",
         "task": task.name,
-        "metrics": [list(m) for m in task.metrics] + ([["wikitext2/ppl", "WikiText-2 ppl", "ppl"]]
-                                                       if task_args.ppl_dataset else []),
+        "metrics": [list(m) for m in task.metrics] + [list(t.metric) for t in heldout_texts(task_args.ppl_dataset)],
         "stages": stages,
         "summary": {
             "model": model_args.model_name_or_path,
             "compression": compress_args.describe(),
             "init": f"{init_args.init_method} rank={model_args.lora_r} alpha={model_args.lora_alpha}",
-            "calibration tokens": meta["calib_tokens"],
-            "artifact cache": f"{'built' if built else 'hit'}: {entry}",
+            "calibration tokens": built.get("calib_tokens", "–"),
+            "adapter calibration tokens": meta["adapter_calib_tokens"],
+            "artifact cache": f"base: {built.get('base', '–')}, init: {built.get('init', '–')}",
+            "init entry": str(entry),
+            "compressed base": str(base_directory(entry) or f"{model_args.model_name_or_path} (uncompressed)"),
             "train items": len(train_items), "eval items": len(eval_items),
             "train steps": trainer.state.global_step,
             "trainable parameters": trainable_summary(trainer.model)["trainable"],
@@ -210,6 +236,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         },
         "timings": timings,
         "train_loss": loss_history(trainer),
+        "divergence": divergence(loss_history(trainer), task_args.divergence_patience),
         "eval_loss": loss_history(trainer, "eval_loss"),
         "layers": meta["layers"],
         "config": {cls.__name__: {k: v for k, v in dataclasses.asdict(obj).items() if not k.startswith("_")}
@@ -229,7 +256,9 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
                       train_dataset, cache_root: Path, evaluate, stages: dict, lap, progress: bool):
     """Main process: load the uncompressed model on the CPU, evaluate it, build (or find) the cache entry.
 
-    Returns ``(entry, built, dtype)``; fills ``stages["base"]``."""
+    Two cache entries: the compressed base (keyed by the compressor's inputs) and the initial adapter
+    (keyed by its base, the initializer and the adapter calibration). Returns ``(init entry, what was built
+    or found, dtype)``; fills ``stages["base"]``."""
     with full_model_init():
         tokenizer, model = load_model(model_args)
     check_model_against_config(model, model_args.lora_target_modules, compress_args, model_args.lora_r)
@@ -238,21 +267,49 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
         with placed_for_inference(model, state.device):
             stages["base"] = evaluate(model)
     lap("eval_base")
-    if compress_args.calib_task_dataset:
-        calib_task = task_texts(compress_args.calib_task_format, resolve_path(compress_args.calib_task_dataset))
-    else:
-        calib_task = [p + c for p, c in zip(train_dataset["prompt"], train_dataset["completion"])]
-    calib = mixed_calibration(tokenizer, compress_args.calib_dataset, calib_task, compress_args.calib_num_samples,
-                              compress_args.calib_seq_len, task_fraction=compress_args.calib_task_fraction,
-                              seed=compress_args.calib_seed)
-    parts = key_parts(model, model_args, compress_args, init_args, calib, training_args.seed,
-                      resolve_path(model_args.model_name_or_path))
+    dtype = next(model.parameters()).dtype
     execution, activations = compress_args.placement(state.device)
+    uncompressed = compress_args.compress_method == UNCOMPRESSED
+    calib = adapter_calib = None
+    if not uncompressed:
+        if compress_args.calib_task_dataset:
+            calib_task = task_texts(compress_args.calib_task_format, resolve_path(compress_args.calib_task_dataset))
+        else:
+            calib_task = (list(train_dataset["text"]) if "text" in train_dataset.column_names else
+                          [p + c for p, c in zip(train_dataset["prompt"], train_dataset["completion"])])
+        calib = mixed_calibration(tokenizer, compress_args.calib_dataset, calib_task, compress_args.calib_num_samples,
+                                  compress_args.calib_seq_len, task_fraction=compress_args.calib_task_fraction,
+                                  seed=compress_args.calib_seed)
+        adapter_calib = mixed_calibration(
+            tokenizer, init_args.adapter_calib_dataset or compress_args.calib_dataset, calib_task,
+            init_args.adapter_calib_num_samples or compress_args.calib_num_samples, compress_args.calib_seq_len,
+            task_fraction=init_args.adapter_calib_task_fraction, seed=compress_args.calib_seed)
+    base_key = cache_key(base_key_parts(model, model_args, compress_args, calib,
+                                        resolve_path(model_args.model_name_or_path)))
+    init_key = cache_key(init_key_parts(base_key, model_args, init_args, adapter_calib, training_args.seed))
+    consumed = False  # building the base compresses the loaded model in place
+
+    def original():
+        nonlocal model
+        if consumed:
+            with full_model_init():
+                model = load_model(model_args)[1]
+        return model
+
+    def compress(tmp: Path) -> dict:
+        nonlocal consumed
+        consumed = not uncompressed
+        return build_base(tmp, model, tokenizer, calib, model_args, compress_args, progress,
+                          execution_device=execution, activations_device=activations)
+
     with all_cores_while_others_wait(state):
-        entry, built = ensure_entry(cache_root, cache_key(parts), lambda tmp: build_artifacts(
-            tmp, model, tokenizer, calib, model_args, compress_args, init_args, training_args.seed, progress,
-            execution_device=execution, activations_device=activations))
-    return entry, built, getattr(torch, parts["dtype"].removeprefix("torch."))
+        base_entry, base_built = ensure_entry(cache_root, base_key, compress)
+        entry, init_built = ensure_entry(cache_root, init_key, lambda tmp: build_init(
+            tmp, base_entry, original, tokenizer, adapter_calib, model_args, compress_args, init_args,
+            training_args.seed, progress, execution_device=execution, activations_device=activations))
+    built = {"base": "built" if base_built else "hit", "init": "built" if init_built else "hit",
+             "calib_tokens": read_meta(base_entry)["calib_tokens"]}
+    return entry, built, dtype
 
 
 def _unsharded_copy(entry: Path, dtype: torch.dtype, device: torch.device, trained: dict):

@@ -14,21 +14,36 @@ import matplotlib.pyplot as plt  # noqa: E402
 from eora_ft.report import default_file_mode  # noqa: E402
 
 
-def plot_loss_curves(runs: dict[str, dict], path: str | Path, title: str = "") -> Path:
-    """Two panels (train loss, eval loss vs step), one line per run label; written atomically as PNG.
+def _band(curves: list[list[dict]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Steps logged by every seed, and the mean, min and max loss over seeds at each."""
+    steps = sorted(set.intersection(*[{p["step"] for p in curve} for curve in curves]))
+    at = [{p["step"]: p["loss"] for p in curve} for curve in curves]
+    values = [[seed[step] for seed in at] for step in steps]
+    return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
-    ``runs`` maps a label (e.g. ``eora`` or ``eora lr=1e-4``) to a results dict with ``train_loss`` and
-    ``eval_loss`` lists of ``{"step", "loss"}``. An empty eval curve leaves its panel with a note.
+
+def plot_loss_curves(runs: dict[str, dict], path: str | Path, title: str = "",
+                     groups: dict[str, list[str]] | None = None) -> Path:
+    """Two panels (train loss, eval loss vs step), one line per group; written atomically as PNG.
+
+    ``runs`` maps a run label (e.g. ``eora_seed1``) to a results dict with ``train_loss`` and ``eval_loss``
+    lists of ``{"step", "loss"}``; ``groups`` maps a line's label (e.g. ``eora``) to its runs (its seeds:
+    the line is their mean, the shaded band their min..max). None: one line per run. An empty eval
+    curve leaves its panel with a note.
     """
     path = Path(path)
+    groups = groups or {label: [label] for label in runs}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for ax, key, name in ((axes[0], "train_loss", "training loss"), (axes[1], "eval_loss", "evaluation loss")):
         drawn = False
-        for label, results in runs.items():
-            curve = results.get(key) or []
-            if curve:
-                ax.plot([p["step"] for p in curve], [p["loss"] for p in curve], marker="o" if len(curve) < 15 else None,
-                        markersize=3, label=label)
+        for label, members in groups.items():
+            curves = [runs[member].get(key) or [] for member in members]
+            if all(curves):
+                steps, mean, low, high = _band(curves)
+                line, = ax.plot(steps, mean, marker="o" if len(steps) < 15 else None, markersize=3,
+                                label=label if len(members) == 1 else f"{label} ({len(members)} seeds)")
+                if len(members) > 1:
+                    ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
                 drawn = True
         ax.set_title(name)
         ax.set_xlabel("optimizer step")

@@ -14,6 +14,7 @@ STAGE_DESCRIPTIONS = {
     "finetuned": "compressed + trained adapter",
 }
 METRICS = [("arc_challenge/acc", "ARC-C acc", "pct"), ("arc_challenge/acc_norm", "ARC-C acc_norm", "pct"),
+           ("enwiki_heldout/ppl", "enwiki held-out ppl", "ppl"), ("c4_heldout/ppl", "C4 held-out ppl", "ppl"),
            ("wikitext2/ppl", "WikiText-2 ppl", "ppl")]  # columns when a results dict names none
 
 
@@ -64,6 +65,9 @@ def results_markdown(results: dict) -> str:
     lines.append("Accuracies in %: multiple choice by summed log-likelihood of each choice (acc_norm: divided by "
                  "the choice's length), GSM8K by exact match of the greedy answer (strict `#### n`, flexible: last "
                  "number); perplexity over non-overlapping windows.")
+    if results.get("divergence"):
+        lines += ["", f"**Training diverged**: {results['divergence']}. The finetuned row is what the diverged "
+                      "adapter gives; lower the learning rate or start from another initialization."]
     if results.get("summary"):
         lines += ["", "| setting | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in results["summary"].items()]
@@ -88,7 +92,7 @@ def model_card(results: dict) -> str:
     config = results.get("config", {})
     compression = config.get("CompressionArguments", {})
     init = config.get("AdapterInitArguments", {})
-    entry = str(summary.get("artifact cache", "")).split(": ", 1)[-1]
+    base = str(summary.get("compressed base", ""))
     tags = ["eora_ft", "lora", str(compression.get("compress_method", "")), str(init.get("init_method", "")),
             str(results.get("task", ""))]
     lines = ["---", "library_name: peft", f"base_model: {summary.get('model', '')}",
@@ -101,11 +105,11 @@ def model_card(results: dict) -> str:
     if curve:
         lines += ["", f"Training loss: {curve[0]['loss']:.4f} at step {curve[0]['step']} -> "
                       f"{curve[-1]['loss']:.4f} at step {curve[-1]['step']}."]
-    lines += ["", "## Use", "", "The adapter belongs to the packed base of the artifact cache entry it was trained on "
-              f"(`{entry}`; rerunning the run's config rebuilds that entry if it was deleted):", "", "```python",
-              "from eora_ft.compress.io import load_compressed",
+    lines += ["", "## Use", "", "The adapter belongs to the compressed base it was trained on "
+              f"(`{base}`, in the artifact cache; rerunning the run's config rebuilds it if it was deleted):", "",
+              "```python", "from eora_ft.compress.io import load_compressed",
               "from eora_ft.peft_bridge import load_adapter", "",
-              f'model = load_adapter(load_compressed("{entry}/base"), "adapter")  # paths relative to this folder',
+              f'model = load_adapter(load_compressed("{base}"), "adapter")  # "adapter": this folder\'s adapter/',
               "```", "", "The full configuration of the run is in `results.json` (`config`)."]
     return "\n".join(lines) + "\n"
 

@@ -1,8 +1,9 @@
 """Registry of tasks: how each is loaded, formatted for SFT (loss on the completion) and scored.
 
-Every task trains on ``Question: ...\\nAnswer:`` prompts whose completion is what the evaluation
+Every question task trains on ``Question: ...\\nAnswer:`` prompts whose completion is what the evaluation
 scores (the gold choice for multiple choice, the full solution for GSM8K), so fine-tuning and
-evaluation see the same text. Metric keys are ``"<task>/<metric>"``.
+evaluation see the same text. Metric keys are ``"<task>/<metric>"``. The ``text`` task trains a language
+model on plain text (loss on every token) and is judged by held-out perplexity (``ppl_dataset``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import datasets
 from eora_ft.data.arc import MultipleChoiceItem, arc_prompt, arc_sft_dataset, load_arc
 from eora_ft.data.gsm8k import gsm8k_sft_dataset, load_gsm8k
 from eora_ft.data.mathqa import load_mathqa
+from eora_ft.data.plain_text import load_plain_text, text_sft_dataset
 from eora_ft.evaluate import score_multiple_choice
 from eora_ft.generation_eval import score_gsm8k
 
@@ -59,6 +61,11 @@ def _gsm8k(model, tokenizer, items, fewshot_pool, *, batch_size, progress, max_n
                        batch_size=max(1, batch_size // 4), progress=progress)
 
 
+def _no_task_metrics(model, tokenizer, items, fewshot_pool, **_options) -> dict:
+    # plain text is judged by its held-out perplexities (ppl_dataset) and the eval loss curve
+    return {}
+
+
 def _mc_metrics(name: str, label: str) -> tuple[tuple[str, str, str], ...]:
     return ((f"{name}/acc", f"{label} acc", "pct"), (f"{name}/acc_norm", f"{label} acc_norm", "pct"))
 
@@ -78,8 +85,9 @@ TASKS: dict[str, Task] = {
                   (("gsm8k/strict", "GSM8K strict", "pct"), ("gsm8k/flexible", "GSM8K flexible", "pct")),
                   hub_name="main", recipe="gsm8k", bundled_train="gsm8k/train_head1000.jsonl",
                   bundled_eval="gsm8k/test_head500.jsonl"),
+    "text": Task("text", load_plain_text, text_sft_dataset, _no_task_metrics, (), hub_name=None, recipe="text",
+                 bundled_train="enwiki_train/wiki_00.txt", bundled_eval="enwiki_heldout/wiki_49.txt"),
 }
-PPL_METRIC = ("wikitext2/ppl", "WikiText-2 ppl", "ppl")
 
 
 def get_task(name: str) -> Task:

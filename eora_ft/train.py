@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import datasets
@@ -67,3 +68,22 @@ def training_backend(trainer: SFTTrainer) -> str:
     if state.num_processes == 1:
         return "single process"
     return f"{str(state.distributed_type).split('.')[-1].lower()} x{state.num_processes}"
+
+
+def divergence(curve: list[dict], patience: int = 3) -> str | None:
+    """Why a training-loss curve (``[{"step", "loss"}]``, as :func:`loss_history` gives) diverged, or None.
+
+    Diverged: a logged loss that is NaN or infinite, or ``patience`` consecutive logged losses after the
+    first all above the first one (the optimizer made the adapter worse than where it started and kept it
+    there). ``patience <= 0`` checks only for non-finite losses."""
+    for point in curve:
+        if not math.isfinite(point["loss"]):
+            return f"non-finite loss ({point['loss']}) at step {point['step']}"
+    if patience <= 0 or len(curve) < patience + 1:
+        return None
+    start, above = curve[0]["loss"], 0
+    for point in curve[1:]:
+        above = above + 1 if point["loss"] > start else 0
+        if above >= patience:
+            return f"loss above its start ({start:.4f}) for {patience} logged steps, up to step {point['step']}"
+    return None

@@ -45,6 +45,9 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
     ("group_size", 100, "group_size=100"),
     ("compress_method", "awq", "compress_method='awq' is unknown; valid"),
     ("init_method", "pissa", "init_method='pissa' is unknown; valid"),
+    ("adapter_calib_task_fraction", 1.5, r"adapter_calib_task_fraction=1.5 must lie in \[0, 1\]"),
+    ("adapter_calib_num_samples", 0, "adapter_calib_num_samples=0 must be >= 1"),
+    ("task", "wikitext", "task='wikitext' is unknown; valid"),
 ])
 def test_invalid_values_are_rejected_at_parse_time(tmp_path, key, value, match):
     with pytest.raises(ValueError, match=match):
@@ -87,6 +90,19 @@ def test_calibrating_on_the_perplexity_text_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("overrides,match", [
+    ({"compress_method": "none", "init_method": "eora"}, "compress_method='none' has no compression error"),
+    ({"task": "text", "dataset_name": "eora_ft/assets/data/enwiki_train/wiki_00.txt",
+      "eval_dataset_name": "eora_ft/assets/data/enwiki_heldout/wiki_49.txt"}, "set packing: true and packing_strategy"),
+    ({"adapter_calib_dataset": "eora_ft/assets/data/enwiki_heldout/wiki_49.txt"},
+     "adapter_calib_dataset includes .*wiki_49.txt"),
+])
+def test_settings_that_do_not_go_together_stop_before_any_work(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        _run(tmp_path, **overrides)
+    assert not (tmp_path / "out").exists()
+
+
 def test_rank_above_layer_dimensions_stops_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"rank=200 is invalid for self_attn.k_proj \(128x256\); valid: 1..128"):
         _run(tmp_path, lora_r=200)
@@ -109,7 +125,7 @@ def test_generated_configs_are_up_to_date():
                          ids=lambda p: p.name)
 def test_nano_configs_use_only_bundled_files(path):
     task, compress, init, training, model = parse_recipe_args(["--config", str(path)])
-    for local in (model.model_name_or_path, task.dataset_name, task.eval_dataset_name, task.ppl_dataset,
+    for local in (model.model_name_or_path, task.dataset_name, task.eval_dataset_name, *task.ppl_dataset.split(","),
                   compress.calib_dataset):
         assert (ROOT / local).exists(), local
     recipe = path.read_text().splitlines()[0].split("recipes/")[1].split(".py")[0]
@@ -118,7 +134,7 @@ def test_nano_configs_use_only_bundled_files(path):
     assert get_task(task.task).recipe == recipe
 
 
-@pytest.mark.parametrize("recipe", ["arc", "mathqa", "gsm8k", "compare"])
+@pytest.mark.parametrize("recipe", ["arc", "mathqa", "gsm8k", "text", "compare"])
 def test_recipe_help_lists_every_knob(recipe, capsys):
     import runpy
 

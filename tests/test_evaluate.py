@@ -141,3 +141,17 @@ def test_evaluate_stage_keys_and_mode_restored(nano_model_and_tokenizer, assets_
                               batch_size=8, progress=False)
     assert set(only_ppl) == {"wikitext2/ppl"}
     assert evaluate_stage(model, tok, None, None, ppl_window=128, ppl_max_windows=1, batch_size=8, progress=False) == {}
+
+
+def test_prefix_tokenization_keeps_exactly_the_whole_texts_tokens(nano_model_and_tokenizer, assets_dir):
+    from eora_ft.data.heldout import DEFAULT_PPL_DATASETS, heldout_texts
+    from eora_ft.evaluate import _encode, encode_prefix
+
+    _, tok = nano_model_and_tokenizer
+    for text in heldout_texts(DEFAULT_PPL_DATASETS):
+        content = text.read()
+        full = _encode(tok, content)
+        for n in (1, 512, 40 * 512):
+            assert encode_prefix(tok, content, n) == full[:n], (text.name, n)
+        assert encode_prefix(tok, content, None) == full
+        assert encode_prefix(tok, content, len(full) + 10) == full  # more than there is: all of it

@@ -11,13 +11,25 @@ BUNDLED = {
     "mathqa": ("mathqa/dev_head1000.json", "mathqa/test_head500.json"),
     "gsm8k": ("gsm8k/train_head1000.jsonl", "gsm8k/test_head500.jsonl"),
 }
+QUESTION_TASKS = sorted(BUNDLED)
+BUNDLED["text"] = ("enwiki_train/wiki_00.txt", "enwiki_heldout/wiki_49.txt")
 
 
-def test_every_task_has_bundled_data():
+def test_every_task_has_bundled_data(assets_dir):
     assert set(TASKS) == set(BUNDLED)
+    for name, (train, evaluation) in BUNDLED.items():
+        assert (TASKS[name].bundled_train, TASKS[name].bundled_eval) == (train, evaluation)
+        assert (assets_dir / "data" / train).is_file() and (assets_dir / "data" / evaluation).is_file()
 
 
-@pytest.mark.parametrize("name", sorted(BUNDLED))
+def test_text_task_trains_on_every_token_and_scores_nothing_of_its_own(assets_dir):
+    task = get_task("text")
+    documents = task.load(str(assets_dir / "data" / BUNDLED["text"][0]), limit=3)
+    assert task.sft_dataset(documents)["text"] == documents  # no prompt: TRL's loss covers every token
+    assert task.metrics == () and task.evaluate(None, None, documents) == {}
+
+
+@pytest.mark.parametrize("name", QUESTION_TASKS)
 def test_sft_completion_is_what_evaluation_scores(name, assets_dir):
     task = get_task(name)
     train = task.load(str(assets_dir / "data" / BUNDLED[name][0]), limit=50)

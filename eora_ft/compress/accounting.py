@@ -27,6 +27,8 @@ class SequentialResult:
             init_seconds: wall time spent in each initializer; stage_seconds: wall time of the other
             stages (``statistics``: the passes that collect them, ``compressor``, ``errors``: the report's
             output errors, ``layer_outputs``: the pass that feeds the next layer, ``moves``: device moves).
+        base_replaced: True when ``base_from`` named an initializer with its own base (LoftQ), whose
+            modules were swapped in instead of the compressor's.
         stats, deltas: per linear, its input statistics and ``W - W_c`` ``[N, K]`` fp32 (only with
             ``keep_stats=True``: enough to compute any other initializer afterwards).
     """
@@ -39,6 +41,7 @@ class SequentialResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stats: dict[str, ActivationStats] = field(default_factory=dict)
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    base_replaced: bool = False  # an initializer's own base (LoftQ's Q_T) replaced the compressed linears
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:

@@ -334,7 +334,7 @@ def _compress_linear(layer, name, linear, stats: ActivationStats, weight_energy:
             own_base = factors.base.to_module(linear.bias, linear.weight.dtype)
             own_errors = OutputError(weight - own_base.dequantize(torch.float32), weight, stats.xtx, weight_energy)
             if init_name == ctx.base_from:
-                compressed = own_base
+                compressed, result.base_replaced = own_base, True
             factors.base = None  # packed above (or unused): its int64 codes must not pile up over the layers
         with result.timed("errors"):
             row[f"rel_out_err/{init_name}"] = own_errors.of(factors.a, factors.b)

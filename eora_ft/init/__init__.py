@@ -58,6 +58,8 @@ def _loftq(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, *, g
 INITIALIZERS: dict[str, Initializer] = {
     "eora": _eora, "act_diag": _act_diag, "svd": _svd, "loftq": _loftq, "qlora": _qlora,
 }
+# the initializers that draw from the generator: only their results depend on the seed
+SEEDED_INITS = frozenset({"qlora"})
 
 
 def get_initializer(name: str) -> Initializer:
@@ -74,5 +76,5 @@ def check_rank(rank: int, in_features: int, out_features: int, layer: str = "lay
         raise ValueError(f"rank={rank} is invalid for {layer} ({out_features}x{in_features}); valid: 1..{limit}")
 
 
-__all__ = ["INITIALIZERS", "LowRankFactors", "act_diag_factors", "check_rank", "eora_factors", "fake_quantize_rows",
+__all__ = ["INITIALIZERS", "SEEDED_INITS", "LowRankFactors", "act_diag_factors", "check_rank", "eora_factors", "fake_quantize_rows",
            "loftq_factors", "get_initializer", "qlora_factors", "svd_factors"]

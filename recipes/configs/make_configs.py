@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eora_ft.config import LLAMA_LINEARS
+from eora_ft.data.heldout import DEFAULT_PPL_DATASETS
 
 HERE = Path(__file__).resolve().parent
 ASSETS = "eora_ft/assets/data"
@@ -90,11 +91,11 @@ def nano_config(task: str, compression: str, init: str) -> str:
              f"# {comp_label} on the bundled nano Llama, {INITS[init]}, rank 16,",
              f"# {spec['what']}. CPU-sized: runs offline from a fresh clone.", ""]
     lines += _model_section("eora_ft/assets/models/nano-llama-5m", "float32", 16)
-    lines += _section("compression", {**comp_keys, "calib_dataset": f"{ASSETS}/c4/c4_en_train_head1000.jsonl",
+    lines += _section("compression", {**comp_keys, "calib_dataset": f"{ASSETS}/c4/c4_en_train_calib900.jsonl",
                                       "calib_num_samples": 64, "calib_seq_len": 512})
-    lines += _section("adapter initialisation", {"init_method": init, **({"loftq_iters": 5} if init == "loftq" else {})})
-    lines += _section("task and evaluation", {**spec["keys"],
-                                              "ppl_dataset": f"{ASSETS}/wikitext2/wikitext-2-raw-v1.test.joined.txt",
+    lines += _section("adapter initialisation", {"init_method": init, **({"loftq_iters": 5} if init == "loftq" else {}),
+                                                 "adapter_calib_task_fraction": 0.5})
+    lines += _section("task and evaluation", {**spec["keys"], "ppl_dataset": DEFAULT_PPL_DATASETS,
                                               "ppl_window": 512, "ppl_max_windows": 40})
     lines += _section("training (TRL SFTConfig)", {
         "output_dir": f"runs/{name}", **{"num_train_epochs": spec["train"]["num_train_epochs"]},
@@ -111,15 +112,15 @@ def llama3_config(task: str, compression: str, init: str) -> str:
     lines = [f"# accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/{task}.py --config "
              f"recipes/configs/{name}.yaml",
              f"# {comp_label} on Llama-3-8B (hub id, needs network or a populated HF cache), {INITS[init]}, rank 128,",
-             "# calibration half C4, half task text, bf16 wherever the GPU has it (bf16 unset = auto). Rank, learning rate and epochs are our starting",
+             "# compressor calibrated on C4, adapter calibrated on half C4, half task text, bf16 wherever the GPU has it (bf16 unset = auto). Rank, learning rate and epochs are our starting",
              "# point, not tuned and not run here (no GPU in these sessions); every key is one flag away.",
              ""]
     lines += _model_section("meta-llama/Meta-Llama-3-8B", "bfloat16", 128)
-    lines += _section("compression", {**comp_keys, "calib_dataset": f"{ASSETS}/c4/c4_en_train_head1000.jsonl",
+    lines += _section("compression", {**comp_keys, "calib_dataset": f"{ASSETS}/c4/c4_en_train_calib900.jsonl",
                                       "calib_num_samples": 128,
-                                      "calib_seq_len": 2048, "calib_task_fraction": 0.5,
-                                      "calib_task_format": "arc" if task == "arc" else task})
-    lines += _section("adapter initialisation", {"init_method": init, **({"loftq_iters": 5} if init == "loftq" else {})})
+                                      "calib_seq_len": 2048})
+    lines += _section("adapter initialisation", {"init_method": init, **({"loftq_iters": 5} if init == "loftq" else {}),
+                                                 "adapter_calib_task_fraction": 0.5})
     lines += _section("task and evaluation", {**spec["hub"], "ppl_dataset": None})
     lines += _section("training (TRL SFTConfig)", {
         "output_dir": f"runs/{name}", "num_train_epochs": 3, "per_device_train_batch_size": 4,

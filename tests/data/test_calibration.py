@@ -16,7 +16,7 @@ def tokenizer(assets_dir):
 
 @pytest.fixture(scope="module")
 def c4_path(assets_dir):
-    return str(assets_dir / "data" / "c4" / "c4_en_train_head1000.jsonl")
+    return str(assets_dir / "data" / "c4" / "c4_en_train_calib900.jsonl")
 
 
 def _contains(haystack: list[int], needle: list[int]) -> bool:
@@ -95,7 +95,7 @@ def test_mixed_calibration_takes_the_task_share(nano_model_and_tokenizer, assets
 
     _, tokenizer = nano_model_and_tokenizer
     texts = [f"Question: what is {i} plus {i}?\nAnswer: {2 * i}" for i in range(200)]
-    corpus = str(assets_dir / "data" / "c4" / "c4_en_train_head1000.jsonl")
+    corpus = str(assets_dir / "data" / "c4" / "c4_en_train_calib900.jsonl")
     mixed = mixed_calibration(tokenizer, corpus, texts, 8, 64, task_fraction=0.5, seed=0)
     assert mixed.shape == (8, 64) and mixed.dtype == torch.long
     decoded = [tokenizer.decode(row) for row in mixed]
@@ -111,7 +111,7 @@ def test_two_corpora_share_the_rows(nano_model_and_tokenizer, assets_dir):
     from eora_ft.data import mixed_calibration
 
     _, tokenizer = nano_model_and_tokenizer
-    c4 = str(assets_dir / "data" / "c4" / "c4_en_train_head1000.jsonl")
+    c4 = str(assets_dir / "data" / "c4" / "c4_en_train_calib900.jsonl")
     wiki = str(assets_dir / "data" / "wikitext2" / "wikitext-2-raw-v1.test.joined.txt")
     both = mixed_calibration(tokenizer, f"{c4},{wiki}", [], 5, 32, seed=0)
     assert both.shape == (5, 32)

@@ -9,9 +9,9 @@ import pytest
 from tests.recipes._runs import launch, losses
 
 # recorded with the command in test_two_step_run (seed 0); see the module docstring. Re-recorded 2026-12-01 when
-# GPTQ's sweep moved to fp32 and act-order became its default: a different (not worse) 2-bit base on 1,024
-# calibration tokens; held-out perplexity of every compressor is in BENCHMARKS.md ("Speed at real shapes").
-RECORDED_LOSSES = [5.437941551208496, 5.563111305236816]
+# the compressor and the adapter got separate calibrations (C4 documents 1-900 for GPTQ; half C4, half ARC train
+# for EoRA): a different initial adapter, nothing else changed.
+RECORDED_LOSSES = [5.434043884277344, 5.554937362670898]
 TOLERANCE = 2e-3  # relative; fp32 on one CPU build is deterministic to ~1e-6, summation order may differ across CPUs
 
 
@@ -24,12 +24,15 @@ def test_two_step_run(tmp_path):
     assert list(stages) == ["base", "compressed", "compensated", "finetuned"]
     for stage in stages.values():
         assert 0 <= stage["arc_challenge/acc"] <= 1 and 0 <= stage["arc_challenge/acc_norm"] <= 1
-        assert stage["arc_challenge/n"] == 24 and stage["wikitext2/ppl"] > 1
-    assert stages["compressed"]["wikitext2/ppl"] != stages["base"]["wikitext2/ppl"]
+        assert stage["arc_challenge/n"] == 24
+        assert all(stage[f"{text}/ppl"] > 1 for text in ("enwiki_heldout", "c4_heldout", "wikitext2"))
+    assert stages["compressed"]["enwiki_heldout/ppl"] > stages["base"]["enwiki_heldout/ppl"]
     # every one of the 28 compressed linears: the EoRA correction lowers its activation-weighted error
     assert len(results["layers"]) == 28
     assert all(row["rel_out_err/eora"] < row["rel_out_err/compressed"] for row in results["layers"])
-    assert results["summary"]["calibration tokens"] == 8 * 128 and results["summary"]["train steps"] == 2
+    summary = results["summary"]
+    assert summary["calibration tokens"] == 8 * 128 and summary["adapter calibration tokens"] == 8 * 128
+    assert summary["train steps"] == 2 and results["divergence"] is None
 
     for adapter in ("adapter", "eora_init"):
         assert (out / adapter / "adapter_config.json").exists() and (out / adapter / "adapter_model.safetensors").exists()

@@ -1,4 +1,5 @@
-"""recipes/compare.py end to end at a tiny size: one folder per run, the table, the plot, the cards."""
+"""recipes/compare.py end to end at a tiny size: one folder per run and seed, the ceiling row, the table with
+mean ± std, the plot with seed bands, the cards; every run shares one compressed base."""
 
 import json
 
@@ -9,23 +10,37 @@ from tests.recipes._runs import launch
 pytestmark = pytest.mark.slow
 
 
-def test_compare_two_inits(tmp_path):
+def test_compare_two_inits_two_seeds_and_the_ceiling(tmp_path):
     out = tmp_path / "cmp"
-    comparison = launch("accelerate_configs/cpu.yaml", out, "--inits", "qlora", "eora", "--eval_steps", "1",
-                        "--per_device_train_batch_size", "8", num_processes=1, recipe="recipes/compare.py",
+    comparison = launch("accelerate_configs/cpu.yaml", out, "--inits", "qlora", "eora", "--seeds", "0", "1",
+                        "--ceiling", "true", "--eval_steps", "1", "--per_device_train_batch_size", "8",
+                        "--cache_dir", str(tmp_path / "cache"), num_processes=1, recipe="recipes/compare.py",
                         config="recipes/configs/compare_arc_nano_gptq2.yaml")
-    assert list(comparison["runs"]) == ["qlora", "eora"]
+    assert comparison["groups"] == {"lora": ["lora_seed0", "lora_seed1"], "qlora": ["qlora_seed0", "qlora_seed1"],
+                                    "eora": ["eora_seed0", "eora_seed1"]}
     assert comparison["base"]["arc_challenge/n"] == 24
-    for init in ("qlora", "eora"):
-        run = json.loads((out / init / "results.json").read_text())
-        assert "base" not in run["stages"] or init == "qlora"  # the uncompressed model is evaluated once
+    caches = {label: run["summary"]["artifact cache"] for label, run in comparison["runs"].items()}
+    # one compressed base for every compressed run; eora's adapter does not depend on the seed, qlora's does
+    assert caches["qlora_seed0"] == "base: built, init: built" and caches["qlora_seed1"] == "base: hit, init: built"
+    assert caches["eora_seed0"] == "base: hit, init: built" and caches["eora_seed1"] == "base: hit, init: hit"
+    for label in comparison["runs"]:
+        run = json.loads((out / label / "results.json").read_text())
+        assert "base" not in run["stages"] or label == "lora_seed0"  # the uncompressed model is evaluated once
         assert [e["step"] for e in run["eval_loss"]] == [0, 1, 2]  # eval_on_start + every step
-        assert (out / init / "adapter" / "adapter_model.safetensors").exists()
-        assert (out / init / "README.md").read_text().startswith("---\nlibrary_name: peft")
+        assert (out / label / "adapter" / "adapter_model.safetensors").exists()
+        assert (out / label / "README.md").read_text().startswith("---\nlibrary_name: peft")
+    # the ceiling trains plain LoRA on the uncompressed model: before training it is that model exactly
+    ceiling = comparison["runs"]["lora_seed0"]
+    assert ceiling["summary"]["compression"] == "none (uncompressed)"
+    for key, value in comparison["base"].items():
+        assert ceiling["stages"]["compensated"][key] == pytest.approx(value, rel=1e-6), key
     # qlora starts as a no-op (B = 0): before training it scores exactly like the compressed model
-    qlora = comparison["runs"]["qlora"]["stages"]
+    qlora = comparison["runs"]["qlora_seed1"]["stages"]
     for key, value in qlora["compressed"].items():
         assert qlora["compensated"][key] == pytest.approx(value, rel=1e-6), key
     table = (out / "results.md").read_text()
-    assert "| gptq 2-bit g128 act-order | qlora |" in table and "| gptq 2-bit g128 act-order | eora |" in table
+    for row in ("| none (uncompressed) | lora | 0.001 | 2 |", "| gptq 2-bit g128 act-order | qlora | 0.001 | 2 |",
+                "| gptq 2-bit g128 act-order | eora | 0.001 | 2 |"):
+        assert row in table
+    assert "steps to qlora's eval loss" in table and "Mean ± sample std over 2 seeds" in table
     assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"

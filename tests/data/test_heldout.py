@@ -1,0 +1,49 @@
+"""Perplexity texts: each named after itself, the bundled C4 held-out slice disjoint from calibration."""
+
+import json
+
+import pytest
+
+from eora_ft.config import CompressionArguments, TaskArguments
+from eora_ft.data.heldout import BUNDLED_PATHS, DEFAULT_PPL_DATASETS, corpus_text, heldout_texts
+from eora_ft.pipeline import validate_sources
+
+
+def test_bundled_texts_get_their_own_metric_names_in_order():
+    texts = heldout_texts(DEFAULT_PPL_DATASETS)
+    assert [t.metric[0] for t in texts] == ["enwiki_heldout/ppl", "c4_heldout/ppl", "wikitext2/ppl"]
+    assert [t.metric[1] for t in texts] == ["enwiki held-out ppl", "C4 held-out ppl", "WikiText-2 ppl"]
+    assert heldout_texts(None) == [] and heldout_texts(" , ") == []
+
+
+def test_other_files_are_named_after_their_stem_and_names_must_differ(tmp_path):
+    (text,) = heldout_texts(str(tmp_path / "My Corpus-v2.txt"))
+    assert text.metric == ("my_corpus_v2/ppl", "My Corpus-v2 ppl", "ppl")
+    with pytest.raises(ValueError, match=r"metric name\(s\) \['wikitext2'\]"):
+        heldout_texts(f"{BUNDLED_PATHS['wikitext2']},/elsewhere/wikitext-2-raw-v1.test.joined.txt")
+
+
+def test_json_lines_text_is_its_records_joined(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ["one", " ", "two"]) + "\n")
+    assert corpus_text(str(path)) == "one\n\ntwo"
+    bad = tmp_path / "b.jsonl"
+    bad.write_text(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(ValueError, match="no 'text' field"):
+        corpus_text(str(bad))
+
+
+def test_c4_calibration_and_heldout_share_no_document(assets_dir):
+    def documents(name):
+        return [json.loads(line)["text"] for line in (assets_dir / "data" / "c4" / name).read_text().splitlines()]
+
+    calib, heldout = documents("c4_en_train_calib900.jsonl"), documents("c4_en_train_heldout100.jsonl")
+    assert (len(calib), len(heldout)) == (900, 100)
+    assert not set(calib) & set(heldout)
+
+
+def test_calibrating_on_a_perplexity_text_is_refused_before_work():
+    task = TaskArguments()
+    with pytest.raises(ValueError, match="calib_dataset includes .*c4_en_train_heldout100.jsonl"):
+        validate_sources(task, CompressionArguments(calib_dataset=BUNDLED_PATHS["c4_heldout"]))
+    validate_sources(task, CompressionArguments())  # the defaults are disjoint
