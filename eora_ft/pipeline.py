@@ -132,8 +132,8 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     transformers.set_seed(training_args.seed)
     task = get_task(task_args.task)
     check_compatible(compress_args, init_args)
-    if task.name == "text" and not (training_args.packing and training_args.packing_strategy == "wrapped"):
-        raise ValueError(f"task='text' trains a language model on whole documents: set packing: true and "
+    if task.packed and not (training_args.packing and training_args.packing_strategy == "wrapped"):
+        raise ValueError(f"task={task.name!r} trains a language model on whole documents: set packing: true and "
                          f"packing_strategy: wrapped (got packing={training_args.packing}, packing_strategy="
                          f"{training_args.packing_strategy!r}); without them each document is cut to max_length")
     validate_sources(task_args, compress_args, init_args)
@@ -235,8 +235,8 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
             "training backend": training_backend(trainer),
         },
         "timings": timings,
-        "train_loss": loss_history(trainer),
-        "divergence": divergence(loss_history(trainer), task_args.divergence_patience),
+        "train_loss": (train_loss := loss_history(trainer)),
+        "divergence": divergence(train_loss, task_args.divergence_patience),
         "eval_loss": loss_history(trainer, "eval_loss"),
         "layers": meta["layers"],
         "config": {cls.__name__: {k: v for k, v in dataclasses.asdict(obj).items() if not k.startswith("_")}

@@ -38,6 +38,7 @@ class Task:
     recipe: str = ""
     bundled_train: str = ""  # offline defaults under eora_ft/assets/data (the few-shot pool for GSM8K)
     bundled_eval: str = ""
+    packed: bool = False  # trains on running text: needs TRL's packing (packing_strategy "wrapped")
 
     def evaluate(self, model, tokenizer, items: Sequence, fewshot_pool: Sequence = (), *, batch_size: int = 32,
                  progress: bool = True, max_new_tokens: int = 256, num_fewshot: int = 5) -> dict:
@@ -85,7 +86,7 @@ TASKS: dict[str, Task] = {
                   (("gsm8k/strict", "GSM8K strict", "pct"), ("gsm8k/flexible", "GSM8K flexible", "pct")),
                   hub_name="main", recipe="gsm8k", bundled_train="gsm8k/train_head1000.jsonl",
                   bundled_eval="gsm8k/test_head500.jsonl"),
-    "text": Task("text", load_plain_text, text_sft_dataset, _no_task_metrics, (), hub_name=None, recipe="text",
+    "text": Task("text", load_plain_text, text_sft_dataset, _no_task_metrics, (), hub_name=None, recipe="text", packed=True,
                  bundled_train="enwiki_train/wiki_00.txt", bundled_eval="enwiki_heldout/wiki_49.txt"),
 }
 
