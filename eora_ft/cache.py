@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from eora_ft.report import current_umask
+from eora_ft.atomic import current_umask, raise_if_disk_full
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,9 @@ def ensure_entry(root: str | os.PathLike, key: str, build: Callable[[Path], dict
         if problem != "absent":
             logger.warning("artifact cache entry %s is unusable (%s): rebuilding it", entry, problem)
             shutil.rmtree(entry)
+        for stale in root.glob(f".{key}.tmp-*"):  # we hold the lock: no live builder owns these
+            logger.warning("removing %s, the remains of a build of this entry that was killed", stale)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp gives 0700: a shared cache must stay readable
         try:
@@ -132,6 +135,9 @@ def ensure_entry(root: str | os.PathLike, key: str, build: Callable[[Path], dict
             (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
             (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=2) + "\n")
             os.replace(tmp, entry)
+        except OSError as err:
+            raise_if_disk_full(err, entry, "artifact cache entry")
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("artifact cache entry written: %s", entry)

@@ -33,7 +33,7 @@ from eora_ft.config import UNCOMPRESSED, AdapterInitArguments, CompressionArgume
 from eora_ft.init import INITIALIZERS
 from eora_ft.pipeline import run
 from eora_ft.plots import plot_loss_curves
-from eora_ft.report import atomic_write_text
+from eora_ft.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -28,6 +28,23 @@ DEFAULT_MODEL = f"{_ASSETS}/models/nano-llama-5m"
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ACTIVATION_PLACES = ("execution", "cpu")
 UNCOMPRESSED = "none"  # compress_method of the ceiling: LoRA on the uncompressed model
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_range(owner, name: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                high_open: bool = False, optional: bool = False) -> None:
+    """Raise ``ValueError`` naming ``name``, its value and the valid interval unless ``low <= value <= high``
+    (``low_open``/``high_open``: strict); ``optional`` lets None through (the field's "off" value)."""
+    value = getattr(owner, name)
+    if value is None and optional:
+        return
+    below = low is not None and (value is None or value < low or (low_open and value == low))
+    above = high is not None and (value is None or value > high or (high_open and value == high))
+    if below or above:
+        interval = (("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", "
+                    + ("inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]"))
+        raise ValueError(f"{name}={value!r} is out of range; valid: a number in {interval}"
+                         + (" or None" if optional else ""))
 
 
 @dataclass
@@ -74,6 +91,10 @@ class TaskArguments(ScriptArguments):
             raise ValueError(f"num_fewshot={self.num_fewshot} must be >= 0 and max_new_tokens={self.max_new_tokens} >= 1")
         if self.ppl_window < 2:
             raise ValueError(f"ppl_window={self.ppl_window} must be at least 2")
+        check_range(self, "eval_batch_size", 1)
+        check_range(self, "divergence_patience", 0)
+        for name in ("train_limit", "eval_limit", "ppl_max_windows"):
+            check_range(self, name, 1, optional=True)
         heldout_texts(self.ppl_dataset)  # two texts with one metric name
 
 
@@ -156,6 +177,8 @@ class CompressionArguments:
                 kind = None
             if kind not in ("cpu", "cuda"):
                 raise ValueError(f"execution_device={self.execution_device!r} is not valid; valid: auto, cpu, cuda, cuda:N")
+        check_range(self, "damp_percent", 0, 1, low_open=True, high_open=True)  # GPTQModel's bounds
+        check_range(self, "calib_batch_size", 1)
         if self.calib_num_samples < 1 or self.calib_seq_len < 2:
             raise ValueError(
                 f"calib_num_samples={self.calib_num_samples} and calib_seq_len={self.calib_seq_len} must be >= 1 and >= 2"
@@ -251,6 +274,15 @@ class EoraSFTConfig(SFTConfig):
     )
 
     def __post_init__(self) -> None:
+        # Checked here, not by the optimizer after compression and two evaluations have run.
+        check_range(self, "learning_rate", 0, low_open=True)
+        check_range(self, "weight_decay", 0)
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            check_range(self, name, 1)
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError(f"num_train_epochs={self.num_train_epochs} with max_steps={self.max_steps} trains "
+                             "nothing; valid: num_train_epochs > 0, or max_steps >= 1")
+        check_range(self, "max_length", 2, optional=True)
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
         if self.main_process_timeout <= 0 or self.ddp_timeout <= 0:
@@ -272,6 +304,22 @@ class EoraModelConfig(ModelConfig):
     lora_target_modules: list[str] | None = field(
         default_factory=lambda: list(LLAMA_LINEARS), metadata={"help": "Linear names to compress and adapt."}
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.lora_target_modules, str):
+            # TRL unwraps a one-name list into a string (PEFT reads a string as a regex); names are matched
+            # exactly here, and "v_proj" in "qkv_proj" must not be a match
+            self.lora_target_modules = [self.lora_target_modules]
+        check_range(self, "lora_r", 1)  # the upper bound depends on the layers: checked once the model is loaded
+        check_range(self, "lora_alpha", 0, low_open=True)
+        check_range(self, "lora_dropout", 0, 1, high_open=True)
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not valid; valid: {list(MODEL_DTYPES)}")
+        unsupported = [name for name in ("use_dora", "load_in_4bit", "load_in_8bit") if getattr(self, name)]
+        if unsupported:
+            raise ValueError(f"{unsupported[0]}=True is not supported by eora_ft (the base is compressed by "
+                             "compress_method, nf4 among them, and the adapters are plain LoRA); set it to False")
 
 
 RECIPE_DATACLASSES = (TaskArguments, CompressionArguments, AdapterInitArguments, EoraSFTConfig, EoraModelConfig)

@@ -77,7 +77,7 @@ def _load(args: argparse.Namespace):
 
 def eval_command(args: argparse.Namespace) -> int:
     from eora_ft.placement import placed_for_inference
-    from eora_ft.report import atomic_write_text
+    from eora_ft.atomic import atomic_write_text
 
     if not args.model and not args.compressed:
         raise SystemExit("give --model (a hub id or local directory) or --compressed (a save_compressed directory)")

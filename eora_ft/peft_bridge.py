@@ -14,9 +14,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
+from eora_ft.atomic import atomic_directory
 from eora_ft.compress.linear import CompressedLinear
 from eora_ft.init import LowRankFactors, check_rank
 from eora_ft.kernels.lora_matmul import Packed, packed_lora_linear
+from eora_ft.model_checks import check_adapter_fits
 
 
 class CompressedLoraLinear(LoraLinear):
@@ -145,9 +147,7 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
 def save_adapter(peft_model: PeftModel, directory: str | Path) -> Path:
     """``save_pretrained`` into a sibling temp dir, then swap it in whole. An existing ``directory`` is
     replaced only if it is empty or an adapter directory (holds ``adapter_config.json``)."""
-    from eora_ft.compress.io import _atomic_directory
-
-    with _atomic_directory(directory, lambda d: (d / "adapter_config.json").exists(), "PEFT adapter directory") as tmp:
+    with atomic_directory(directory, lambda d: (d / "adapter_config.json").exists(), "PEFT adapter directory") as tmp:
         peft_model.save_pretrained(tmp)
     return Path(directory)
 
@@ -158,6 +158,7 @@ def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = F
     A saved adapter is plain PEFT, but PEFT does not know our layer type: the custom-module mapping
     is registered on the loaded config here (a dequantized base needs none of this).
     """
+    check_adapter_fits(model, directory)
     config = LoraConfig.from_pretrained(str(directory))
     config._register_custom_module({CompressedLinear: CompressedLoraLinear})
     return PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=is_trainable)

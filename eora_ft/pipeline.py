@@ -38,12 +38,14 @@ from eora_ft.config import (
 )
 from eora_ft.data import mixed_calibration, resolve_path
 from eora_ft.data.heldout import heldout_texts
-from eora_ft.data.sources import _looks_like_hub_id
+from eora_ft.data.file_checks import check_data_file
+from eora_ft.data.sources import _looks_like_hub_id, local_files
 from eora_ft.data.task_text import task_texts
 from eora_ft.distributed import all_cores_while_others_wait, describe_state, full_model_init, gather_trainable
 from eora_ft.evaluate import perplexity
 from eora_ft.handoff import Handoff
 from eora_ft.init import check_rank
+from eora_ft.model_checks import check_finite_weights, check_model_directory, check_tokenizer
 from eora_ft.peft_bridge import save_adapter, trainable_summary
 from eora_ft.placement import placed_for_inference
 from eora_ft.report import write_model_card, write_results
@@ -70,19 +72,27 @@ def load_tokenizer(model_args: EoraModelConfig):
     """The model's tokenizer (hub id or local dir), with EOS as padding when it has no pad token."""
     path = require_source(model_args.model_name_or_path, "model_name_or_path")
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    check_tokenizer(tokenizer, model_args.model_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_model(model_args: EoraModelConfig):
-    """Tokenizer and causal LM via ``from_pretrained`` (hub id, or local dir; works with HF_HUB_OFFLINE=1)."""
+    """Tokenizer and causal LM via ``from_pretrained`` (hub id, or local dir; works with HF_HUB_OFFLINE=1).
+
+    Checked before anything runs on them: a local directory's files (config, weights, intact safetensors),
+    the tokenizer's EOS, and every weight finite."""
     path = require_source(model_args.model_name_or_path, "model_name_or_path")
+    if os.path.isdir(path):
+        check_model_directory(path)
+    tokenizer = load_tokenizer(model_args)
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation,
     )
-    return load_tokenizer(model_args), model
+    check_finite_weights(model)
+    return tokenizer, model
 
 
 def check_model_against_config(model: torch.nn.Module, targets: list[str] | None, compress_args: CompressionArguments,
@@ -103,16 +113,23 @@ def check_model_against_config(model: torch.nn.Module, targets: list[str] | None
 
 def validate_sources(task_args: TaskArguments, compress_args: CompressionArguments,
                      init_args: AdapterInitArguments | None = None) -> None:
-    """Fail before any work on a missing data path or on calibrating with a perplexity text."""
+    """Fail before any work on a data path that is missing, empty, not UTF-8 or not well-formed JSON Lines
+    (naming the argument, the file and the line), or on calibrating with a perplexity text."""
     calib = [("calib_dataset", part.strip()) for part in compress_args.calib_dataset.split(",") if part.strip()]
     if init_args is not None and init_args.adapter_calib_dataset:
         calib += [("adapter_calib_dataset", part.strip()) for part in init_args.adapter_calib_dataset.split(",")
                   if part.strip()]
     texts = heldout_texts(task_args.ppl_dataset)
-    for source, what in [(task_args.dataset_name, "dataset_name"), (task_args.eval_dataset_name, "eval_dataset_name"),
-                         *[(text.path, "ppl_dataset") for text in texts],
-                         (compress_args.calib_task_dataset, "calib_task_dataset"), *[(p, w) for w, p in calib]]:
+    task_schema = get_task(task_args.task).schema
+    sources = [(task_args.dataset_name, "dataset_name", task_schema),
+               (task_args.eval_dataset_name, "eval_dataset_name", task_schema),
+               *[(text.path, "ppl_dataset", "text") for text in texts],
+               (compress_args.calib_task_dataset, "calib_task_dataset", compress_args.calib_task_format),
+               *[(path, what, "text") for what, path in calib]]
+    for source, what, schema in sources:
         require_source(source.strip() if source else source, what)
+        for file in local_files(source) if source else []:
+            check_data_file(file, what, schema)
     for text in texts:
         for what, part in calib:
             if resolve_path(part) == resolve_path(text.path):
@@ -302,7 +319,9 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
         return build_base(tmp, model, tokenizer, calib, model_args, compress_args, progress,
                           execution_device=execution, activations_device=activations)
 
-    with all_cores_while_others_wait(state):
+    # full_model_init: building the init entry loads the compressed base, which ZeRO-3's zero.Init would
+    # otherwise partition into empty shards as it is constructed (a cold cache under ZeRO-3)
+    with all_cores_while_others_wait(state), full_model_init():
         base_entry, base_built = ensure_entry(cache_root, base_key, compress)
         entry, init_built = ensure_entry(cache_root, init_key, lambda tmp: build_init(
             tmp, base_entry, original, tokenizer, adapter_calib, model_args, compress_args, init_args,

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from eora_ft.report import default_file_mode  # noqa: E402
+from eora_ft.atomic import default_file_mode  # noqa: E402
 
 
 def _band(curves: list[list[dict]]) -> tuple[list[int], list[float], list[float], list[float]]:

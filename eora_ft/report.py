@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from eora_ft.atomic import atomic_write_text
 
 STAGE_DESCRIPTIONS = {
     "base": "uncompressed model",
@@ -16,34 +16,6 @@ STAGE_DESCRIPTIONS = {
 METRICS = [("arc_challenge/acc", "ARC-C acc", "pct"), ("arc_challenge/acc_norm", "ARC-C acc_norm", "pct"),
            ("enwiki_heldout/ppl", "enwiki held-out ppl", "ppl"), ("c4_heldout/ppl", "C4 held-out ppl", "ppl"),
            ("wikitext2/ppl", "WikiText-2 ppl", "ppl")]  # columns when a results dict names none
-
-
-def current_umask() -> int:
-    """The process umask (reading it means setting it: set it straight back)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def default_file_mode() -> int:
-    """``0o666`` minus the umask: what ``open()`` would give (``mkstemp`` gives 0600)."""
-    return 0o666 & ~current_umask()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _cell(value, kind: str) -> str:

@@ -39,6 +39,7 @@ class Task:
     bundled_train: str = ""  # offline defaults under eora_ft/assets/data (the few-shot pool for GSM8K)
     bundled_eval: str = ""
     packed: bool = False  # trains on running text: needs TRL's packing (packing_strategy "wrapped")
+    schema: str = "arc"  # the fields each JSON record holds (eora_ft.data.file_checks.RECORD_FIELDS)
 
     def evaluate(self, model, tokenizer, items: Sequence, fewshot_pool: Sequence = (), *, batch_size: int = 32,
                  progress: bool = True, max_new_tokens: int = 256, num_fewshot: int = 5) -> dict:
@@ -80,13 +81,13 @@ TASKS: dict[str, Task] = {
                      _mc_metrics("arc_easy", "ARC-E"), hub_name="ARC-Easy", recipe="arc",
                      bundled_train="arc/ARC-Easy/ARC-Easy-Train.jsonl", bundled_eval="arc/ARC-Easy/ARC-Easy-Dev.jsonl"),
     "mathqa": Task("mathqa", load_mathqa, arc_sft_dataset, _multiple_choice("mathqa"),
-                   _mc_metrics("mathqa", "MathQA"), recipe="mathqa",
+                   _mc_metrics("mathqa", "MathQA"), recipe="mathqa", schema="mathqa",
                    bundled_train="mathqa/dev_head1000.json", bundled_eval="mathqa/test_head500.json"),
     "gsm8k": Task("gsm8k", load_gsm8k, gsm8k_sft_dataset, _gsm8k,
                   (("gsm8k/strict", "GSM8K strict", "pct"), ("gsm8k/flexible", "GSM8K flexible", "pct")),
-                  hub_name="main", recipe="gsm8k", bundled_train="gsm8k/train_head1000.jsonl",
+                  hub_name="main", recipe="gsm8k", schema="gsm8k", bundled_train="gsm8k/train_head1000.jsonl",
                   bundled_eval="gsm8k/test_head500.jsonl"),
-    "text": Task("text", load_plain_text, text_sft_dataset, _no_task_metrics, (), hub_name=None, recipe="text", packed=True,
+    "text": Task("text", load_plain_text, text_sft_dataset, _no_task_metrics, (), hub_name=None, recipe="text", packed=True, schema="text",
                  bundled_train="enwiki_train/wiki_00.txt", bundled_eval="enwiki_heldout/wiki_49.txt"),
 }
 

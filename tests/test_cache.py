@@ -16,7 +16,7 @@ from eora_ft.cache import (
     require_entry,
     tensor_fingerprint,
 )
-from eora_ft.report import current_umask
+from eora_ft.atomic import current_umask
 
 
 def _builder(calls: list, payload: bytes = b"packed", delay: float = 0.0):
@@ -112,3 +112,50 @@ def test_concurrent_builders_build_once(tmp_path):
     assert len(calls) == 1
     assert sorted(built for _, built in results) == [False, False, True]
     assert check_entry(tmp_path / "k") is None
+
+
+_BUILDER_PROCESS = """
+import json, sys, time
+from pathlib import Path
+from eora_ft.cache import ensure_entry
+
+def build(tmp):
+    (Path(sys.argv[2]) / f"started-{sys.argv[3]}").touch()
+    time.sleep(1.0)  # long enough that the other process arrives while this one holds the lock
+    (tmp / "base").mkdir()
+    (tmp / "base" / "model.safetensors").write_bytes(b"packed by " + sys.argv[3].encode())
+    return {"builder": sys.argv[3]}
+
+entry, built = ensure_entry(sys.argv[1], "k", build)
+print(json.dumps({"built": built, "payload": (entry / "base" / "model.safetensors").read_text()}))
+"""
+
+
+def test_two_processes_on_one_entry_one_builds_the_other_waits_and_loads(tmp_path):
+    import subprocess
+    import sys
+
+    cache, marks = tmp_path / "cache", tmp_path / "marks"
+    marks.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILDER_PROCESS, str(cache), str(marks), name],
+                              stdout=subprocess.PIPE, text=True) for name in ("a", "b")]
+    outputs = [json.loads(proc.communicate(timeout=120)[0]) for proc in procs]
+    assert sorted(out["built"] for out in outputs) == [False, True]
+    assert len(list(marks.iterdir())) == 1  # the build ran once
+    assert outputs[0]["payload"] == outputs[1]["payload"]  # the waiter loaded what the builder wrote
+    assert check_entry(cache / "k") is None
+
+
+def test_full_disk_during_a_build_leaves_no_entry_and_says_so(tmp_path):
+    import errno
+
+    from eora_ft.atomic import DiskFullError
+
+    def fills_the_disk(tmp):
+        (tmp / "part").write_bytes(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(DiskFullError, match=r"no space left on the device while writing artifact cache entry"):
+        ensure_entry(tmp_path, "k", fills_the_disk)
+    assert check_entry(tmp_path / "k") == "absent"
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

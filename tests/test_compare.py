@@ -44,7 +44,7 @@ def test_one_seed_table_has_the_papers_shape_and_says_it_cannot_separate(tmp_pat
     png = (tmp_path / "loss_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert (tmp_path / "README.md").read_text() == text
-    from eora_ft.report import default_file_mode
+    from eora_ft.atomic import default_file_mode
 
     for name in ("loss_curves.png", "results.json", "results.md"):  # temp files are 0600; outputs must not be
         assert (tmp_path / name).stat().st_mode & 0o777 == default_file_mode()

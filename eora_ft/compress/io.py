@@ -17,25 +17,22 @@ Loading builds the architecture with its parameters on the meta device and assig
 GPTQ checkpoints (:func:`export_gptq` / :func:`import_gptq`) use the layout in :mod:`.gptq_format`.
 Quantized layers carry fp16 scales (what GPTQ kernels read); biases and every other tensor keep the
 model's dtype (not the usual fp16), so an fp32 model round-trips exactly up to its fp16-rounded scales.
-No pickle anywhere: safetensors and JSON only. Every writer is atomic (see :func:`_atomic_directory`).
+No pickle anywhere: safetensors and JSON only. Every writer is atomic (see :func:`eora_ft.atomic.atomic_directory`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from eora_ft.atomic import atomic_directory
 
 from .gptq_format import ZERO_OFFSET, gptq_tensors, layer_from_gptq
 from eora_ft.kernels.packing import pack_mask
@@ -93,37 +90,6 @@ def _dedupe_shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-@contextlib.contextmanager
-def _atomic_directory(directory: str | os.PathLike, replaceable: Callable[[Path], bool], what: str) -> Iterator[Path]:
-    """Yield a sibling temp dir to fill; on success swap it in for ``directory``, on failure delete it.
-
-    An existing ``directory`` is replaced only after the new one is complete, and only if it is empty
-    or ``replaceable`` (a previous output of the same writer): a typo must not wipe a real directory.
-    """
-    directory = Path(directory)
-    if directory.exists() and not (directory.is_dir() and (not any(directory.iterdir()) or replaceable(directory))):
-        raise FileExistsError(f"refusing to replace {directory}: it exists and is not an empty directory or a {what}")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output should get the usual permissions
-    try:
-        yield tmp
-        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
-        if directory.exists():
-            os.replace(directory, old)  # rename(2) cannot replace a non-empty directory: move it aside first
-        try:
-            os.replace(tmp, directory)
-        except BaseException:
-            if old.exists():
-                os.replace(old, directory)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _write_model_files(model: nn.Module, tmp: Path, tokenizer, config=None) -> None:
     (config or model.config).save_pretrained(tmp)
     if getattr(model, "generation_config", None) is not None and getattr(model, "can_generate", lambda: False)():
@@ -151,7 +117,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, compression_
         for path, m in _nf4_layers(model).items()
     })
     meta_text = json.dumps(meta, indent=2)  # fails on non-JSON values before anything is written
-    with _atomic_directory(directory, lambda d: (d / COMPRESSION_CONFIG).exists(), "compressed-model directory") as tmp:
+    with atomic_directory(directory, lambda d: (d / COMPRESSION_CONFIG).exists(), "compressed-model directory") as tmp:
         _write_model_files(model, tmp, tokenizer)
         save_file(_dedupe_shared(model.state_dict()), str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / COMPRESSION_CONFIG).write_text(meta_text + "\n")
@@ -318,7 +284,7 @@ def export_gptq(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
     }
     config = copy.deepcopy(model.config)
     config.quantization_config = quant
-    with _atomic_directory(directory, _is_gptq_dir, "GPTQ checkpoint (export_gptq output)") as tmp:
+    with atomic_directory(directory, _is_gptq_dir, "GPTQ checkpoint (export_gptq output)") as tmp:
         _write_model_files(model, tmp, tokenizer, config)
         save_file(_dedupe_shared(state | tensors), str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(quant, indent=2) + "\n")

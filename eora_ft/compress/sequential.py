@@ -121,6 +121,21 @@ def _run_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]], collec
     return outputs
 
 
+def _require_finite(inputs: list[tuple[torch.Tensor, dict]], where: str) -> None:
+    """Raise if a calibration activation overflowed: every later Hessian and error would be NaN. One
+    device sync per layer (the per-batch flags are reduced on the device first)."""
+    if not inputs:
+        return
+    finite = torch.stack([torch.isfinite(hidden).all().to(inputs[0][0].device) for hidden, _ in inputs]).all()
+    if not bool(finite):
+        dtype = inputs[0][0].dtype
+        limit = f" (largest finite {torch.finfo(dtype).max:.6g})" if dtype.is_floating_point else ""
+        raise FloatingPointError(
+            f"calibration activations overflow at {where}: NaN/Inf in {dtype}{limit}. Load the model in a wider "
+            "dtype (dtype: bfloat16 or float32; fp16 checkpoints of large models often exceed fp16's range), "
+            "or check the weights for huge values")
+
+
 def _layer_home(layer: nn.Module) -> torch.device:
     """Where a decoder layer's weights live (refusing weights that are not there: meta / disk offload)."""
     for tensor in [*layer.parameters(), *layer.buffers()]:
@@ -205,6 +220,7 @@ def compress_model(
     was_training = model.training
     model.eval()
     inputs = _capture_layer_inputs(model, layers[0], calib_ids, batch_size, activations_device)
+    _require_finite(inputs, "the input of decoder layer 0 (the embeddings)")
     context = _LinearContext(compressor, initializers, rank, init_options or {}, generator, result, factor_bits,
                              base_from, keep_stats, precompressed or {})
 
@@ -244,6 +260,7 @@ def compress_model(
                     set_module(layer, name, _Compensated(layer.get_submodule(name), factors))
         with result.timed("layer_outputs"):
             inputs = _run_layer(layer, inputs, run_on=run_on, store_on=activations_device)
+            _require_finite(inputs, f"the output of decoder layer {index}")
         if capture == "compensated":
             for name, module in list(layer.named_modules()):
                 if isinstance(module, _Compensated):

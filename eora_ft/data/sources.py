@@ -7,6 +7,8 @@ from pathlib import Path
 
 import datasets
 
+from eora_ft.data.file_checks import check_data_file
+
 # The repository root: the parent of the `eora_ft` package directory. Bundled assets live
 # under it, so configs can name `eora_ft/assets/...` and still work from any cwd.
 _REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +51,14 @@ def _missing(path: str, expected: str) -> FileNotFoundError:
     )
 
 
+def local_files(path_or_id: str) -> list[str]:
+    """The local files ``path_or_id`` names (a file, or a directory's .json/.jsonl files); [] for a hub id."""
+    resolved = resolve_path(path_or_id)
+    if os.path.isdir(resolved):
+        return _json_files(resolved)
+    return [resolved] if os.path.isfile(resolved) else []
+
+
 def _json_files(directory: str) -> list[str]:
     files = sorted(
         str(p) for p in Path(directory).iterdir() if p.is_file() and p.name.endswith(_JSON_SUFFIXES)
@@ -67,10 +77,14 @@ def load_records(path_or_id: str, split: str = "train", name: str | None = None)
     """
     resolved = resolve_path(path_or_id)
     if os.path.isdir(resolved):
-        return datasets.load_dataset("json", data_files=_json_files(resolved), split="train")
+        files = _json_files(resolved)
+        for file in files:
+            check_data_file(file)
+        return datasets.load_dataset("json", data_files=files, split="train")
     if os.path.isfile(resolved):
         if not resolved.endswith(_JSON_SUFFIXES):
             raise ValueError(f"{resolved!r} is not a .json/.jsonl file; use read_text() for text files")
+        check_data_file(resolved)  # names the file and line where the json builder would not
         return datasets.load_dataset("json", data_files=resolved, split="train")
     if not _looks_like_hub_id(path_or_id):
         raise _missing(
@@ -85,4 +99,5 @@ def read_text(path: str) -> str:
     resolved = resolve_path(path)
     if not os.path.isfile(resolved):
         raise _missing(path, "a local .txt file")
+    check_data_file(resolved)
     return Path(resolved).read_text(encoding="utf-8")

@@ -12,7 +12,15 @@ from tests.recipes._runs import launch, losses
 # the compressor and the adapter got separate calibrations (C4 documents 1-900 for GPTQ; half C4, half ARC train
 # for EoRA): a different initial adapter, nothing else changed.
 RECORDED_LOSSES = [5.434043884277344, 5.554937362670898]
-TOLERANCE = 2e-3  # relative; fp32 on one CPU build is deterministic to ~1e-6, summation order may differ across CPUs
+# Relative. On one CPU the run is deterministic to ~1e-6, but fp32 summation order differs between CPU
+# kinds, and GPTQ's 2-bit rounding turns a 1e-7 difference in a calibration activation into a whole
+# quantization step wherever a weight sits near a rounding boundary. Measured on the same commit: an
+# Intel Xeon (AVX-512) gave the recorded values, an AMD EPYC (AVX2) [5.42601, 5.56729]: 1.5e-3 and
+# 2.2e-3 apart. The tolerance is about twice the largest spread seen. It catches changes of the size
+# that moved these values on 2026-11-22 (6e-3 to 9e-3), not one as small as the separate adapter
+# calibration of 2026-12-01 (0.7e-3 and 1.5e-3): below the CPU spread, no recorded value can see that.
+# Same-machine comparisons (tests/recipes/test_resume.py, test_faults.py) hold runs to 1e-5.
+TOLERANCE = 5e-3
 
 
 @pytest.mark.slow
