@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from eora_ft.cache import META, model_fingerprint, tensor_fingerprint
+from eora_ft.cache import META, model_fingerprint, read_meta, tensor_fingerprint
 from eora_ft.compress import make_compressor
 from eora_ft.compress.io import load_compressed, save_compressed
 from eora_ft.compress.sequential import compress_model
@@ -64,6 +65,8 @@ def init_key_parts(base_key: str, model_args: EoraModelConfig, init_args: Adapte
     """What an initial adapter depends on: its base entry, the initializer, the LoRA shape, the adapter
     calibration tokens (int64 ``[samples, seq_len]``; None when the initializer reads none) and, for an
     initializer that draws random numbers, the seed (so the seeds of a comparison share the others)."""
+    if init_args.init_from_adapter:  # an existing adapter: its files are the whole input
+        return {"kind": "init", "base": base_key, "from_adapter": model_fingerprint(init_args.init_from_adapter)}
     return {
         "kind": "init",
         "base": base_key,
@@ -112,6 +115,8 @@ def build_init(directory: Path, base_entry: Path, original: Callable[[], nn.Modu
     layer's statistics come from the compressed prefix. An initializer with its own base (LoftQ) also
     writes ``base/``. Returns the entry's metadata."""
     start = time.perf_counter()
+    if init_args.init_from_adapter:
+        return _copy_adapter(directory, base_entry, init_args.init_from_adapter, compress_args, start)
     model = original()
     config = lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                          model_args.lora_target_modules)
@@ -141,6 +146,49 @@ def build_init(directory: Path, base_entry: Path, original: Callable[[], nn.Modu
                  directory / INIT_DIR)
     return meta | {"adapter_calib_tokens": result.calib_tokens, "layers": result.layers,
                    "init_seconds": result.init_seconds, "build_seconds": time.perf_counter() - start}
+
+
+def _copy_adapter(directory: Path, base_entry: Path, source: str, compress_args: CompressionArguments,
+                  start: float) -> dict:
+    """``init/`` = an existing PEFT adapter, checked against the entry's base (shapes), loaded by PEFT (its own
+    ``lora_alpha / r`` scaling: a GPTQModel EoRA adapter has ``alpha = r``) and saved back as fp32 factors."""
+    base = load_compressed(base_entry / BASE_DIR)
+    # PEFT upcasts fp16 factors (GPTQModel writes fp16) to fp32 on load: they train as ours do
+    peft_model = load_adapter(base, os.path.expanduser(source), is_trainable=True)
+    config = peft_model.peft_config["default"]
+    save_adapter(peft_model, directory / INIT_DIR)
+    return {"base_entry": base_entry.name, "init": f"adapter {source}", "compression": compress_args.describe(),
+            "adapter_calib_tokens": 0, "layers": [], "init_seconds": {}, "from_adapter": os.path.abspath(source),
+            "lora": {"r": config.r, "alpha": config.lora_alpha}, "build_seconds": time.perf_counter() - start}
+
+
+def export_base(init_entry: Path, directory: Path, tokenizer=None) -> tuple[str, str]:
+    """Put the base ``init_entry``'s adapter belongs to where the user owns it; returns ``(path, format)``.
+
+    compressed-tensors ``pack-quantized`` when it can carry the base and plain transformers can load it
+    (symmetric integer grids: then ``AutoPeftModelForCausalLM.from_pretrained(adapter)`` works anywhere
+    compressed-tensors is installed), else eora_ft's own format, hard-linked from the cache entry (no
+    second copy on disk; :func:`eora_ft.peft_bridge.load_pretrained` loads it). The uncompressed ceiling
+    exports nothing: its base is the original model, ``(its path or hub id, "plain")``."""
+    from eora_ft.atomic import atomic_directory
+    from eora_ft.compress.ct_format import _is_ct_dir, export_compressed_tensors, unrepresentable
+    from eora_ft.compress.io import COMPRESSION_CONFIG
+
+    base = base_directory(init_entry)
+    if base is None:
+        return _uncompressed(init_entry.parent / read_meta(init_entry)["base_entry"])["model"], "plain"
+    model = load_compressed(base)
+    if unrepresentable(model) is None:
+        export_compressed_tensors(model, directory, tokenizer=tokenizer)
+        return str(Path(directory).resolve()), "compressed-tensors"
+    owned = lambda d: _is_ct_dir(d) or (d / COMPRESSION_CONFIG).exists()  # noqa: E731 (a previous export)
+    with atomic_directory(directory, owned, "compressed base (exported next to an adapter)") as tmp:
+        for path in base.iterdir():
+            try:
+                os.link(path, tmp / path.name)  # the cache entry's files are immutable once sealed
+            except OSError:  # another file system: copy
+                shutil.copy2(path, tmp / path.name)
+    return str(Path(directory).resolve()), "eora_ft"
 
 
 def _compression_config(compress_args: CompressionArguments) -> dict:

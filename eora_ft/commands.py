@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from eora_ft.compress import COMPRESSORS, make_compressor
+from eora_ft.compress import COMPRESSORS, USES_BITS, make_compressor
+from eora_ft.compress.formats import WRITERS
 from eora_ft.compress.sequential import compress_model
 from eora_ft.config import LLAMA_LINEARS, CompressionArguments
 from eora_ft.data import calibration_tokens, resolve_path
@@ -38,8 +39,9 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-seed", type=int, default=defaults.calib_seed)
     parser.add_argument("--targets", default=",".join(LLAMA_LINEARS), help="comma-separated linear names")
     add_placement_arguments(parser)
-    parser.add_argument("--format", choices=["eora_ft", "gptq"], default="eora_ft",
-                        help="eora_ft: packed safetensors + compression_config.json; gptq: the standard GPTQ layout")
+    parser.add_argument("--format", choices=sorted(WRITERS), default="eora_ft",
+                        help="eora_ft: packed safetensors + compression_config.json (every method); gptq: the GPTQ "
+                             "layout; compressed-tensors: llm-compressor's pack-quantized (vLLM, transformers)")
     parser.add_argument("--output", required=True, help="directory to write (replaced atomically)")
 
 
@@ -62,7 +64,6 @@ def error_table(rows: list[dict]) -> str:
 
 def compress_command(args: argparse.Namespace) -> int:
     """Validate everything, load, calibrate, compress, print the error table, save atomically."""
-    from eora_ft.compress.io import export_gptq, save_compressed
     from eora_ft.pipeline import check_model_against_config, load_model, require_source
     from eora_ft.config import EoraModelConfig
 
@@ -74,8 +75,13 @@ def compress_command(args: argparse.Namespace) -> int:
         calib_seed=args.calib_seed, execution_device=args.execution_device,
         calib_activations_device=args.calib_activations_device,
     )
-    if args.format == "gptq" and args.method not in ("gptq", "rtn"):
-        raise ValueError(f"--format gptq holds dense quantized weights only (gptq, rtn), not --method {args.method}")
+    if args.format != "eora_ft" and args.method not in USES_BITS:
+        raise ValueError(f"--format {args.format} holds integer codes only (methods {sorted(USES_BITS)}), not "
+                         f"--method {args.method}; use --format eora_ft")
+    if args.format == "compressed-tensors":
+        from eora_ft.compress.ct_format import _helpers
+
+        _helpers()  # the library must be there before the compression runs, not after
     targets = [t for t in args.targets.split(",") if t]
     require_source(args.calib, "--calib")
     tokenizer, model = load_model(EoraModelConfig(model_name_or_path=args.model))
@@ -92,10 +98,7 @@ def compress_command(args: argparse.Namespace) -> int:
               "calibration": {"dataset": args.calib, "num_samples": options.calib_num_samples,
                               "seq_len": options.calib_seq_len, "seed": options.calib_seed, "tokens": result.calib_tokens},
               "seconds": round(result.seconds, 2), "layers": result.layers}
-    if args.format == "gptq":
-        path = export_gptq(model, args.output, tokenizer=tokenizer)
-    else:
-        path = save_compressed(model, args.output, config, tokenizer=tokenizer)
+    path = WRITERS[args.format](model, args.output, tokenizer=tokenizer, compression_config=config)
     print(json.dumps({"output": str(path), "method": options.describe(), "seconds": round(result.seconds, 2),
                       "calibration_tokens": result.calib_tokens}))
     return 0

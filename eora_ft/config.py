@@ -8,7 +8,9 @@ and ``SFTConfig`` (the training loop) are used as they are; what is ours lives b
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from datetime import timedelta
 
 import torch
@@ -229,6 +231,11 @@ class AdapterInitArguments:
                           "None = calib_dataset. Comma-separated sources share the rows."})
     adapter_calib_num_samples: int | None = field(
         default=None, metadata={"help": "Sequences of the initializer's calibration (None = calib_num_samples)."})
+    init_from_adapter: str | None = field(
+        default=None,
+        metadata={"help": "Start from this existing PEFT LoRA adapter directory (e.g. a GPTQModel EoRA adapter made "
+                          "for this compressed base) instead of computing one: its rank, alpha and factors are kept, "
+                          "init_method and lora_r/lora_alpha are not used."})
     adapter_calib_task_fraction: float = field(
         default=0.5,
         metadata={"help": "Share of the initializer's calibration made of the task's training text (the EoRA paper "
@@ -249,6 +256,13 @@ class AdapterInitArguments:
             raise ValueError(f"capture={self.capture!r} is not valid; choose one of {list(CAPTURE_MODES)}")
         if not 0.0 <= self.adapter_calib_task_fraction <= 1.0:
             raise ValueError(f"adapter_calib_task_fraction={self.adapter_calib_task_fraction} must lie in [0, 1]")
+        if self.init_from_adapter is not None:
+            directory = Path(os.path.expanduser(self.init_from_adapter))
+            missing = [name for name in ("adapter_config.json", "adapter_model.safetensors")
+                       if not (directory / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"init_from_adapter={self.init_from_adapter!r} is not a PEFT adapter directory: "
+                                        f"missing {missing} (save_pretrained writes both)")
         if self.adapter_calib_num_samples is not None and self.adapter_calib_num_samples < 1:
             raise ValueError(f"adapter_calib_num_samples={self.adapter_calib_num_samples} must be >= 1 (or None: "
                              "calib_num_samples)")
@@ -302,7 +316,8 @@ class EoraModelConfig(ModelConfig):
 
     model_name_or_path: str | None = field(default=DEFAULT_MODEL, metadata={"help": "Hub id or local directory."})
     lora_target_modules: list[str] | None = field(
-        default_factory=lambda: list(LLAMA_LINEARS), metadata={"help": "Linear names to compress and adapt."}
+        default_factory=lambda: list(LLAMA_LINEARS),
+        metadata={"help": "Linear names to compress and adapt, or all-linear (every linear of the decoder layers)."}
     )
 
     def __post_init__(self) -> None:
@@ -311,6 +326,8 @@ class EoraModelConfig(ModelConfig):
             # TRL unwraps a one-name list into a string (PEFT reads a string as a regex); names are matched
             # exactly here, and "v_proj" in "qkv_proj" must not be a match
             self.lora_target_modules = [self.lora_target_modules]
+        if self.lora_target_modules == ["all-linear"]:
+            self.lora_target_modules = None  # PEFT's and TRL's spelling of "every linear of the decoder layers"
         check_range(self, "lora_r", 1)  # the upper bound depends on the layers: checked once the model is loaded
         check_range(self, "lora_alpha", 0, low_open=True)
         check_range(self, "lora_dropout", 0, 1, high_open=True)
@@ -337,6 +354,9 @@ def parse_recipe_args(args: list[str] | None = None, extra: tuple = ()):
 
 def check_compatible(compress_args: CompressionArguments, init_args: AdapterInitArguments) -> None:
     """Fail on settings that are valid alone but not together (before any work)."""
+    if compress_args.compress_method == UNCOMPRESSED and init_args.init_from_adapter:
+        raise ValueError("init_from_adapter starts from an adapter made for a compressed base; compress_method="
+                         f"{UNCOMPRESSED!r} has none: set compress_method, or drop init_from_adapter")
     if compress_args.compress_method == UNCOMPRESSED and init_args.init_method != "qlora":
         raise ValueError(f"compress_method={UNCOMPRESSED!r} has no compression error to initialise from; "
                          f"init_method={init_args.init_method!r} needs one: use init_method='qlora' (plain LoRA, B = 0)")

@@ -26,7 +26,8 @@ EXTRA_TASKS = tuple(BUNDLED_PATHS)  # perplexity texts: enwiki_heldout, c4_heldo
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="hub id or local directory of the (uncompressed) model; with --compressed, "
                                         "only its tokenizer is used (default: the compressed directory's)")
-    parser.add_argument("--compressed", help="a directory written by save_compressed (e.g. a cache entry's base/)")
+    parser.add_argument("--compressed", help="a compressed checkpoint: eora_ft's (e.g. a cache entry's base/), GPTQ, or "
+                                             "compressed-tensors pack-quantized (llm-compressor); the format is detected")
     parser.add_argument("--adapter", help="a PEFT adapter directory to apply on top")
     parser.add_argument("--tasks", required=True,
                         help=f"comma-separated, from {sorted(TASKS) + list(EXTRA_TASKS)}")
@@ -58,12 +59,12 @@ def _pairs(values: list[str], flag: str) -> dict[str, str]:
 def _load(args: argparse.Namespace):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from eora_ft.compress.io import load_compressed
+    from eora_ft.compress.formats import import_model
     from eora_ft.peft_bridge import load_adapter
 
     dtype = getattr(torch, args.dtype)
     if args.compressed:  # small: read straight onto the device
-        model = load_compressed(args.compressed, dtype=dtype, device=args.device)
+        model = import_model(args.compressed, dtype=dtype, device=args.device)
         tokenizer = AutoTokenizer.from_pretrained(args.model or args.compressed)
     else:  # on the CPU; evaluation moves it to the device if it fits there, else streams its layers
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)

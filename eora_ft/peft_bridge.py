@@ -6,6 +6,7 @@ writes the standard adapter files that plain PEFT reloads over the dequantized b
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from eora_ft.compress.linear import CompressedLinear
 from eora_ft.init import LowRankFactors, check_rank
 from eora_ft.kernels.lora_matmul import Packed, packed_lora_linear
 from eora_ft.model_checks import check_adapter_fits
+
+ALL_LINEAR = "all-linear"  # PEFT's and TRL's name for every linear of the decoder layers
 
 
 class CompressedLoraLinear(LoraLinear):
@@ -79,7 +82,7 @@ def lora_config(r: int, lora_alpha: float, lora_dropout: float, target_modules: 
     """A LoraConfig (causal LM by default) that also knows how to wrap :class:`CompressedLinear`."""
     config = LoraConfig(
         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type=task_type,
-        target_modules=target_modules or "all-linear",
+        target_modules=target_modules or ALL_LINEAR,
     )
     config._register_custom_module({CompressedLinear: CompressedLoraLinear})
     return config
@@ -107,10 +110,23 @@ def build_lora_model(
         config.rank_pattern = {re.escape(path): rank for path, rank in trimmed.items()}
         config.alpha_pattern = {re.escape(path): config.lora_alpha * rank / config.r for path, rank in trimmed.items()}
         factors = {path: f.truncate(trimmed[path]) if path in trimmed else f for path, f in factors.items()}
+    if config.target_modules == ALL_LINEAR:
+        config.target_modules = decoder_linear_names(model)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if factors:
         load_factors(peft_model, factors, adapter_name)
     return peft_model
+
+
+def decoder_linear_names(model: nn.Module) -> set[str]:
+    """The leaf names of every linear inside the decoder layers, compressed or not: what PEFT's and TRL's
+    ``"all-linear"`` means (the output head excluded). PEFT's own expansion finds only ``nn.Linear``
+    and would leave every :class:`CompressedLinear` without an adapter."""
+    from eora_ft.compress.sequential import find_decoder_layers
+
+    _, layers = find_decoder_layers(model)
+    return {name.split(".")[-1] for layer in layers for name, module in layer.named_modules()
+            if isinstance(module, (nn.Linear, CompressedLinear)) or hasattr(module, "dequantize")}
 
 
 @torch.no_grad()
@@ -144,12 +160,38 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
     return {"trainable": sum(trainable.values()), "total": total}
 
 
-def save_adapter(peft_model: PeftModel, directory: str | Path) -> Path:
+def save_adapter(peft_model: PeftModel, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """``save_pretrained`` into a sibling temp dir, then swap it in whole. An existing ``directory`` is
-    replaced only if it is empty or an adapter directory (holds ``adapter_config.json``)."""
+    replaced only if it is empty or an adapter directory (holds ``adapter_config.json``).
+
+    ``base_model_name_or_path``: the (compressed) model the adapter belongs to, written into
+    ``adapter_config.json`` in place of the model PEFT wrapped (which for a compressed base is the
+    uncompressed model's name: a correction for ``W - W_c`` on top of ``W`` would be silently wrong)."""
     with atomic_directory(directory, lambda d: (d / "adapter_config.json").exists(), "PEFT adapter directory") as tmp:
         peft_model.save_pretrained(tmp)
+        if base_model_name_or_path is not None:
+            config_path = tmp / "adapter_config.json"
+            config = json.loads(config_path.read_text())
+            config["base_model_name_or_path"] = str(base_model_name_or_path)
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(directory)
+
+
+def load_pretrained(adapter_directory: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                    is_trainable: bool = False) -> PeftModel:
+    """An adapter with the base its ``adapter_config.json`` names: a compressed checkpoint in any format eora_ft
+    reads (eora_ft, GPTQ, compressed-tensors; detected), or a plain model (hub id or directory)."""
+    from eora_ft.compress.formats import detect_format, import_model
+
+    base = json.loads((Path(adapter_directory) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    try:
+        detect_format(base)
+        model = import_model(base, dtype=dtype, device=device)
+    except (ValueError, FileNotFoundError, OSError):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
+    return load_adapter(model, adapter_directory, is_trainable=is_trainable)
 
 
 def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> PeftModel:

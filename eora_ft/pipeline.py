@@ -23,7 +23,15 @@ import transformers
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eora_ft.artifacts import base_directory, base_key_parts, build_base, build_init, init_key_parts, load_artifacts
+from eora_ft.artifacts import (
+    base_directory,
+    base_key_parts,
+    build_base,
+    build_init,
+    export_base,
+    init_key_parts,
+    load_artifacts,
+)
 from eora_ft.cache import cache_key, default_cache_dir, ensure_entry, read_meta, require_entry
 from eora_ft.compress import USES_BITS
 from eora_ft.compress.sequential import find_decoder_layers, target_linears
@@ -203,12 +211,16 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     lap("compress_and_init")
 
     output_dir = Path(training_args.output_dir)
+    adapter_base = ("", "")
     if main:
         with handoff.main_work("evaluating the compressed model"):
             with peft_model.disable_adapter():
                 stages["compressed"] = evaluate(peft_model)
             lap("eval_compressed")
-            save_adapter(peft_model, output_dir / f"{init_args.init_method}_init")
+            with full_model_init():  # the adapters name a base the user owns, not a cache entry
+                adapter_base = export_base(entry, output_dir / "base", tokenizer)
+            save_adapter(peft_model, output_dir / ("adapter_init" if init_args.init_from_adapter
+                                                   else f"{init_args.init_method}_init"), adapter_base[0])
             stages["compensated"] = evaluate(peft_model)
             lap("eval_compensated")
         handoff.post("ready")
@@ -230,21 +242,27 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     stages["finetuned"] = evaluate(peft_model)
     lap("eval_finetuned")
 
+    init_label = (f"adapter {init_args.init_from_adapter} r={meta['lora']['r']} alpha={meta['lora']['alpha']}"
+                  if init_args.init_from_adapter else
+                  f"{init_args.init_method} rank={model_args.lora_r} alpha={model_args.lora_alpha}")
     results = {
-        "title": f"{task.name}: {compress_args.describe()} + {init_args.init_method} r{model_args.lora_r} "
-                 f"on {model_args.model_name_or_path}",
+        "title": f"{task.name}: {compress_args.describe()} + "
+                 + (f"adapter r{meta['lora']['r']}" if init_args.init_from_adapter
+                    else f"{init_args.init_method} r{model_args.lora_r}")
+                 + f" on {model_args.model_name_or_path}",
         "task": task.name,
         "metrics": [list(m) for m in task.metrics] + [list(t.metric) for t in heldout_texts(task_args.ppl_dataset)],
         "stages": stages,
         "summary": {
             "model": model_args.model_name_or_path,
             "compression": compress_args.describe(),
-            "init": f"{init_args.init_method} rank={model_args.lora_r} alpha={model_args.lora_alpha}",
+            "init": init_label,
             "calibration tokens": built.get("calib_tokens", "–"),
             "adapter calibration tokens": meta["adapter_calib_tokens"],
             "artifact cache": f"base: {built.get('base', '–')}, init: {built.get('init', '–')}",
             "init entry": str(entry),
             "compressed base": str(base_directory(entry) or f"{model_args.model_name_or_path} (uncompressed)"),
+            "adapter base": f"{adapter_base[0]} ({adapter_base[1]})",
             "train items": len(train_items), "eval items": len(eval_items),
             "train steps": trainer.state.global_step,
             "trainable parameters": trainable_summary(trainer.model)["trainable"],
@@ -261,7 +279,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                                        (task_args, compress_args, init_args, model_args))}
                   | {"SFTConfig": training_args.to_dict()},
     }
-    save_adapter(peft_model, output_dir / "adapter")
+    save_adapter(peft_model, output_dir / "adapter", adapter_base[0])
     write_results(output_dir, results)
     write_model_card(output_dir, results)
     handoff.close()
@@ -297,7 +315,7 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
         calib = mixed_calibration(tokenizer, compress_args.calib_dataset, calib_task, compress_args.calib_num_samples,
                                   compress_args.calib_seq_len, task_fraction=compress_args.calib_task_fraction,
                                   seed=compress_args.calib_seed)
-        adapter_calib = mixed_calibration(
+        adapter_calib = None if init_args.init_from_adapter else mixed_calibration(
             tokenizer, init_args.adapter_calib_dataset or compress_args.calib_dataset, calib_task,
             init_args.adapter_calib_num_samples or compress_args.calib_num_samples, compress_args.calib_seq_len,
             task_fraction=init_args.adapter_calib_task_fraction, seed=compress_args.calib_seed)

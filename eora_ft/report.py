@@ -77,12 +77,23 @@ def model_card(results: dict) -> str:
     if curve:
         lines += ["", f"Training loss: {curve[0]['loss']:.4f} at step {curve[0]['step']} -> "
                       f"{curve[-1]['loss']:.4f} at step {curve[-1]['step']}."]
-    lines += ["", "## Use", "", "The adapter belongs to the compressed base it was trained on "
-              f"(`{base}`, in the artifact cache; rerunning the run's config rebuilds it if it was deleted):", "",
-              "```python", "from eora_ft.compress.io import load_compressed",
-              "from eora_ft.peft_bridge import load_adapter", "",
-              f'model = load_adapter(load_compressed("{base}"), "adapter")  # "adapter": this folder\'s adapter/',
-              "```", "", "The full configuration of the run is in `results.json` (`config`)."]
+    adapter_base = str(summary.get("adapter base", base))
+    path, _, kind = adapter_base.rpartition(" (")
+    kind = kind.rstrip(")")
+    lines += ["", "## Use", "", f"The adapter belongs to the compressed base it was trained on: `{path}` ({kind}), "
+              "named as `base_model_name_or_path` in `adapter/adapter_config.json`.", ""]
+    if kind == "plain":
+        lines += ["With transformers and PEFT:", "", "```python", "from peft import AutoPeftModelForCausalLM", "",
+                  'model = AutoPeftModelForCausalLM.from_pretrained("adapter")  # this folder\'s adapter/', "```", ""]
+    elif kind == "compressed-tensors":  # PEFT wraps dense weights: decompress on load
+        lines += ["With transformers, PEFT and compressed-tensors (no eora_ft needed):", "", "```python",
+                  "from peft import AutoPeftModelForCausalLM", "from transformers import CompressedTensorsConfig", "",
+                  'model = AutoPeftModelForCausalLM.from_pretrained(  # this folder\'s adapter/',
+                  '    "adapter", quantization_config=CompressedTensorsConfig(run_compressed=False))', "```", ""]
+    lines += ["With eora_ft installed (any base format eora_ft writes or reads):", "", "```python",
+              "from eora_ft.peft_bridge import load_pretrained", "",
+              'model = load_pretrained("adapter")  # this folder\'s adapter/', "```", "",
+              "The full configuration of the run is in `results.json` (`config`)."]
     return "\n".join(lines) + "\n"
 
 

@@ -95,3 +95,110 @@ def test_uncompressed_ceiling_starts_as_the_original_model(setting, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(lora(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
     assert any(p.requires_grad for p in lora.parameters())
+
+
+def _gptqmodel_style_adapter(directory, base_entry, rank: int = 8) -> dict:
+    """An adapter as GPTQModel writes its EoRA: plain PEFT files, fp16 factors, lora_alpha = r, keys
+    ``base_model.model.model.layers.N.<proj>.lora_A.weight``; random factors for the test."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from eora_ft.compress.io import load_compressed
+
+    base = load_compressed(base_entry / "base")
+    tensors, generator = {}, torch.Generator().manual_seed(3)
+    for path, module in base.named_modules():
+        if path.split(".")[-1] in TARGETS and hasattr(module, "dequantize"):
+            tensors[f"base_model.model.{path}.lora_A.weight"] = (
+                torch.randn(rank, module.in_features, generator=generator) * 0.05).half()
+            tensors[f"base_model.model.{path}.lora_B.weight"] = (
+                torch.randn(module.out_features, rank, generator=generator) * 0.05).half()
+    directory.mkdir()
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+        "target_modules": TARGETS, "bias": "none", "base_model_name_or_path": "gptqmodel/quantized-base",
+        "inference_mode": True}))
+    return tensors
+
+
+def test_init_from_an_existing_adapter_keeps_its_factors_and_scaling(setting, tmp_path):
+    model, tokenizer, model_args, compress_args, calib, _ = setting
+    base_key = cache_key(base_key_parts(model, model_args, compress_args, calib, model_args.model_name_or_path))
+    base_entry, _ = ensure_entry(tmp_path / "cache", base_key, lambda tmp: build_base(
+        tmp, copy.deepcopy(model), tokenizer, calib, model_args, compress_args, progress=False))
+    tensors = _gptqmodel_style_adapter(tmp_path / "eora_adapter", base_entry)
+    init_args = AdapterInitArguments(init_from_adapter=str(tmp_path / "eora_adapter"))
+    key = cache_key(init_key_parts(base_key, model_args, init_args, None, seed=0))
+    entry, _ = ensure_entry(tmp_path / "cache", key, lambda tmp: build_init(
+        tmp, base_entry, lambda: pytest.fail("an existing adapter needs no uncompressed model"), tokenizer, None,
+        model_args, compress_args, init_args, 0, progress=False))
+    peft_model = load_artifacts(entry, torch.float32, "cpu")
+    path = "model.layers.1.mlp.down_proj"
+    module = peft_model.base_model.model.get_submodule(path)
+    assert module.scaling["default"] == 1.0  # GPTQModel's alpha = r, not our run's lora_alpha / lora_r
+    a = tensors[f"base_model.model.{path}.lora_A.weight"].float()
+    b = tensors[f"base_model.model.{path}.lora_B.weight"].float()
+    x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        correction = module(x) - module.base_layer(x)
+    assert torch.allclose(correction, x @ a.t() @ b.t(), rtol=1e-5, atol=1e-6)
+    assert {p.dtype for n, p in peft_model.named_parameters() if p.requires_grad} == {torch.float32}
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == sum(t.numel() for t in tensors.values())
+
+
+def test_an_adapter_for_another_base_is_refused_by_name(setting, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, tokenizer, model_args, compress_args, calib, _ = setting
+    base_key = cache_key(base_key_parts(model, model_args, compress_args, calib, model_args.model_name_or_path))
+    base_entry, _ = ensure_entry(tmp_path / "cache", base_key, lambda tmp: build_base(
+        tmp, copy.deepcopy(model), tokenizer, calib, model_args, compress_args, progress=False))
+    _gptqmodel_style_adapter(tmp_path / "other", base_entry)
+    weights = tmp_path / "other" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if k.endswith("down_proj.lora_A.weight"))
+    tensors[key] = torch.zeros(8, 512, dtype=torch.float16)
+    save_file(tensors, str(weights))
+    init_args = AdapterInitArguments(init_from_adapter=str(tmp_path / "other"))
+    with pytest.raises(ValueError, match=r"has shape \(8, 512\) but .*down_proj is a 768 -> 256 linear"):
+        build_init(tmp_path / "init", base_entry, None, tokenizer, None, model_args, compress_args, init_args, 0)
+
+
+@pytest.mark.parametrize("sym,expected", [(True, "compressed-tensors"), (False, "eora_ft")])
+def test_adapters_name_an_exported_base_that_loads_with_our_logits(setting, tmp_path, sym, expected):
+    from peft import AutoPeftModelForCausalLM
+
+    from eora_ft.artifacts import export_base
+    from eora_ft.peft_bridge import load_pretrained, save_adapter
+
+    model, tokenizer, model_args, _, calib, adapter_calib = setting
+    compress_args = CompressionArguments(compress_method="rtn", bits=4, group_size=64, sym=sym)
+    base_key = cache_key(base_key_parts(model, model_args, compress_args, calib, model_args.model_name_or_path))
+    base_entry, _ = ensure_entry(tmp_path / "cache", base_key, lambda tmp: build_base(
+        tmp, copy.deepcopy(model), tokenizer, calib, model_args, compress_args, progress=False))
+    init_args = AdapterInitArguments(init_method="eora")
+    key = cache_key(init_key_parts(base_key, model_args, init_args, adapter_calib, seed=0))
+    entry, _ = ensure_entry(tmp_path / "cache", key, lambda tmp: build_init(
+        tmp, base_entry, lambda: copy.deepcopy(model), tokenizer, adapter_calib, model_args, compress_args, init_args, 0,
+        progress=False))
+    path, kind = export_base(entry, tmp_path / "run" / "base", tokenizer)
+    assert kind == expected and path == str((tmp_path / "run" / "base").resolve())
+    ours = load_artifacts(entry, torch.float32, "cpu", trainable=False)
+    save_adapter(ours, tmp_path / "run" / "adapter", path)
+    ids = torch.randint(1, 8192, (2, 24), generator=torch.Generator().manual_seed(5))
+    loaders = [load_pretrained]
+    if kind == "compressed-tensors":  # plain PEFT + transformers, no eora_ft code in the path
+        from transformers import CompressedTensorsConfig
+
+        # PEFT wraps dense weights: compressed-tensors decompresses on load with run_compressed=False
+        loaders.append(lambda adapter: AutoPeftModelForCausalLM.from_pretrained(
+            adapter, dtype=torch.float32, quantization_config=CompressedTensorsConfig(run_compressed=False)))
+    else:  # hard links into the sealed cache entry: no second copy on disk
+        assert (tmp_path / "run" / "base" / "model.safetensors").stat().st_ino == \
+            (base_entry / "base" / "model.safetensors").stat().st_ino
+    with torch.no_grad():
+        expected_logits = ours(ids).logits
+        for load in loaders:
+            assert torch.equal(load(tmp_path / "run" / "adapter")(ids).logits, expected_logits)

@@ -19,7 +19,7 @@ def _run(init, before, after, lr=2e-4, compressed=(0.25, 500.0), eval_curve=(6.2
             "stages": {"compressed": stage(*compressed), "compensated": stage(*before), "finetuned": stage(*after)},
             "summary": {"compression": compression, "train steps": 10, "train items": 64, "eval items": 16,
                         "calibration tokens": 1024, "adapter calibration tokens": 2048, "model": "nano",
-                        "compressed base": "/c/k/base"},
+                        "compressed base": "/c/k/base", "adapter base": "/c/k/base (eora_ft)"},
             "config": {"AdapterInitArguments": {"init_method": init}, "SFTConfig": {"learning_rate": lr},
                        "CompressionArguments": {"compress_method": method}},
             "train_loss": [{"step": 5, "loss": 6.0}, {"step": 10, "loss": 5.5}],
@@ -99,7 +99,7 @@ def test_model_card_has_metadata_results_and_usage():
     card = model_card({**_run("eora", (0.28, 450.0), (0.30, 440.0)), "title": "arc: x"})
     assert card.startswith("---\nlibrary_name: peft\nbase_model: nano\ntags: [eora_ft, lora, gptq, eora, arc_challenge]")
     assert "| finetuned | 30.00 | 440.00 |" in card
-    assert 'load_compressed("/c/k/base")' in card and "Training loss: 6.0000 at step 5 -> 5.5000 at step 10" in card
+    assert "`/c/k/base` (eora_ft)" in card and 'load_pretrained("adapter")' in card and "Training loss: 6.0000 at step 5 -> 5.5000 at step 10" in card
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -140,3 +140,25 @@ def test_save_adapter_replaces_only_an_adapter_directory(compressed, tmp_path):
         save_adapter(peft_model, precious)
     assert (precious / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "notes"]  # no temp dirs left behind
+
+
+def test_all_linear_adapts_every_compressed_linear_and_saves_their_names(nano_model_and_tokenizer, tmp_path):
+    import json
+
+    from eora_ft.config import parse_recipe_args
+    from eora_ft.peft_bridge import save_adapter
+
+    model_args = parse_recipe_args(["--lora_target_modules", "all-linear", "--output_dir", str(tmp_path / "o"),
+                                    "--report_to", "none"])[4]
+    assert model_args.lora_target_modules is None  # every linear of the decoder layers, as compression reads it
+    model = copy.deepcopy(nano_model_and_tokenizer[0])
+    ids = torch.randint(1, 8192, (1, 32), generator=torch.Generator().manual_seed(0))
+    result = compress_model(model, ids, make_compressor("rtn", bits=4, group_size=64), ["eora"], rank=4,
+                            target_modules=None, progress=False)
+    peft_model = build_lora_model(model, {p: f["eora"] for p, f in result.factors.items()},
+                                  lora_config(4, 8, 0.0, model_args.lora_target_modules))
+    adapted = {n.removesuffix(".lora_A") for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+    assert len(adapted) == len(result.factors) == 28  # PEFT's own all-linear would find no nn.Linear here
+    save_adapter(peft_model, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(saved) == sorted(LINEARS) and "lm_head" not in saved

@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from eora_ft.kernels.packing import SUPPORTED_BITS, pack_codes, unpack_codes
+from eora_ft.kernels.packing import SUPPORTED_BITS
 
 from .linear import CompressedLinear
 from .quantizer import SUPPORTED_GROUP_SIZES
@@ -83,16 +83,9 @@ def gptq_tensors(layer: CompressedLinear, checkpoint_format: str = "gptq") -> di
     if layer.bits is None:
         raise ValueError("a pruned-only (unquantized) layer cannot be stored in the GPTQ layout, which holds "
                          "integer codes only")
-    bits, k, n = layer.bits, layer.in_features, layer.out_features
+    bits, n = layer.bits, layer.out_features
     _check_rows(n, bits, "out_features")
-    codes = unpack_codes(layer.qweight, bits, k)  # [K, N], storage order
-    group = k if layer.group_size == -1 else layer.group_size
-    g_idx = torch.arange(k, device=codes.device) // group
-    perm = getattr(layer, "perm", None)
-    if perm is not None:  # act-order import: put columns back in the checkpoint's original order
-        original, original_g = torch.empty_like(codes), torch.empty_like(g_idx)
-        original[perm], original_g[perm] = codes, g_idx
-        codes, g_idx = original, original_g
+    codes, g_idx = layer.codes_in_original_order()  # act-order imports: the checkpoint's column order
     offset = ZERO_OFFSET[checkpoint_format]
     stored = layer.zeros.to(torch.int64) - offset
     if int(stored.min()) < 0 or int(stored.max()) >= 2**bits:
@@ -147,22 +140,5 @@ def layer_from_gptq(
             raise ValueError("zero point 256 (v1 qzeros field 255 at 8 bits) does not fit the uint8 zero points")
         warnings.warn(f"qzeros hold v1 fields of {2**bits - 1}: loaded as zero point {2**bits}, as GPTQ kernels "
                       "compute it (GPTQModel reads 0 there); re-export such layers with checkpoint_format='gptq_v2'")
-    monotone = torch.arange(k, device=codes.device) // group
-    g_idx = tensors.get("g_idx", monotone).to(device=codes.device, dtype=torch.int64)  # very old checkpoints have none
-    perm = None
-    if g_idx.shape != (k,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
-        raise ValueError(f"g_idx must be [{k}] with values in [0, {groups}), got shape {tuple(g_idx.shape)}")
-    if not torch.equal(g_idx, monotone):
-        if not (torch.bincount(g_idx, minlength=groups) == group).all():
-            raise ValueError(f"non-monotone g_idx must put exactly group_size={group} inputs in every group")
-        perm = torch.argsort(g_idx, stable=True)
-        codes = codes[perm]
-    layer = CompressedLinear(k, n, bits, group_size, bias="bias" in tensors, dtype=dtype, device=qweight.device)
-    layer.qweight.copy_(pack_codes(codes, bits))
-    layer.scales.copy_(scales.to(dtype))
-    layer.zeros.copy_(zeros.to(torch.uint8))
-    if perm is not None:
-        layer.perm = perm
-    if "bias" in tensors:
-        layer.bias.data.copy_(tensors["bias"].to(dtype))
-    return layer
+    return CompressedLinear.from_codes(codes, scales, zeros, bits, group_size, tensors.get("g_idx"),
+                                       tensors.get("bias"), dtype)

@@ -102,6 +102,57 @@ class CompressedLinear(nn.Module):
         return layer
 
     @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                   g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   dtype: torch.dtype = torch.float32) -> "CompressedLinear":
+        """A layer from a checkpoint's unpacked grid: ``codes`` ``[K, N]`` in ``[0, 2**bits)``, ``scales`` and
+        ``zeros`` ``[G, N]`` (zeros integer-valued), ``g_idx`` ``[K]`` the group of each input (None or
+        ``k // group_size``: groups in column order). Any other ``g_idx`` (act-order without static groups)
+        must give every group exactly ``group_size`` inputs: the columns are then stored sorted by group and
+        the layer keeps ``perm``, so its function is unchanged. Tensors stay on ``codes.device``."""
+        k, n = codes.shape
+        group = k if group_size == -1 else group_size
+        if k % group:
+            raise ValueError(f"group_size={group_size} does not divide in_features={k}")
+        groups = k // group
+        if tuple(scales.shape) != (groups, n) or tuple(zeros.shape) != (groups, n):
+            raise ValueError(f"scales {tuple(scales.shape)} / zero points {tuple(zeros.shape)} do not match "
+                             f"[{groups}, {n}] for K={k}, N={n}, group_size={group_size}")
+        monotone = torch.arange(k, device=codes.device) // group
+        g_idx = monotone if g_idx is None else g_idx.to(device=codes.device, dtype=torch.int64)
+        if g_idx.shape != (k,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+            raise ValueError(f"g_idx must be [{k}] with values in [0, {groups}), got shape {tuple(g_idx.shape)}")
+        perm = None
+        if not torch.equal(g_idx, monotone):
+            if not (torch.bincount(g_idx, minlength=groups) == group).all():
+                raise ValueError(f"non-monotone g_idx must put exactly group_size={group} inputs in every group")
+            perm = torch.argsort(g_idx, stable=True)
+            codes = codes[perm]
+        layer = cls(k, n, bits, group_size, bias=bias is not None, dtype=dtype, device=codes.device)
+        layer.qweight.copy_(pack_codes(codes, bits))
+        layer.scales.copy_(scales.to(dtype))
+        layer.zeros.copy_(zeros.to(torch.uint8))
+        if perm is not None:
+            layer.perm = perm
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach().to(dtype))
+        return layer
+
+    def codes_in_original_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes [K, N] int64, g_idx [K] int64)`` with inputs in the original column order (an act-order
+        import's ``perm`` undone): what a checkpoint format stores. Quantized layers only."""
+        from eora_ft.kernels.packing import unpack_codes
+
+        k = self.in_features
+        codes = unpack_codes(self.qweight, self.bits, k)
+        g_idx = torch.arange(k, device=codes.device) // (k if self.group_size == -1 else self.group_size)
+        if self.perm is not None:
+            original, original_g = torch.empty_like(codes), torch.empty_like(g_idx)
+            original[self.perm], original_g[self.perm] = codes, g_idx
+            codes, g_idx = original, original_g
+        return codes.to(torch.int64), g_idx
+
+    @classmethod
     def from_sparse(cls, sparse: SparseWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> "CompressedLinear":
         """Store a pruned, unquantized weight ``[N, K]``: its kept values and its packed keep-mask."""
         n, k = sparse.weight.shape

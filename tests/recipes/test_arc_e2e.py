@@ -4,6 +4,8 @@ Its training losses are compared with values recorded on this CPU build (torch 2
 in data formatting, masking, initialisation or the adapter math moves them well beyond the tolerance.
 """
 
+import json
+
 import pytest
 
 from tests.recipes._runs import launch, losses
@@ -44,6 +46,11 @@ def test_two_step_run(tmp_path):
 
     for adapter in ("adapter", "eora_init"):
         assert (out / adapter / "adapter_config.json").exists() and (out / adapter / "adapter_model.safetensors").exists()
+        # the adapter names the compressed base it belongs to (exported next to it), not the uncompressed model
+        named = json.loads((out / adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert named == str((out / "base").resolve())
+    assert (out / "base" / "compression_config.json").exists()  # 2-bit asymmetric: eora_ft's own format
+    assert summary["adapter base"] == f"{(out / 'base').resolve()} (eora_ft)"
     assert "| finetuned |" in (out / "results.md").read_text()
 
     assert list(out.glob("runs/*/events.out.tfevents.*")), "tensorboard logging is on by default"
