@@ -86,6 +86,13 @@ def compress_command(args: argparse.Namespace) -> int:
     require_source(args.calib, "--calib")
     tokenizer, model = load_model(EoraModelConfig(model_name_or_path=args.model))
     check_model_against_config(model, targets, options)
+    if args.format == "gptq":  # the layout packs 32 codes per run along K and N: check before compressing
+        from eora_ft.compress.sequential import find_decoder_layers, target_linears
+
+        for name, linear in target_linears(find_decoder_layers(model)[1][0], targets).items():
+            if linear.in_features % 32 or linear.out_features % 32:
+                raise ValueError(f"--format gptq needs in_features and out_features that are multiples of 32; "
+                                 f"{name} is {linear.out_features}x{linear.in_features}: use --format eora_ft")
     calib = calibration_tokens(tokenizer, resolve_path(args.calib), options.calib_num_samples, options.calib_seq_len,
                                seed=options.calib_seed)
     execution, activations = options.placement(default_device())  # the model stays on the CPU

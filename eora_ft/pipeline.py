@@ -34,7 +34,7 @@ from eora_ft.artifacts import (
 )
 from eora_ft.cache import cache_key, default_cache_dir, ensure_entry, read_meta, require_entry
 from eora_ft.compress import USES_BITS
-from eora_ft.compress.sequential import find_decoder_layers, target_linears
+from eora_ft.compress.sequential import find_decoder_layers, no_linears_error, target_linears
 from eora_ft.config import (
     UNCOMPRESSED,
     AdapterInitArguments,
@@ -109,8 +109,7 @@ def check_model_against_config(model: torch.nn.Module, targets: list[str] | None
     _, layers = find_decoder_layers(model)
     linears = target_linears(layers[0], targets)
     if not linears:
-        names = sorted({n.split(".")[-1] for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ValueError(f"target modules {targets} match no linear in {type(model).__name__}; names there: {names}")
+        raise no_linears_error(layers[0], targets, f"{type(model).__name__}'s decoder layers")
     for name, linear in linears.items():
         if rank is not None:
             check_rank(rank, linear.in_features, linear.out_features, name)

@@ -211,6 +211,20 @@ def _narrow_model(directory: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(directory)
 
 
+def _gptq_export_of_odd_shapes(tmp: Path):
+    """``eora-ft compress --format gptq`` on a model whose hidden size (80) is not a multiple of 32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from eora_ft.cli import main
+
+    shutil.copytree(NANO, tmp / "model")
+    (tmp / "model" / "model.safetensors").unlink()
+    LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=80, intermediate_size=160, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, head_dim=40)).save_pretrained(tmp / "model")
+    return main(["compress", "--model", str(tmp / "model"), "--method", "rtn", "--group-size", "-1",
+                 "--format", "gptq", "--calib-samples", "1", "--calib-seq-len", "16", "--output", str(tmp / "out")])
+
+
 def _newer_format(tmp: Path):
     """A real save_compressed directory (RTN on a 1-layer model) whose format_version is one ahead."""
     from transformers import AutoModelForCausalLM
@@ -376,6 +390,9 @@ CASES: list[BadInput] = [
              run("--model_name_or_path", "MODEL", "--group_size", "64", files=_model(_narrow_model))),
     BadInput("`lora_target_modules: qkv_proj` on Llama", MODEL, (r"match no linear", "q_proj"),
              run("--lora_target_modules", "qkv_proj")),
+    BadInput("`eora-ft compress --format gptq` on 80-wide layers", "eora-ft compress: before compressing",
+             (r"--format gptq needs in_features and out_features that are multiples of 32", "80x80",
+              "--format eora_ft"), _gptq_export_of_odd_shapes),
     BadInput("a compressed directory from a newer eora_ft", "load_compressed / eora-ft eval",
              ("newer than this eora_ft reads", "upgrade eora_ft"), _newer_format, readme=True),
     BadInput("an adapter made for another base (wrong shapes)", "load_adapter / eora-ft eval",

@@ -162,3 +162,47 @@ def test_all_linear_adapts_every_compressed_linear_and_saves_their_names(nano_mo
     save_adapter(peft_model, tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
     assert sorted(saved) == sorted(LINEARS) and "lm_head" not in saved
+
+
+def _tiny(arch: str):
+    import transformers
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**common),
+        "qwen2": lambda: transformers.Qwen2Config(**common),  # q/k/v with bias
+        "mistral": lambda: transformers.MistralConfig(**common),
+        "gemma2": lambda: transformers.Gemma2Config(**common, head_dim=32),
+        "phi3": lambda: transformers.Phi3Config(**common, pad_token_id=0),  # fused qkv_proj, gate_up_proj
+        "opt": lambda: transformers.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                              num_attention_heads=2, word_embed_proj_dim=64),
+        "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=2),
+    }
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(configs[arch]())
+
+
+@pytest.mark.parametrize("arch,names", [
+    ("llama", LINEARS), ("qwen2", LINEARS), ("mistral", LINEARS), ("gemma2", LINEARS),
+    ("phi3", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    ("opt", ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+])
+def test_all_linear_on_each_architecture_adapts_every_decoder_linear_and_never_the_head(arch, names):
+    model = _tiny(arch)
+    ids = torch.randint(1, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    result = compress_model(model, ids, make_compressor("rtn", bits=4, group_size=-1), ["eora"], rank=4,
+                            target_modules=None, progress=False)
+    peft_model = build_lora_model(model, {p: f["eora"] for p, f in result.factors.items()}, lora_config(4, 8, 0.0, None))
+    adapted = {n.removesuffix(".lora_A") for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+    assert adapted == {f"base_model.model.{path}" for path in result.factors}
+    assert {path.split(".")[-1] for path in result.factors} == set(names) and len(result.factors) == 2 * len(names)
+    assert not any("lm_head" in n for n in adapted)
+    with torch.no_grad():
+        assert torch.isfinite(peft_model(ids).logits).all()
+
+
+def test_gpt2_conv1d_layers_get_an_error_that_names_them():
+    with pytest.raises(ValueError, match=r"Conv1D layers \['c_attn', 'c_fc', 'c_proj'\] \(GPT-2 style"):
+        compress_model(_tiny("gpt2"), torch.randint(1, 128, (1, 8)), make_compressor("rtn", bits=4, group_size=-1),
+                       ["eora"], rank=4, target_modules=None, progress=False)

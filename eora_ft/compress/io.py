@@ -245,50 +245,69 @@ def _is_gptq_dir(directory: Path) -> bool:
     return (directory / QUANTIZE_CONFIG).exists()
 
 
-def export_gptq(model: nn.Module, directory: str | os.PathLike, tokenizer=None, checkpoint_format: str = "gptq") -> Path:
+def export_gptq(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
+                checkpoint_format: str | None = None) -> Path:
     """Write a GPTQ checkpoint that GPTQ-aware loaders read (``config.json`` with ``quantization_config``,
     also as ``quantize_config.json``; ``model.safetensors``). Returns the directory.
 
     Every :class:`CompressedLinear` must be quantized (2:4-pruned ones included) and share one bit width and group size.
-    ``checkpoint_format``: ``"gptq"`` (v1, zero points stored minus 1: asymmetric grids with a zero point
-    of 0 cannot be stored) or ``"gptq_v2"`` (zero points as they are; GPTQModel and recent loaders).
-    Loaders expect every decoder linear quantized: export a model compressed with all of them targeted.
+    ``checkpoint_format``: ``"gptq"`` (v1, zero points stored minus 1), ``"gptq_v2"`` (zero points as they
+    are), or None: v1 for a symmetric grid (every loader reads it), v2 for an asymmetric one. GPTQModel
+    refuses an asymmetric v1 checkpoint it did not write (``models/loader.py``: sym=False with format gptq
+    needs ``meta.quantizer`` naming gptqmodel >= 0.9.0, whose v1 bytes carry a word-level borrow no other
+    writer reproduces) and loads v2 natively; vLLM's ``gptq`` method reads ``checkpoint_format: gptq_v2``
+    (vllm-project/vllm#26092; older versions add the v1 offset regardless). Scales are fp16 and so is the
+    config's dtype: vLLM's GPTQ kernels take fp16 activations only. Loaders expect every decoder linear
+    quantized: export a model compressed with all of them targeted.
     """
-    if checkpoint_format not in ZERO_OFFSET:
-        raise ValueError(f"checkpoint_format={checkpoint_format!r} is not supported; valid: {sorted(ZERO_OFFSET)}")
     layers = _compressed_layers(model)
     if not layers:
         raise ValueError("the model has no CompressedLinear layer: nothing to export as GPTQ")
+    specs = {(m.bits, m.group_size) for m in layers.values() if m.bits is not None}
+    meta = getattr(model, "compression_config", None) or {}
+    options = meta.get("options", meta)  # `eora-ft compress` records the compressor's options under "options"
+    sym = options.get("sym")
+    if sym is None:  # a symmetric grid has its zero point in the middle of the code range
+        sym = all(m.bits is not None and bool((m.zeros == 2 ** (m.bits - 1)).all()) for m in layers.values())
+    checkpoint_format = checkpoint_format or ("gptq" if sym else "gptq_v2")
+    if checkpoint_format not in ZERO_OFFSET:
+        raise ValueError(f"checkpoint_format={checkpoint_format!r} is not supported; valid: {sorted(ZERO_OFFSET)}")
     tensors: dict[str, torch.Tensor] = {}
     for path, layer in layers.items():  # per-layer problems (pruned-only, ranges) first: the most specific error
         try:
             tensors.update({f"{path}.{k}": v for k, v in gptq_tensors(layer, checkpoint_format).items()})
         except ValueError as err:
             raise ValueError(f"cannot export {path} as GPTQ: {err}") from err
-    specs = {(m.bits, m.group_size) for m in layers.values()}
     if len(specs) > 1:
         raise ValueError(f"the GPTQ layout holds one bit width and group size per model, found {sorted(specs)}")
     state = {n: t for n, t in model.state_dict().items() if n.rpartition(".")[0] not in layers}
     bits, group_size = specs.pop()
-    meta = getattr(model, "compression_config", None) or {}
-    options = meta.get("options", meta)  # `eora-ft compress` records the compressor's options under "options"
-    sym = options.get("sym")
-    if sym is None:  # a symmetric grid has its zero point in the middle of the code range
-        sym = all(bool((m.zeros == 2 ** (bits - 1)).all()) for m in layers.values())
-    quant = {
-        "quant_method": "gptq", "bits": bits, "group_size": group_size,
-        "desc_act": any(m.perm is not None for m in layers.values()), "sym": bool(sym),
-        "checkpoint_format": checkpoint_format, "format": checkpoint_format,  # transformers >= 5 reads "format"
-        "static_groups": False, "true_sequential": True,
-        "damp_percent": float(options.get("damp_percent") or DEFAULT_DAMP_PERCENT),
+    damp = float(options.get("damp_percent") or DEFAULT_DAMP_PERCENT)
+    quant = {  # the fields GPTQModel writes (gptqmodel/quantization/config.py), which transformers and vLLM read
+        "quant_method": "gptq", "method": "gptq", "bits": bits, "group_size": group_size,
+        "desc_act": any(m.perm is not None for m in layers.values()), "sym": bool(sym), "lm_head": False,
+        "format": checkpoint_format, "checkpoint_format": checkpoint_format, "pack_dtype": "int32",
+        "static_groups": False, "true_sequential": True, "damp_percent": damp,
+        "meta": {"quantizer": [f"eora_ft:{_version()}"], "uri": "https://github.com/eora-ft/eora_ft",
+                 "damp_percent": damp, "static_groups": False, "true_sequential": True},
     }
     config = copy.deepcopy(model.config)
     config.quantization_config = quant
+    config.dtype = torch.float16
     with atomic_directory(directory, _is_gptq_dir, "GPTQ checkpoint (export_gptq output)") as tmp:
         _write_model_files(model, tmp, tokenizer, config)
         save_file(_dedupe_shared(state | tensors), str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / QUANTIZE_CONFIG).write_text(json.dumps(quant, indent=2) + "\n")
     return Path(directory)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("eora_ft")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:

@@ -56,6 +56,17 @@ def target_linears(layer: nn.Module, targets: list[str] | None) -> dict[str, nn.
     }
 
 
+def no_linears_error(layer: nn.Module, targets: list[str] | None, where: str) -> ValueError:
+    """The error for a decoder layer with no target ``nn.Linear``: GPT-2-style ``Conv1D`` layers (weight stored
+    ``[in, out]``) are named as such; otherwise the linear names that are there."""
+    conv1d = sorted({name.split(".")[-1] for name, module in layer.named_modules() if type(module).__name__ == "Conv1D"})
+    if conv1d:
+        return ValueError(f"{where} computes with transformers Conv1D layers {conv1d} (GPT-2 style, weight stored "
+                          "[in, out]), not nn.Linear: eora_ft compresses and adapts nn.Linear layers only")
+    names = sorted({name.split(".")[-1] for name, module in layer.named_modules() if isinstance(module, nn.Linear)})
+    return ValueError(f"target modules {targets} match no linear in {where}; names there: {names}")
+
+
 def _to_device(value, device: torch.device):
     """``value`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
     if isinstance(value, torch.Tensor):
@@ -231,7 +242,7 @@ def compress_model(
             layer.to(run_on)
         linears = target_linears(layer, target_modules)
         if not linears:
-            raise ValueError(f"no target linears {target_modules} in decoder layer {index}")
+            raise no_linears_error(layer, target_modules, f"decoder layer {index}")
         with result.timed("statistics"):
             collector = _collect(layer, inputs, linears, first_stage_only=true_sequential, run_on=run_on)
         unreached = sorted(set(linears) - set(collector.stats))

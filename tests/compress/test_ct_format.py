@@ -110,3 +110,28 @@ def test_a_pruned_only_model_is_refused_before_writing(tmp_path):
         main(["compress", "--model", NANO, "--method", "sparsegpt", "--calib-samples", "2", "--calib-seq-len", "64",
               "--format", "compressed-tensors", "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_llm_compressor_wrote_imports_with_its_logits():
+    """tests/fixtures/make_llmcompressor_fixture.py made it (llm-compressor 0.14.0.1's GPTQ, W4 asymmetric g32,
+    actorder weight) and recorded the quantized model's logits before saving."""
+    reference = load_file(str(FIXTURE / "reference_logits.safetensors"))
+    model = import_model(FIXTURE, dtype=torch.bfloat16)
+    layers = _compressed_layers(model)
+    assert len(layers) == 14 and {(m.bits, m.group_size) for m in layers.values()} == {(4, 32)}
+    assert any(bool((m.zeros != 8).any()) for m in layers.values())  # asymmetric zero points made it through
+    quant = json.loads((FIXTURE / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**quant["config_groups"]["group_0"]["weights"]))
+    tensors = load_file(str(FIXTURE / "model.safetensors"))
+    for path, layer in layers.items():  # the library's own reader agrees with ours, bit for bit
+        state = {key[len(path) + 1:]: value for key, value in tensors.items() if key.startswith(path + ".")}
+        assert torch.equal(PackedQuantizationCompressor.decompress(state, scheme)["weight"], layer.dequantize())
+    with torch.no_grad():
+        logits = model(reference["input_ids"]).logits.float()
+    # The weights are equal bit for bit (above); the logits, computed in bf16, differ by one bf16 unit at 0.5
+    # here (0.0039: another process, other kernels) and may by a few more on CPUs with other bf16 paths
+    # (AVX-512 BF16, AMX). A wrong layout would be off by the logits' spread.
+    expected = reference["logits"]
+    tolerance = 2**-6 * float(expected.abs().max())
+    assert tolerance < float(expected.std()) / 10  # far below what a wrong layout would be off by
+    assert float((logits - expected).abs().max()) <= tolerance

@@ -291,10 +291,15 @@ def test_packing_matches_autogptq_loop(bits):
 def test_gptq_export_import_is_bit_exact(bits, sym, tmp_path):
     model = _tiny_model(bits=bits, sym=sym, seed=bits)
     export_gptq(model, tmp_path / "g")
-    config = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
-    assert config | {"damp_percent": 0} == {
-        "quant_method": "gptq", "bits": bits, "group_size": 32, "desc_act": False, "sym": sym, "checkpoint_format": "gptq",
-        "format": "gptq", "static_groups": False, "true_sequential": True, "damp_percent": 0}
+    written = json.loads((tmp_path / "g" / "config.json").read_text())
+    config = written["quantization_config"]
+    fmt = "gptq" if sym else "gptq_v2"  # GPTQModel refuses asymmetric v1 it did not write; v2 it loads natively
+    assert {k: config[k] for k in ("quant_method", "method", "bits", "group_size", "desc_act", "sym", "format",
+                                   "checkpoint_format", "pack_dtype", "lm_head")} == {
+        "quant_method": "gptq", "method": "gptq", "bits": bits, "group_size": 32, "desc_act": False, "sym": sym,
+        "format": fmt, "checkpoint_format": fmt, "pack_dtype": "int32", "lm_head": False}
+    assert config["meta"]["quantizer"][0].startswith("eora_ft:")  # GPTQModel parses "name:version"
+    assert written["dtype"] == "float16"  # vLLM's GPTQ kernels take fp16 only
     assert json.loads((tmp_path / "g" / "quantize_config.json").read_text()) == config
     tensors = load_file(str(tmp_path / "g" / "model.safetensors"))
     originals = _layers(model)
@@ -303,7 +308,7 @@ def test_gptq_export_import_is_bit_exact(bits, sym, tmp_path):
         assert tensors[f"{path}.qweight"].dtype == torch.int32 and tensors[f"{path}.qweight"].shape == (k * bits // 32, n)
         assert tensors[f"{path}.qzeros"].dtype == torch.int32 and tensors[f"{path}.qzeros"].shape == (k // 32, n * bits // 32)
         assert torch.equal(unpack_gptq(tensors[f"{path}.qweight"], bits, k), unpack_codes(layer.qweight, bits, k))
-        assert torch.equal(unpack_gptq(tensors[f"{path}.qzeros"].t(), bits, n).t() + 1, layer.zeros.long())
+        assert torch.equal(unpack_gptq(tensors[f"{path}.qzeros"].t(), bits, n).t() + (1 if sym else 0), layer.zeros.long())
         assert torch.equal(tensors[f"{path}.scales"], layer.scales.half())
         assert torch.equal(tensors[f"{path}.g_idx"], (torch.arange(k) // 32).int())
     assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors  # tied: stored once
@@ -371,9 +376,9 @@ def test_gptq_v1_cannot_store_zero_point_zero_but_v2_can(tmp_path):
     layer = model.model.layers[1].mlp.up_proj
     layer.zeros[0, :5] = 0
     with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.*gptq_v2"):
-        export_gptq(model, tmp_path / "v1")
+        export_gptq(model, tmp_path / "v1", checkpoint_format="gptq")
     assert not (tmp_path / "v1").exists()
-    export_gptq(model, tmp_path / "v2", checkpoint_format="gptq_v2")
+    export_gptq(model, tmp_path / "v2")  # asymmetric: v2 unless asked otherwise
     imported = import_gptq(tmp_path / "v2")
     assert torch.equal(imported.model.layers[1].mlp.up_proj.zeros, layer.zeros)
     assert imported.compression_config["checkpoint_format"] == "gptq_v2"
