@@ -34,6 +34,7 @@ from eora_ft.config import UNCOMPRESSED, AdapterInitArguments, CompressionArgume
 from eora_ft.data.sources import resolve_path
 from eora_ft.init import SEEDED_INITS
 from eora_ft.peft_bridge import build_lora_model, load_adapter, lora_config, save_adapter
+from eora_ft.placement import fits_on
 
 BASE_DIR, INIT_DIR = "base", "init"
 # How calibration text was chosen does not enter a key: the token ids themselves are hashed. Where an
@@ -118,6 +119,12 @@ def build_init(directory: Path, base_entry: Path, original: Callable[[], nn.Modu
     if init_args.init_from_adapter:
         return _copy_adapter(directory, base_entry, init_args.init_from_adapter, compress_args, start)
     model = original()
+    teacher = None
+    if init_args.refine_steps and adapter_calib is not None:  # before the model is compressed in place
+        from eora_ft.refine import teacher_hidden_states
+
+        teacher = teacher_hidden_states(model, adapter_calib, compress_args.calib_batch_size,
+                                        execution_device or "cpu")
     config = lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                          model_args.lora_target_modules)
     meta = {"base_entry": base_entry.name, "init": init_args.init_method, "compression": compress_args.describe()}
@@ -130,7 +137,10 @@ def build_init(directory: Path, base_entry: Path, original: Callable[[], nn.Modu
     modules = {path: module for path, module in packed.named_modules()
                if hasattr(module, "dequantize") and (targets is None or path.split(".")[-1] in targets)}
     compressor = make_compressor(compress_args.compress_method, **compress_args.compressor_options())
-    result = compress_model(model, adapter_calib, compressor, [init_args.init_method], rank=model_args.lora_r,
+    rank = model_args.lora_r
+    if init_args.rank_allocation == "budget":  # factor wide, then spend the budget (_spend_budget)
+        rank = max_budget_rank(model, targets, model_args.lora_r, init_args.rank_max_factor)
+    result = compress_model(model, adapter_calib, compressor, [init_args.init_method], rank=rank,
                             init_options=init_args.options(), target_modules=targets,
                             batch_size=compress_args.calib_batch_size, seed=seed,
                             true_sequential=compress_args.true_sequential, factor_bits=init_args.factor_bits,
@@ -142,10 +152,55 @@ def build_init(directory: Path, base_entry: Path, original: Callable[[], nn.Modu
         save_compressed(model, directory / BASE_DIR, {**_compression_config(compress_args),
                                                       "rewritten_by": init_args.init_method}, tokenizer=tokenizer)
     factors = {path: per_init[init_args.init_method] for path, per_init in result.factors.items()}
-    save_adapter(build_lora_model(model, factors, config, trim_to_effective_rank=init_args.trim_rank),
-                 directory / INIT_DIR)
+    if init_args.rank_allocation == "budget":
+        factors, meta["rank_budget"] = _spend_budget(factors, result, init_args, model_args.lora_r)
+    peft_model = build_lora_model(model, factors, config, trim_to_effective_rank=init_args.trim_rank)
+    if teacher is not None:
+        from eora_ft.refine import refine_adapters
+
+        device = torch.device(execution_device or "cpu")
+        if not fits_on(peft_model, device):  # training cannot stream layers the way inference does
+            raise ValueError(f"refine_steps trains the whole compressed model at once: it does not fit on {device}; "
+                             "set refine_steps: 0 or use a larger device")
+        peft_model.to(device)
+        # the batch order follows calib_seed, as the calibration windows do (both are in the key through the
+        # tokens): the run's seed varies fine-tuning, not the shared initial adapter
+        report = refine_adapters(peft_model, adapter_calib, teacher, init_args.refine_steps,
+                                 init_args.refine_learning_rate, compress_args.calib_batch_size,
+                                 compress_args.calib_seed)
+        peft_model.to("cpu")
+        meta["refine"] = {k: v for k, v in report.items() if k != "losses"} | {"losses": report["losses"][::10]}
+    save_adapter(peft_model, directory / INIT_DIR)
     return meta | {"adapter_calib_tokens": result.calib_tokens, "layers": result.layers,
                    "init_seconds": result.init_seconds, "build_seconds": time.perf_counter() - start}
+
+
+def max_budget_rank(model: nn.Module, targets: list[str] | None, lora_r: int, factor: int) -> int:
+    """The rank every linear is factored at before a budget is spent: ``factor * lora_r``, at most the
+    smallest ``min(N, K)`` of the targets."""
+    from eora_ft.compress.sequential import find_decoder_layers, target_linears
+
+    _, layers = find_decoder_layers(model)
+    smallest = min(min(m.in_features, m.out_features) for m in target_linears(layers[0], targets).values())
+    return max(lora_r, min(factor * lora_r, smallest))
+
+
+def _spend_budget(factors: dict, result, init_args: AdapterInitArguments, lora_r: int) -> tuple[dict, dict]:
+    """Truncate each linear's factors to its share of the budget (:func:`eora_ft.init.rank_budget.allocate_ranks`)."""
+    from eora_ft.init.rank_budget import allocate_ranks
+
+    costs = {path: f.a.shape[1] + f.b.shape[0] for path, f in factors.items()}  # K + N per direction
+    budget = init_args.rank_budget or lora_r * sum(costs.values())
+    curves = {path: result.error_curves[path][init_args.init_method] for path in factors}
+    ranks = allocate_ranks(curves, costs, budget, energies=result.output_energies,
+                           normalisation=init_args.rank_normalisation)
+    spent = sum(ranks[path] * costs[path] for path in ranks)
+    for row in result.layers:  # the report's errors at the ranks kept, not at the wide factorisation
+        row[f"rel_out_err/{init_args.init_method}"] = curves[row["layer"]][ranks[row["layer"]]]
+        row[f"rank/{init_args.init_method}"] = ranks[row["layer"]]
+    report = {"budget": budget, "spent": spent, "normalisation": init_args.rank_normalisation, "ranks": ranks,
+              "rel_out_err": {path: curves[path][ranks[path]] for path in ranks}}
+    return {path: f.truncate(ranks[path]) for path, f in factors.items()}, report
 
 
 def _copy_adapter(directory: Path, base_entry: Path, source: str, compress_args: CompressionArguments,

@@ -30,7 +30,7 @@ from eora_ft.compare_table import (
     steps_to_target,
 )
 from eora_ft.config import UNCOMPRESSED, AdapterInitArguments, CompressionArguments, EoraModelConfig, EoraSFTConfig, TaskArguments
-from eora_ft.init import INITIALIZERS
+from eora_ft.init import INITIALIZERS, REBASING_INITS
 from eora_ft.pipeline import run
 from eora_ft.plots import plot_loss_curves
 from eora_ft.atomic import atomic_write_text
@@ -138,7 +138,7 @@ def comparison_markdown(comparison: dict) -> str:
     compression = first["summary"]["compression"]
     # a LoftQ run's "compressed" stage is its own re-compressed base: take the plain one from another init
     plain = next((runs[g[0]] for label, g in groups.items() if label in compressed_groups
-                  and runs[g[0]]["config"]["AdapterInitArguments"]["init_method"] != "loftq"), first)
+                  and runs[g[0]]["config"]["AdapterInitArguments"]["init_method"] not in REBASING_INITS), first)
     row = [compression, "none (no adapter)", "–", "–"]
     for key, _, kind in metrics:
         row += [cell(plain["stages"].get("compressed", {}).get(key), kind, 1), "–"]
@@ -173,7 +173,7 @@ def comparison_markdown(comparison: dict) -> str:
               f"({summary['train steps']} steps, {summary['train items']} training items, the same budget for every "
               f"init); {summary['eval items']} evaluation items; {summary['calibration tokens']} compressor "
               f"calibration tokens, {summary.get('adapter calibration tokens', '–')} adapter calibration tokens. "
-              "For loftq the base is LoftQ's own re-compressed weights; lora is the ceiling: plain LoRA (B = 0) on "
+              "For loftq and eora_alt the base is their own re-compressed weights; lora is the ceiling: plain LoRA (B = 0) on "
               "the uncompressed model. Accuracies in %."]
     if n_seeds > 1:
         lines += ["", f"Mean ± sample std over {n_seeds} seeds. ≈ marks a fine-tuned result whose mean ± std band "

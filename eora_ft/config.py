@@ -24,6 +24,9 @@ from eora_ft.data.task_text import TASK_TEXT_FORMATS
 from eora_ft.distributed import configure_cpu_process_state
 from eora_ft.init import INITIALIZERS
 from eora_ft.init.eora import EIGEN_MODES
+from eora_ft.init.rank_budget import NORMALISATIONS, SVD_ORDERED
+
+RANK_ALLOCATIONS = ("uniform", "budget")
 
 _ASSETS = "eora_ft/assets"
 DEFAULT_MODEL = f"{_ASSETS}/models/nano-llama-5m"
@@ -222,6 +225,9 @@ class AdapterInitArguments:
     eora_eigen_mode: str = field(default="inverse_free", metadata={"help": f"EoRA eigenvalue handling: {list(EIGEN_MODES)}."})
     eora_shrink: float = field(default=0.0, metadata={"help": "Covariance shrinkage to a scaled identity: 0 = EoRA, 1 = SVD."})
     loftq_iters: int = field(default=5, metadata={"help": "LoftQ alternations (1 = svd on the plain compression error)."})
+    eora_alt_iters: int = field(
+        default=2, metadata={"help": "eora_alt: alternations of compress(W - B A) and EoRA after plain EoRA (0 = eora); "
+                                     "the best iterate by calibration objective is kept, with its base."})
     factor_bits: int | None = field(default=None, metadata={"help": "Round A and B to 4 or 3 bits (None = fp32)."})
     capture: str = field(default="compressed", metadata={"help": "Statistics from the compressed prefix, or 'compensated'."})
     trim_rank: bool = field(default=False, metadata={"help": "Give layers with vanishing singular values their effective rank (rank_pattern)."})
@@ -231,6 +237,26 @@ class AdapterInitArguments:
                           "None = calib_dataset. Comma-separated sources share the rows."})
     adapter_calib_num_samples: int | None = field(
         default=None, metadata={"help": "Sequences of the initializer's calibration (None = calib_num_samples)."})
+    rank_allocation: str = field(
+        default="uniform",
+        metadata={"help": "uniform: every linear gets lora_r; budget: per-linear ranks spending the same adapter "
+                          "parameters (or rank_budget) where the output error drops most (eora, act_diag, svd)."})
+    rank_budget: int | None = field(
+        default=None, metadata={"help": "Adapter parameters for rank_allocation: budget (None = what lora_r on "
+                                        "every linear uses)."})
+    rank_max_factor: int = field(
+        default=4, metadata={"help": "rank_allocation: budget gives a linear at most this many times lora_r."})
+    rank_normalisation: str = field(
+        default="relative",
+        metadata={"help": "rank_allocation: budget compares relative output errors (||E X^T||^2 / ||W X^T||^2 per "
+                          "linear) or absolute ones."})
+    refine_steps: int = field(
+        default=0,
+        metadata={"help": "After initialising: AdamW steps training only A and B so the compressed model's final "
+                          "hidden states match the uncompressed model's on the adapter calibration text (RILQ); "
+                          "0 = off. Cached with the init."})
+    refine_learning_rate: float = field(
+        default=1e-3, metadata={"help": "Learning rate of refine_steps (1e-3 beat 1e-4 on the nano model: BENCHMARKS.md)."})
     init_from_adapter: str | None = field(
         default=None,
         metadata={"help": "Start from this existing PEFT LoRA adapter directory (e.g. a GPTQModel EoRA adapter made "
@@ -248,6 +274,9 @@ class AdapterInitArguments:
             raise ValueError(f"eora_eigen_mode={self.eora_eigen_mode!r} is unknown; valid: {list(EIGEN_MODES)}")
         if not 0.0 <= self.eora_shrink <= 1.0:
             raise ValueError(f"eora_shrink={self.eora_shrink} must lie in [0, 1]")
+        check_range(self, "eora_alt_iters", 0)
+        check_range(self, "refine_steps", 0)
+        check_range(self, "refine_learning_rate", 0, low_open=True)
         if self.loftq_iters < 1:
             raise ValueError(f"loftq_iters={self.loftq_iters} must be >= 1")
         if self.factor_bits not in (None, 3, 4, 8):
@@ -256,6 +285,15 @@ class AdapterInitArguments:
             raise ValueError(f"capture={self.capture!r} is not valid; choose one of {list(CAPTURE_MODES)}")
         if not 0.0 <= self.adapter_calib_task_fraction <= 1.0:
             raise ValueError(f"adapter_calib_task_fraction={self.adapter_calib_task_fraction} must lie in [0, 1]")
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            raise ValueError(f"rank_allocation={self.rank_allocation!r} is not valid; valid: {list(RANK_ALLOCATIONS)}")
+        if self.rank_allocation == "budget" and self.init_method not in SVD_ORDERED:
+            raise ValueError(f"rank_allocation='budget' truncates SVD-ordered factors; init_method="
+                             f"{self.init_method!r} is not one: use one of {sorted(SVD_ORDERED)}")
+        if self.rank_normalisation not in NORMALISATIONS:
+            raise ValueError(f"rank_normalisation={self.rank_normalisation!r} is not valid; valid: {list(NORMALISATIONS)}")
+        check_range(self, "rank_budget", 1, optional=True)
+        check_range(self, "rank_max_factor", 1)
         if self.init_from_adapter is not None:
             directory = Path(os.path.expanduser(self.init_from_adapter))
             missing = [name for name in ("adapter_config.json", "adapter_model.safetensors")
@@ -269,8 +307,8 @@ class AdapterInitArguments:
 
     def options(self) -> dict[str, dict]:
         """Per-initializer keyword options for :func:`eora_ft.compress.sequential.compress_model`."""
-        return {"eora": {"eigen_mode": self.eora_eigen_mode, "shrink": self.eora_shrink},
-                "loftq": {"iters": self.loftq_iters}}
+        eora = {"eigen_mode": self.eora_eigen_mode, "shrink": self.eora_shrink}
+        return {"eora": eora, "eora_alt": eora | {"iters": self.eora_alt_iters}, "loftq": {"iters": self.loftq_iters}}
 
 
 @dataclass

@@ -21,7 +21,7 @@ from eora_ft.commands import add_placement_arguments
 from eora_ft.compress import make_compressor
 from eora_ft.compress.sequential import compress_model
 from eora_ft.config import LLAMA_LINEARS, CompressionArguments
-from eora_ft.init import INITIALIZERS, check_rank, get_initializer
+from eora_ft.init import INITIALIZERS, REBASING_INITS, check_rank, get_initializer
 from eora_ft.placement import default_device
 
 
@@ -34,6 +34,7 @@ def add_init_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: = rank)")
     parser.add_argument("--shrink", type=float, default=0.0, help="eora: covariance shrinkage, 0 = EoRA .. 1 = SVD")
     parser.add_argument("--loftq-iters", type=int, default=5)
+    parser.add_argument("--eora-alt-iters", type=int, default=2, help="eora_alt: alternations after plain EoRA")
     parser.add_argument("--factor-bits", type=int, default=None, choices=[3, 4, 8])
     parser.add_argument("--calib", default=defaults.calib_dataset)
     parser.add_argument("--calib-samples", type=int, default=defaults.calib_num_samples)
@@ -73,23 +74,25 @@ def init_command(args: argparse.Namespace) -> int:
         check_rank(args.rank, module.in_features, module.out_features, path)
     calib = calibration_tokens(tokenizer, resolve_path(args.calib), args.calib_samples, args.calib_seq_len, seed=args.calib_seed)
 
-    compressor = make_compressor(meta["method"], **meta.get("options", {})) if args.method == "loftq" else None
-    options = {"eora": {"shrink": args.shrink}, "loftq": {"iters": args.loftq_iters}}.get(args.method, {})
+    rebases = args.method in REBASING_INITS
+    compressor = make_compressor(meta["method"], **meta.get("options", {})) if rebases else None
+    options = {"eora": {"shrink": args.shrink}, "eora_alt": {"shrink": args.shrink, "iters": args.eora_alt_iters},
+               "loftq": {"iters": args.loftq_iters}}.get(args.method, {})
     execution, activations = placement.placement(default_device())
     # The original model runs layer by layer with the compressed linears swapped in: each linear's
     # statistics come from the compressed model (true-sequential within a layer), one layer at a time.
     result = compress_model(original, calib, compressor, [args.method], rank=args.rank,
                             init_options={args.method: options}, target_modules=targets, seed=args.calib_seed,
                             true_sequential=True, factor_bits=args.factor_bits,
-                            base_from="loftq" if args.method == "loftq" else None, execution_device=execution,
+                            base_from=args.method if rebases else None, execution_device=execution,
                             activations_device=activations, precompressed=modules)
     del compressed
     factors = {path: per_init[args.method] for path, per_init in result.factors.items()}
 
     base_dir = None
-    if args.method == "loftq":  # written before PEFT wraps the layers; moved under the adapter at the end
-        base_dir = save_compressed(original, f"{args.output}.loftq-base", {**meta, "loftq_iters": args.loftq_iters},
-                                   tokenizer)
+    if result.base_replaced:  # written before PEFT wraps the layers; moved under the adapter at the end
+        base_dir = save_compressed(original, f"{args.output}.{args.method}-base", {**meta, "rewritten_by": args.method,
+                                                                                  **options}, tokenizer)
     peft_model = build_lora_model(original, factors, lora_config(args.rank, args.alpha or args.rank, 0.0, targets))
     save_adapter(peft_model, args.output)
     if base_dir is not None:

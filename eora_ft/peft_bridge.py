@@ -105,11 +105,13 @@ def build_lora_model(
     for path, module in model.named_modules():
         if isinstance(module, (CompressedLinear, nn.Linear)) and factors and path in factors:
             check_rank(config.r, module.in_features, module.out_features, path)
+    ranks = {path: f.rank for path, f in factors.items() if f.rank != config.r} if factors else {}
     if factors and trim_to_effective_rank:
-        trimmed = {path: max(f.effective_rank, 1) for path, f in factors.items() if max(f.effective_rank, 1) < config.r}
-        config.rank_pattern = {re.escape(path): rank for path, rank in trimmed.items()}
-        config.alpha_pattern = {re.escape(path): config.lora_alpha * rank / config.r for path, rank in trimmed.items()}
-        factors = {path: f.truncate(trimmed[path]) if path in trimmed else f for path, f in factors.items()}
+        ranks |= {path: max(f.effective_rank, 1) for path, f in factors.items() if max(f.effective_rank, 1) < f.rank}
+        factors = {path: f.truncate(ranks[path]) if path in ranks else f for path, f in factors.items()}
+    if ranks:  # per-linear ranks (a rank budget, trimmed dead directions), at the scaling alpha / r of the rest
+        config.rank_pattern = {re.escape(path): rank for path, rank in ranks.items()}
+        config.alpha_pattern = {re.escape(path): config.lora_alpha * rank / config.r for path, rank in ranks.items()}
     if config.target_modules == ALL_LINEAR:
         config.target_modules = decoder_linear_names(model)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)

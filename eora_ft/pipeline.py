@@ -244,6 +244,13 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     init_label = (f"adapter {init_args.init_from_adapter} r={meta['lora']['r']} alpha={meta['lora']['alpha']}"
                   if init_args.init_from_adapter else
                   f"{init_args.init_method} rank={model_args.lora_r} alpha={model_args.lora_alpha}")
+    if "refine" in meta:
+        init_label += (f", refined {meta['refine']['steps']} steps (relative hidden-state error "
+                       f"{meta['refine']['loss_first']:.4f} -> {meta['refine']['loss_last']:.4f})")
+    if "rank_budget" in meta:  # per-linear ranks spending the uniform rank's parameters
+        ranks = meta["rank_budget"]["ranks"].values()
+        init_label += (f", rank budget {meta['rank_budget']['spent']:,} parameters ({meta['rank_budget']['normalisation']}"
+                       f" errors): ranks {min(ranks)}-{max(ranks)}")
     results = {
         "title": f"{task.name}: {compress_args.describe()} + "
                  + (f"adapter r{meta['lora']['r']}" if init_args.init_from_adapter

@@ -202,3 +202,50 @@ def test_adapters_name_an_exported_base_that_loads_with_our_logits(setting, tmp_
         expected_logits = ours(ids).logits
         for load in loaders:
             assert torch.equal(load(tmp_path / "run" / "adapter")(ids).logits, expected_logits)
+
+
+def test_a_rank_budget_spends_the_uniform_parameters_where_the_error_drops_most(setting, tmp_path):
+    import json
+
+    model, tokenizer, model_args, compress_args, calib, adapter_calib = setting
+    base_key = cache_key(base_key_parts(model, model_args, compress_args, calib, model_args.model_name_or_path))
+    base_entry, _ = ensure_entry(tmp_path / "cache", base_key, lambda tmp: build_base(
+        tmp, copy.deepcopy(model), tokenizer, calib, model_args, compress_args, progress=False))
+    metas = {}
+    for allocation in ("uniform", "budget"):
+        init_args = AdapterInitArguments(init_method="eora", rank_allocation=allocation)
+        key = cache_key(init_key_parts(base_key, model_args, init_args, adapter_calib, seed=0))
+        entry, _ = ensure_entry(tmp_path / "cache", key, lambda tmp: build_init(
+            tmp, base_entry, lambda: copy.deepcopy(model), tokenizer, adapter_calib, model_args, compress_args,
+            init_args, 0, progress=False))
+        metas[allocation] = (json.loads((entry / "meta.json").read_text()), load_artifacts(entry, torch.float32, "cpu"))
+    (uniform, uniform_model), (budget, budget_model) = metas["uniform"], metas["budget"]
+    report = budget["rank_budget"]
+    assert report["spent"] <= report["budget"] == 4 * sum(256 + 256 if "q_proj" in p else 768 + 256
+                                                          for p in report["ranks"])
+    assert len(set(report["ranks"].values())) > 1 and max(report["ranks"].values()) <= 16  # 4 x lora_r
+    params = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in (uniform_model, budget_model)]
+    assert params[1] == report["spent"] <= params[0]  # the adapter really has those ranks (rank_pattern)
+    squared = [sum(row["rel_out_err/eora"] ** 2 for row in meta["layers"]) for meta in (uniform, budget)]
+    assert squared[1] < squared[0]  # the objective the greedy pass spends the budget on
+    saved = json.loads((tmp_path / "cache" / key / "init" / "adapter_config.json").read_text())
+    assert {k.replace("\\", "") for k in saved["rank_pattern"]} <= set(report["ranks"])
+
+
+def test_refine_steps_run_with_the_init_and_are_cached_with_it(setting, tmp_path):
+    import json
+
+    model, tokenizer, model_args, compress_args, calib, adapter_calib = setting
+    base_key = cache_key(base_key_parts(model, model_args, compress_args, calib, model_args.model_name_or_path))
+    base_entry, _ = ensure_entry(tmp_path / "cache", base_key, lambda tmp: build_base(
+        tmp, copy.deepcopy(model), tokenizer, calib, model_args, compress_args, progress=False))
+    plain = AdapterInitArguments(init_method="eora")
+    refined = AdapterInitArguments(init_method="eora", refine_steps=20, refine_learning_rate=1e-3)
+    keys = [cache_key(init_key_parts(base_key, model_args, a, adapter_calib, seed=0)) for a in (plain, refined)]
+    assert keys[0] != keys[1]  # cached with the init: a refined adapter is its own entry
+    entry, _ = ensure_entry(tmp_path / "cache", keys[1], lambda tmp: build_init(
+        tmp, base_entry, lambda: copy.deepcopy(model), tokenizer, adapter_calib, model_args, compress_args, refined, 0,
+        progress=False))
+    report = json.loads((entry / "meta.json").read_text())["refine"]
+    assert report["steps"] == 20 and report["loss_last"] < report["loss_first"]
+    assert len(report["losses"]) == 2  # every 10th step is kept in the entry's metadata

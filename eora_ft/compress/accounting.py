@@ -31,6 +31,9 @@ class SequentialResult:
             modules were swapped in instead of the compressor's.
         stats, deltas: per linear, its input statistics and ``W - W_c`` ``[N, K]`` fp32 (only with
             ``keep_stats=True``: enough to compute any other initializer afterwards).
+        error_curves: ``{module_path: {init_name: [e_0, ..., e_R]}}``, the relative output error of the
+            correction truncated to its first ``r`` directions, ``r = 0..R`` (``e_0``: no correction): what
+            a rank allocation (:func:`eora_ft.init.rank_budget.allocate_ranks`) trades between linears.
     """
 
     factors: dict[str, dict[str, LowRankFactors]] = field(default_factory=dict)
@@ -42,6 +45,8 @@ class SequentialResult:
     stats: dict[str, ActivationStats] = field(default_factory=dict)
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
     base_replaced: bool = False  # an initializer's own base (LoftQ's Q_T) replaced the compressed linears
+    error_curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    output_energies: dict[str, float] = field(default_factory=dict)  # ||W X^T||^2 per linear
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -80,3 +85,15 @@ class OutputError:
             a_c = a @ self.xtx  # [r, K]
             num += -2.0 * float((a_c * (b.t() @ self.delta)).sum()) + float(((a_c @ a.t()) * (b.t() @ b)).sum())
         return float(max(num, 0.0) / self.weight_term) ** 0.5 if self.weight_term > 0 else 0.0
+
+    def curve(self, a: torch.Tensor, b: torch.Tensor) -> list[float]:
+        """Relative errors of ``dW - B[:, :r] A[:r]`` for every ``r`` from 0 to ``rank`` (``rank + 1`` values), at
+        the cost of one :meth:`of`: the cross terms are per direction, the quadratic term a prefix sum."""
+        a, b = a.to(torch.float64), b.to(torch.float64)
+        a_c = a @ self.xtx  # [R, K]
+        cross = (a_c * (b.t() @ self.delta)).sum(dim=1)  # [R]
+        quad = ((a_c @ a.t()) * (b.t() @ b)).cumsum(0).cumsum(1).diagonal()  # [R]: sum of the leading r x r block
+        num = self.delta_term + torch.cat([quad.new_zeros(1), quad - 2.0 * cross.cumsum(0)])
+        if self.weight_term <= 0:
+            return [0.0] * num.numel()
+        return (num.clamp_min(0.0) / self.weight_term).sqrt().tolist()

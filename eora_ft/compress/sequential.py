@@ -347,6 +347,7 @@ def _compress_linear(layer, name, linear, stats: ActivationStats, weight_energy:
     with result.timed("errors"):
         errors = OutputError(delta, weight, stats.xtx, weight_energy)
     row = {"layer": path, "tokens": stats.tokens, "rel_out_err/compressed": errors.of()}
+    result.output_energies[path] = errors.weight_term
     result.factors[path] = {}
     if ctx.keep_stats:
         result.stats[path], result.deltas[path] = stats, delta
@@ -365,7 +366,9 @@ def _compress_linear(layer, name, linear, stats: ActivationStats, weight_energy:
                 compressed, result.base_replaced = own_base, True
             factors.base = None  # packed above (or unused): its int64 codes must not pile up over the layers
         with result.timed("errors"):
-            row[f"rel_out_err/{init_name}"] = own_errors.of(factors.a, factors.b)
+            curve = own_errors.curve(factors.a, factors.b)
+        row[f"rel_out_err/{init_name}"] = curve[-1]
+        result.error_curves.setdefault(path, {})[init_name] = curve
         row[f"effective_rank/{init_name}"] = factors.effective_rank
         result.factors[path][init_name] = factors.to(home)
     set_module(layer, name, compressed)

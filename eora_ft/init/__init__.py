@@ -16,6 +16,7 @@ from eora_ft.compress.stats import ActivationStats
 
 from .act_diag import act_diag_factors
 from .eora import eora_factors
+from .eora_alt import eora_alt_factors
 from .factors import LowRankFactors, fake_quantize_rows
 from .loftq import loftq_factors
 from .qlora import qlora_factors
@@ -55,11 +56,21 @@ def _loftq(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, *, g
     return loftq_factors(weight, compressor, stats, rank, iters=iters)
 
 
+def _eora_alt(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, *, generator=None, weight=None,
+              compressor=None, iters: int = 2, **options) -> LowRankFactors:
+    if stats is None or weight is None or compressor is None:
+        raise ValueError("eora_alt re-compresses with the layer's statistics: call it with stats, weight= and "
+                         "compressor=")
+    return eora_alt_factors(weight, delta_w, compressor, stats, rank, iters=iters, **options)
+
+
 INITIALIZERS: dict[str, Initializer] = {
-    "eora": _eora, "act_diag": _act_diag, "svd": _svd, "loftq": _loftq, "qlora": _qlora,
+    "eora": _eora, "eora_alt": _eora_alt, "act_diag": _act_diag, "svd": _svd, "loftq": _loftq, "qlora": _qlora,
 }
 # the initializers that draw from the generator: only their results depend on the seed
 SEEDED_INITS = frozenset({"qlora"})
+# the initializers that re-compress W and may bring their own base (.base): they need weight= and compressor=
+REBASING_INITS = frozenset({"loftq", "eora_alt"})
 
 
 def get_initializer(name: str) -> Initializer:
@@ -76,5 +87,5 @@ def check_rank(rank: int, in_features: int, out_features: int, layer: str = "lay
         raise ValueError(f"rank={rank} is invalid for {layer} ({out_features}x{in_features}); valid: 1..{limit}")
 
 
-__all__ = ["INITIALIZERS", "SEEDED_INITS", "LowRankFactors", "act_diag_factors", "check_rank", "eora_factors", "fake_quantize_rows",
+__all__ = ["INITIALIZERS", "REBASING_INITS", "SEEDED_INITS", "LowRankFactors", "act_diag_factors", "check_rank", "eora_alt_factors", "eora_factors", "fake_quantize_rows",
            "loftq_factors", "get_initializer", "qlora_factors", "svd_factors"]
