@@ -186,13 +186,14 @@ def load_pretrained(adapter_directory: str | Path, dtype: torch.dtype = torch.fl
     from eora_ft.compress.formats import detect_format, import_model
 
     base = json.loads((Path(adapter_directory) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    try:
+    try:  # only the format probe decides the branch: a broken compressed checkpoint must raise its own error
         detect_format(base)
-        model = import_model(base, dtype=dtype, device=device)
     except (ValueError, FileNotFoundError, OSError):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
+    else:
+        model = import_model(base, dtype=dtype, device=device)
     return load_adapter(model, adapter_directory, is_trainable=is_trainable)
 
 
