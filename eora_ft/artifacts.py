@@ -71,7 +71,9 @@ def init_key_parts(base_key: str, model_args: EoraModelConfig, init_args: Adapte
     return {
         "kind": "init",
         "base": base_key,
-        "init": {**{k: v for k, v in dataclasses.asdict(init_args).items() if k not in _NOT_IN_INIT_KEY},
+        "init": {**{k: v for k, v in dataclasses.asdict(init_args).items() if k not in _NOT_IN_INIT_KEY
+                    # the refinement's knobs change nothing while it is off: entries made before a knob existed stay hits
+                    and not (k.startswith("refine_") and not init_args.refine_steps)},
                  "options": init_args.options().get(init_args.init_method, {})},
         "calibration": None if adapter_calib is None else {"tokens": tensor_fingerprint(adapter_calib),
                                                            "shape": list(adapter_calib.shape)},
@@ -124,7 +126,7 @@ def build_init(directory: Path, base_entry: Path, original: Callable[[], nn.Modu
         from eora_ft.refine import teacher_hidden_states
 
         teacher = teacher_hidden_states(model, adapter_calib, compress_args.calib_batch_size,
-                                        execution_device or "cpu")
+                                        execution_device or "cpu", init_args.refine_target)
     config = lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                          model_args.lora_target_modules)
     meta = {"base_entry": base_entry.name, "init": init_args.init_method, "compression": compress_args.describe()}

@@ -25,6 +25,7 @@ from eora_ft.distributed import configure_cpu_process_state
 from eora_ft.init import INITIALIZERS
 from eora_ft.init.eora import EIGEN_MODES
 from eora_ft.init.rank_budget import NORMALISATIONS, SVD_ORDERED
+from eora_ft.refine import REFINE_TARGETS, check_refine_target
 
 RANK_ALLOCATIONS = ("uniform", "budget")
 
@@ -252,9 +253,13 @@ class AdapterInitArguments:
                           "linear) or absolute ones."})
     refine_steps: int = field(
         default=0,
-        metadata={"help": "After initialising: AdamW steps training only A and B so the compressed model's final "
-                          "hidden states match the uncompressed model's on the adapter calibration text (RILQ); "
-                          "0 = off. Cached with the init."})
+        metadata={"help": "After initialising: AdamW steps training only A and B so the compressed model's hidden "
+                          "states (refine_target) match the uncompressed model's on the adapter calibration text "
+                          "(RILQ); 0 = off. Cached with the init."})
+    refine_target: str = field(
+        default="final",
+        metadata={"help": f"What refine_steps matches, one of {list(REFINE_TARGETS)}: the decoder's final hidden states, "
+                          "or every decoder layer's output (num_layers times the teacher memory)."})
     refine_learning_rate: float = field(
         default=1e-3, metadata={"help": "Learning rate of refine_steps (1e-3 beat 1e-4 on the nano model: BENCHMARKS.md)."})
     init_from_adapter: str | None = field(
@@ -277,6 +282,7 @@ class AdapterInitArguments:
         check_range(self, "eora_alt_iters", 0)
         check_range(self, "refine_steps", 0)
         check_range(self, "refine_learning_rate", 0, low_open=True)
+        check_refine_target(self.refine_target)
         if self.loftq_iters < 1:
             raise ValueError(f"loftq_iters={self.loftq_iters} must be >= 1")
         if self.factor_bits not in (None, 3, 4, 8):

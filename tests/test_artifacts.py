@@ -241,8 +241,12 @@ def test_refine_steps_run_with_the_init_and_are_cached_with_it(setting, tmp_path
         tmp, copy.deepcopy(model), tokenizer, calib, model_args, compress_args, progress=False))
     plain = AdapterInitArguments(init_method="eora")
     refined = AdapterInitArguments(init_method="eora", refine_steps=20, refine_learning_rate=1e-3)
-    keys = [cache_key(init_key_parts(base_key, model_args, a, adapter_calib, seed=0)) for a in (plain, refined)]
+    variants = (plain, refined, AdapterInitArguments(init_method="eora", refine_target="layers"),
+                AdapterInitArguments(init_method="eora", refine_steps=20, refine_learning_rate=1e-3,
+                                     refine_target="layers"))
+    keys = [cache_key(init_key_parts(base_key, model_args, a, adapter_calib, seed=0)) for a in variants]
     assert keys[0] != keys[1]  # cached with the init: a refined adapter is its own entry
+    assert keys[2] == keys[0] and keys[3] != keys[1]  # refine_target matters only while refine_steps > 0
     entry, _ = ensure_entry(tmp_path / "cache", keys[1], lambda tmp: build_init(
         tmp, base_entry, lambda: copy.deepcopy(model), tokenizer, adapter_calib, model_args, compress_args, refined, 0,
         progress=False))
