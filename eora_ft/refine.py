@@ -30,12 +30,12 @@ from eora_ft.placement import placed_for_inference
 REFINE_TARGETS = ("final", "layers")
 
 
-def _targets(decoder: nn.Module, ids: torch.Tensor, target: str) -> torch.Tensor:
-    """``final``: the decoder's output ``[batch, seq, hidden]``; ``layers``: every layer's output stacked
-    ``[batch, num_layers, seq, hidden]`` (the embeddings left out, the last entry the final normed output)."""
+def _targets(decoder: nn.Module, ids: torch.Tensor, target: str) -> tuple[torch.Tensor, ...]:
+    """Hidden states ``[batch, seq, hidden]`` in the model's dtype: ``final``, the decoder's output alone;
+    ``layers``, every layer's output (the embeddings left out, the last entry the final normed output)."""
     if target == "final":
-        return decoder(input_ids=ids).last_hidden_state
-    return torch.stack(decoder(input_ids=ids, output_hidden_states=True).hidden_states[1:], dim=1)
+        return (decoder(input_ids=ids).last_hidden_state,)
+    return decoder(input_ids=ids, output_hidden_states=True).hidden_states[1:]
 
 
 def check_refine_target(target: str) -> None:
@@ -56,7 +56,7 @@ def teacher_hidden_states(model: nn.Module, calib_ids: torch.Tensor, batch_size:
         decoder = placed.get_decoder()
         for start in range(0, calib_ids.shape[0], batch_size):
             hidden = _targets(decoder, calib_ids[start:start + batch_size].to(device), target)
-            outputs.append((hidden.float() if target == "final" else hidden).cpu())
+            outputs.append(hidden[0].float().cpu() if target == "final" else torch.stack([h.cpu() for h in hidden], 1))
     return torch.cat(outputs)
 
 
@@ -76,17 +76,17 @@ def refine_adapters(peft_model: nn.Module, calib_ids: torch.Tensor, teacher: tor
     decoder = peft_model.get_base_model().get_decoder()
     generator = torch.Generator().manual_seed(seed)
     target = "layers" if teacher.dim() == 4 else "final"
-    # per-layer mean squares one layer at a time: a float copy of a bf16 teacher would double its host memory
-    scale = (torch.stack([teacher[:, layer].float().pow(2).mean() for layer in range(teacher.shape[1])])
-             if target == "layers" else teacher.pow(2).mean()).to(device)
-    per_layer = (0, 2, 3) if target == "layers" else (0, 1, 2)
+    per_layer = (lambda batch: batch.unbind(1)) if target == "layers" else (lambda batch: (batch,))
+    # mean squares one layer at a time: a float copy of a bf16 teacher would double its host memory
+    scales = [float(layer.float().pow(2).mean()) for layer in per_layer(teacher)]
     losses, start, was_training = [], time.perf_counter(), peft_model.training
     peft_model.train()
     for step in range(steps):
         rows = torch.randint(0, calib_ids.shape[0], (min(batch_size, calib_ids.shape[0]),), generator=generator)
-        hidden = _targets(decoder, calib_ids[rows].to(device), target).float()
-        squared = (hidden - teacher[rows].to(device).float()).pow(2)
-        loss = (squared.mean(dim=per_layer) / scale).mean()
+        # layer by layer: no [batch, num_layers, seq, hidden] stack or fp32 copy of one on the device
+        pairs = zip(_targets(decoder, calib_ids[rows].to(device), target), per_layer(teacher[rows]), scales)
+        loss = sum(nn.functional.mse_loss(hidden.float(), wanted.to(device).float()) / scale
+                   for hidden, wanted, scale in pairs) / len(scales)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
