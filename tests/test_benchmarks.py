@@ -35,3 +35,24 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu(tmp_path):
     assert report["dry_run"] and {"tests", "kernels", "crossover", "model"} <= set(report)
     assert {row["kind"] for row in report["kernels"]} == {"packed", "dense", "nf4"}
     assert len(report["model"]) == 5 and "| shape | M | r |" in proc.stdout
+
+
+def test_rank_budget_reports_every_option_at_equal_adapter_bytes():
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/rank_budget.py", "--settings", "rtn/2/128", "--ranks", "4", "--calib-samples", "4",
+         "--windows", "1", "--refine-steps", "2", "--alt-ranks", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                                                                     "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    adapters = {(row["init"], row["allocation"]): row for row in rows if row["params"]}
+    assert {("eora", "uniform"), ("eora", "budget/relative"), ("svd", "budget/absolute"), ("eora_alt", "uniform"),
+            ("eora+refine/final", "uniform"), ("eora+refine/final", "budget/relative")} <= set(adapters)
+    uniform = adapters[("eora", "uniform")]
+    for row in adapters.values():
+        # the same budget: parameters never above uniform r, and the file PEFT writes is that size
+        assert row["params"] <= uniform["params"] and row["seconds"] >= 0
+        assert abs(row["bytes"] - 4 * row["params"]) < 0.05 * row["bytes"]  # fp32 factors plus the header
+    budget = adapters[("eora", "budget/relative")]
+    assert budget["sum_rel_err2"] <= uniform["sum_rel_err2"]  # what the greedy allocation minimises
+    assert "| adapter bytes | init s |" in proc.stdout
