@@ -5,7 +5,9 @@ Prints one JSON object per line (machine-readable) and a markdown table at the e
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python benchmarks/compress_ppl.py \
         --settings rtn/2/128 gptq/2/128 gptq/3/-1 sparsegpt/2:4 gptq+sparsegpt/4/128/2:4 nf4 --inits eora svd
 
-A setting is ``method[/bits[/group_size]][/n:m or ratio][/act or /noact][/sym][/mse][/damp=F]``. Each starts from a fresh copy of the model.
+A setting is ``method[/bits[/group_size]][/n:m or ratio][/act or /noact][/sym][/mse][/damp=F][/noseq]``; ``noseq``
+collects every linear's statistics of a layer in one pass (no true-sequential). Each starts from a fresh copy of
+the model.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ PPL_TEXTS = {"enwiki_heldout": "eora_ft/assets/data/enwiki_heldout/wiki_49.txt",
 
 def parse_setting(setting: str) -> dict:
     """``gptq/3/-1/noact`` -> ``{"method": "gptq", "bits": 3, "group_size": -1, "act_order": False}``; also ``act``,
-    ``sym``, ``mse`` (grid_search) and ``damp=0.05``; what is not named keeps the compressor's default."""
-    method, *rest = setting.split("/")
+    ``sym``, ``mse`` (grid_search) and ``damp=0.05``; what is not named keeps the compressor's default. The
+    driver's ``noseq`` token is not a compressor option (:func:`true_sequential_of`)."""
+    method, *rest = [token for token in setting.split("/") if token != "noseq"]
     options: dict = {"method": method}
     numbers = [token for token in rest if token.lstrip("-").isdigit()]
     if numbers:
@@ -52,6 +55,11 @@ def parse_setting(setting: str) -> dict:
             key, value = flags[token]
             options[key] = value
     return options
+
+
+def true_sequential_of(setting: str) -> bool:
+    """False when ``setting`` carries ``/noseq``: one statistics pass per layer instead of one per stage."""
+    return "noseq" not in setting.split("/")
 
 
 def main() -> None:
@@ -82,7 +90,8 @@ def main() -> None:
         model = copy.deepcopy(base)
         start = time.perf_counter()
         result = compress_model(model, calib, make_compressor(**parse_setting(setting)), args.inits,
-                                rank=args.rank, target_modules=LLAMA_LINEARS, progress=False)
+                                rank=args.rank, target_modules=LLAMA_LINEARS, progress=False,
+                                true_sequential=true_sequential_of(setting))
         seconds = time.perf_counter() - start
         row = {"setting": setting, **ppl(model), "seconds": seconds, "calib_tokens": result.calib_tokens}
         for init in args.inits:

@@ -250,7 +250,7 @@ def export_base(init_entry: Path, directory: Path, tokenizer=None) -> tuple[str,
 
 def _compression_config(compress_args: CompressionArguments) -> dict:
     return {"method": compress_args.compress_method, **compress_args.compressor_options(),
-            "description": compress_args.describe()}
+            "description": compress_args.describe(), "true_sequential": compress_args.true_sequential}
 
 
 def base_directory(init_entry: Path) -> Path | None:

@@ -32,7 +32,8 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GPTQ column order by decreasing Hessian diagonal (default: on for gptq)")
     parser.add_argument("--damp", type=float, default=defaults.damp_percent)
     parser.add_argument("--sparsity", default=defaults.sparsity, help="2:4, 4:8 or a ratio such as 0.5")
-    parser.add_argument("--no-true-sequential", action="store_true")
+    parser.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=defaults.true_sequential,
+                        help="re-collect statistics after q/k/v, o and gate/up within a layer (default: one pass)")
     parser.add_argument("--calib", default=defaults.calib_dataset, help="calibration text (.jsonl/.txt or hub id)")
     parser.add_argument("--calib-samples", type=int, default=defaults.calib_num_samples)
     parser.add_argument("--calib-seq-len", type=int, default=defaults.calib_seq_len)
@@ -70,7 +71,7 @@ def compress_command(args: argparse.Namespace) -> int:
     options = CompressionArguments(
         compress_method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, grid_search=args.grid_search,
         damp_percent=args.damp,
-        act_order=args.act_order, true_sequential=not args.no_true_sequential, sparsity=args.sparsity,
+        act_order=args.act_order, true_sequential=args.true_sequential, sparsity=args.sparsity,
         calib_dataset=args.calib, calib_num_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         calib_seed=args.calib_seed, execution_device=args.execution_device,
         calib_activations_device=args.calib_activations_device,

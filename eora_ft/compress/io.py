@@ -266,6 +266,7 @@ def export_gptq(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
     specs = {(m.bits, m.group_size) for m in layers.values() if m.bits is not None}
     meta = getattr(model, "compression_config", None) or {}
     options = meta.get("options", meta)  # `eora-ft compress` records the compressor's options under "options"
+    true_sequential = bool(meta.get("true_sequential", False))
     sym = options.get("sym")
     if sym is None:  # a symmetric grid has its zero point in the middle of the code range
         sym = all(m.bits is not None and bool((m.zeros == 2 ** (m.bits - 1)).all()) for m in layers.values())
@@ -287,9 +288,9 @@ def export_gptq(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
         "quant_method": "gptq", "method": "gptq", "bits": bits, "group_size": group_size,
         "desc_act": any(m.perm is not None for m in layers.values()), "sym": bool(sym), "lm_head": False,
         "format": checkpoint_format, "checkpoint_format": checkpoint_format, "pack_dtype": "int32",
-        "static_groups": False, "true_sequential": True, "damp_percent": damp,
+        "static_groups": False, "true_sequential": true_sequential, "damp_percent": damp,
         "meta": {"quantizer": [f"eora_ft:{_version()}"], "uri": "https://github.com/eora-ft/eora_ft",
-                 "damp_percent": damp, "static_groups": False, "true_sequential": True},
+                 "damp_percent": damp, "static_groups": False, "true_sequential": true_sequential},
     }
     config = copy.deepcopy(model.config)
     config.quantization_config = quant

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from eora_ft.kernels.packing import pack_codes, pack_mask, unpack_mask
-from eora_ft.kernels.reference import dequantize
+from eora_ft.kernels.cpu_dequant import dequantize
 
 from .result import QuantizedWeight, SparseWeight
 
@@ -199,7 +199,11 @@ class CompressedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:  # permute the activations, not the [N, K] weight, on every call
             x = x.index_select(-1, self.perm)
-        return nn.functional.linear(x, self._stored_weight(x.dtype, transient=True), self.bias)
+        # autograd saves the weight for dX when x needs a gradient (a compressed linear that is not a LoRA
+        # target, or PEFT's own forward with dropout): a scratch weight would be overwritten by the next layer's
+        # before the backward reads it, so it gets its own tensor then
+        transient = not (torch.is_grad_enabled() and x.requires_grad)
+        return nn.functional.linear(x, self._stored_weight(x.dtype, transient=transient), self.bias)
 
     def extra_repr(self) -> str:
         return (

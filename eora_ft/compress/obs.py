@@ -130,11 +130,16 @@ def obs_sweep(
         scales, zeros = static
     mask = torch.ones(n, k, dtype=torch.bool, device=w.device) if prune else None
     scale = zero = None
+    # act-order: the static group of each visited column, as Python ints (one transfer, not a device sync
+    # per column)
+    group_of_column = (perm // group).tolist() if static is not None else None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
+        codes1 = torch.empty_like(w1) if quant is not None else None  # the block's codes, stored as uint8 once
         hinv1 = hinv[i1:i2, i1:i2]
+        pivots = torch.diag(hinv1).tolist() if hinv1.device.type == "cpu" else torch.diag(hinv1)
         if prune is not None and not prune.structured:
             # SparseGPT's adaptive mask: the block's lowest w^2 / [H^-1]_jj^2, uniform sparsity per block
             score = w1**2 / torch.diag(hinv1).unsqueeze(0) ** 2
@@ -149,7 +154,7 @@ def obs_sweep(
             value = w1[:, i] if mask is None else w1[:, i] * mask[:, col]
             if quant is not None:
                 if static is not None:
-                    g = int(perm[col]) // group
+                    g = group_of_column[col]
                     scale, zero = scales[g], zeros[g]
                 elif col % group == 0:
                     window = torch.cat([w1[:, i:], w[:, i2:i2 + group]], dim=1)[:, :group]
@@ -158,13 +163,15 @@ def obs_sweep(
                 q = quantize_codes(value, scale, zero, quant.maxq)
                 if mask is not None:  # a pruned weight sits exactly at the zero point
                     q = torch.where(mask[:, col], q, zero)
-                codes[:, col] = q.to(torch.uint8)
+                codes1[:, i] = q
                 value = scale * (q - zero)
-            err = (w1[:, i] - value) / hinv1[i, i]
+            err = (w1[:, i] - value) / pivots[i]
             w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             w1[:, i] = value
             err1[:, i] = err
         w[:, i1:i2] = w1
+        if codes is not None:
+            codes[:, i1:i2] = codes1.to(torch.uint8)
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
     if perm is not None:  # back to the original column order

@@ -180,7 +180,7 @@ def compress_model(
     target_modules: list[str] | None = None,
     batch_size: int = 8,
     seed: int = 0,
-    true_sequential: bool = True,
+    true_sequential: bool = False,
     factor_bits: int | None = None,
     capture: str = "compressed",
     base_from: str | None = None,
@@ -198,7 +198,9 @@ def compress_model(
             and no initializer that re-compresses).
         init_methods: names from :data:`eora_ft.init.INITIALIZERS`, all computed from the same pass.
         true_sequential: within a layer, compress q/k/v first and re-collect the statistics of o,
-            then gate/up, then down, from the partly compressed layer (GPTQ's ``--true-sequential``).
+            then gate/up, then down, from the partly compressed layer (GPTQ's ``--true-sequential``); False: every
+            linear's statistics from one pass over the layer (llm-compressor's scheme; no worse on the nano
+            model's held-out text and a quarter faster, BENCHMARKS.md).
         factor_bits: round every init's ``A`` and ``B`` to this many bits (4 or 3; None keeps fp32).
         capture: ``compressed`` (later layers see the compressed prefix: one pass serves every init,
             the fair default) or ``compensated`` (they see compressed + the first init's correction,

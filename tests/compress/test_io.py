@@ -418,8 +418,12 @@ def test_import_rejects_unsupported_settings(tmp_path):
 
 def test_export_reads_the_recorded_compressor_options(tmp_path):
     model = _tiny_model(bits=4)
-    saved = save_compressed(model, tmp_path / "m", {"method": "gptq", "options": {"damp_percent": 0.1, "sym": False}})
+    saved = save_compressed(model, tmp_path / "m", {"method": "gptq", "options": {"damp_percent": 0.1, "sym": False},
+                                                   "true_sequential": True})
     assert oct(os.stat(saved).st_mode & 0o777) != oct(0o700)  # not mkdtemp's private mode
     exported = export_gptq(load_compressed(saved), tmp_path / "g")
     config = json.loads((exported / "config.json").read_text())["quantization_config"]
     assert config["damp_percent"] == 0.1 and config["sym"] is False
+    assert config["true_sequential"] is True and config["meta"]["true_sequential"] is True  # what the run did
+    plain = export_gptq(load_compressed(save_compressed(model, tmp_path / "m2", {"method": "gptq"})), tmp_path / "g2")
+    assert json.loads((plain / "config.json").read_text())["quantization_config"]["true_sequential"] is False

@@ -242,3 +242,32 @@ def test_a_q_k_v_statistics_pass_stops_before_attention_and_the_mlp(nano_model_a
     normed = layer.input_layernorm(x).double()
     # fp32 products of 32 tokens per batch: entries of size ~30 carry round-off of ~eps32 * 64 (the two sums)
     assert torch.allclose(collector.stats["self_attn.q_proj"].xtx, 2 * normed.t() @ normed, rtol=1e-5, atol=1e-4)
+
+
+def test_true_sequential_recollects_later_stages_from_the_partly_compressed_layer(nano_model_and_tokenizer):
+    """Off (the default): every linear's statistics come from one pass over the layer as it arrived, so the first
+    layer's o_proj statistics equal those of the uncompressed model. On: o_proj's are re-collected after q/k/v
+    are compressed, so they differ; q/k/v's (the first stage) are the same in both modes."""
+    ids = _calib(n=2, length=32, seed=3)
+    compressor = make_compressor("gptq", bits=2, group_size=128)
+    results = {}
+    for mode in (False, True):
+        model = copy.deepcopy(nano_model_and_tokenizer[0])
+        results[mode] = compress_model(model, ids, compressor, [], target_modules=LINEARS, batch_size=2,
+                                       progress=False, keep_stats=True, true_sequential=mode)
+    reference = copy.deepcopy(nano_model_and_tokenizer[0])
+    layer = reference.model.layers[0]
+    collector = StatsCollector({"self_attn.o_proj": layer.self_attn.o_proj})
+    try:
+        with torch.no_grad():
+            collector.next_batch()
+            with pytest.raises(StatisticsComplete):
+                reference(input_ids=ids)
+    finally:
+        collector.remove()
+    o_path, q_path = "model.layers.0.self_attn.o_proj", "model.layers.0.self_attn.q_proj"
+    uncompressed = collector.stats["self_attn.o_proj"].xtx
+    scale = float(uncompressed.abs().max())
+    assert torch.allclose(results[False].stats[o_path].xtx, uncompressed, rtol=1e-5, atol=1e-6 * scale)
+    assert not torch.allclose(results[True].stats[o_path].xtx, uncompressed, rtol=1e-3, atol=1e-4 * scale)
+    assert torch.allclose(results[True].stats[q_path].xtx, results[False].stats[q_path].xtx, rtol=1e-6, atol=0)

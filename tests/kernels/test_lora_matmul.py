@@ -200,3 +200,42 @@ def test_large_m_path_dequantizes_every_layer_into_one_scratch_buffer_with_exact
     want = torch.autograd.grad(reference.square().sum(), (x2, a2, b2))
     for got, expected in zip(grads, want):
         assert torch.allclose(got.float(), expected, rtol=3e-2, atol=3e-2 * float(expected.abs().max()))
+
+
+def test_plain_forward_gives_autograd_its_own_weight_and_scratch_only_without_a_gradient(monkeypatch):
+    """A compressed linear outside the fused LoRA path (not a LoRA target, or PEFT's forward with dropout)
+    must not hand autograd a scratch weight: the next layer's dequantization would overwrite it before
+    the backward reads it (on a GPU, where scratch is used)."""
+    from eora_ft.compress import RTN
+    from eora_ft.compress.linear import CompressedLinear
+
+    layer = RTN(bits=4, group_size=32).compress(torch.randn(8, 64) * 0.02).to_module(None, torch.float32)
+    requested = []
+    original = CompressedLinear._stored_weight
+
+    def spy(self, dtype=None, transient=False):
+        requested.append(transient)
+        return original(self, dtype, transient)
+
+    monkeypatch.setattr(CompressedLinear, "_stored_weight", spy)
+    x = torch.randn(3, 64)
+    layer(x)  # no input gradient: nothing keeps the weight
+    layer(x.requires_grad_(True))  # autograd saves the weight for dX
+    with torch.no_grad():
+        layer(x)
+    assert requested == [True, False, True]
+
+
+@pytest.mark.gpu
+def test_chained_compressed_linears_outside_lora_have_exact_input_gradients_on_gpu():
+    from eora_ft.compress import RTN
+
+    g = torch.Generator().manual_seed(5)
+    layers = [RTN(bits=4, group_size=128).compress(torch.randn(256, 256, generator=g) * 0.05).to_module(None, torch.float32)
+              .cuda() for _ in range(2)]
+    x = torch.randn(64, 256, device="cuda", requires_grad=True)
+    (grad,) = torch.autograd.grad(layers[1](layers[0](x)).square().sum(), (x,))
+    dense = [layer.dequantize(torch.float32) for layer in layers]
+    x2 = x.detach().clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(((x2 @ dense[0].t()) @ dense[1].t()).square().sum(), (x2,))
+    assert torch.allclose(grad, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
