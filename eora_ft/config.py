@@ -125,7 +125,7 @@ class CompressionArguments:
     true_sequential: bool = field(default=False, metadata={
         "help": "Compress q/k/v, then o, then gate/up, then down, re-collecting statistics from the partly compressed "
                 "layer (GPTQModel's default); false: every linear's statistics from one pass (llm-compressor's "
-                "scheme, 25% faster, no worse on held-out text: BENCHMARKS.md)."})
+                "scheme, a quarter faster, no worse on held-out text: BENCHMARKS.md)."})
     sparsity: str = field(default="2:4", metadata={"help": "sparsegpt / wanda / gptq+sparsegpt: 2:4, 4:8 or a ratio such as 0.5."})
     calib_dataset: str = field(
         default=f"{_ASSETS}/data/c4/c4_en_train_calib900.jsonl",

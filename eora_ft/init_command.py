@@ -79,11 +79,12 @@ def init_command(args: argparse.Namespace) -> int:
     options = {"eora": {"shrink": args.shrink}, "eora_alt": {"shrink": args.shrink, "iters": args.eora_alt_iters},
                "loftq": {"iters": args.loftq_iters}}.get(args.method, {})
     execution, activations = placement.placement(default_device())
-    # The original model runs layer by layer with the compressed linears swapped in: each linear's
-    # statistics come from the compressed model (true-sequential within a layer), one layer at a time.
+    # The original model runs layer by layer with the compressed linears swapped in, one layer at a time, with
+    # the statistics scheme the compressed model was made with (recorded by `eora-ft compress` and the recipes;
+    # one pass per layer when absent, the default): the factors are those of compressing and initialising at once.
     result = compress_model(original, calib, compressor, [args.method], rank=args.rank,
                             init_options={args.method: options}, target_modules=targets, seed=args.calib_seed,
-                            true_sequential=True, factor_bits=args.factor_bits,
+                            true_sequential=bool(meta.get("true_sequential", False)), factor_bits=args.factor_bits,
                             base_from=args.method if rebases else None, execution_device=execution,
                             activations_device=activations, precompressed=modules)
     del compressed

@@ -85,6 +85,6 @@ def dequantize(
     module = extension() if eligible else None
     if module is None:
         return reference_dequantize(qweight, scales, zeros, bits, group_size, in_features, dtype=dtype)
-    out = torch.empty(qweight.shape[1], in_features, dtype=dtype)
+    out = torch.empty(qweight.shape[1], in_features, dtype=dtype, device=qweight.device)
     return module.dequantize(qweight.contiguous(), scales.to(torch.float32).contiguous(),
                              zeros.to(torch.int32).contiguous(), bits, group, out)
