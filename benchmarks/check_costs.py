@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/check_costs.py [--gib 1]
 
-Prints one JSON object: GiB/s of :func:`eora_ft.model_checks.check_finite_weights` over bf16 tensors of
+Prints one JSON object: GiB/s of :func:`eora_ft.utils.model_checks.check_finite_weights` over bf16 tensors of
 Llama-3-8B's 4096 x 4096 projection shape (and the seconds that means for 8B and 70B bf16 checkpoints),
 and MiB/s of :func:`eora_ft.data.file_checks.check_data_file` on the bundled C4 calibration file.
 """
@@ -15,7 +15,7 @@ import time
 import torch
 
 from eora_ft.data.file_checks import check_data_file
-from eora_ft.model_checks import check_finite_weights
+from eora_ft.utils.model_checks import check_finite_weights
 
 C4 = os.path.join(os.path.dirname(__file__), "..", "eora_ft", "assets", "data", "c4", "c4_en_train_calib900.jsonl")
 BF16_GIB = {"llama-3-8b": 8.03e9 * 2 / 2**30, "llama-3-70b": 70.6e9 * 2 / 2**30}

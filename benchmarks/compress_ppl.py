@@ -21,11 +21,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eora_ft.compress import make_compressor
-from eora_ft.compress.sequential import compress_model
+from eora_ft.init.sequential import compress_model
 from eora_ft.config import DEFAULT_MODEL, LLAMA_LINEARS
 from eora_ft.data import calibration_tokens, read_text, resolve_path
-from eora_ft.evaluate import perplexity
-from eora_ft.peft_bridge import build_lora_model, lora_config
+from eora_ft.eval.scoring import perplexity
+from eora_ft.adapters.peft_bridge import build_lora_model, lora_config
 
 WIKITEXT = "eora_ft/assets/data/wikitext2/wikitext-2-raw-v1.test.joined.txt"
 C4 = "eora_ft/assets/data/c4/c4_en_train_calib900.jsonl"

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 GPU_TEST_FILES = ["tests/kernels/test_dequant_triton.py", "tests/kernels/test_fused_triton.py",
-                  "tests/kernels/test_lora_matmul.py", "tests/compress/test_sequential.py"]
+                  "tests/kernels/test_lora_matmul.py", "tests/init/test_sequential.py"]
 LLAMA3_8B_SHAPES = ["4096x4096", "4096x1024", "4096x14336", "14336x4096", "4096x6144", "4096x28672"]
 TARGETS = {"large_m_vs_bf16": 1.10, "large_m_vs_nf4": 1.2, "small_m_vs_bf16": 2.5}
 
@@ -143,8 +143,8 @@ def run_model(dry_run: bool, device: str, steps: int) -> dict:
     from scale_bench import build_model
 
     from eora_ft.compress import make_compressor
-    from eora_ft.compress.sequential import compress_model
-    from eora_ft.peft_bridge import build_lora_model, lora_config
+    from eora_ft.init.sequential import compress_model
+    from eora_ft.adapters.peft_bridge import build_lora_model, lora_config
 
     linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     cuda = device == "cuda"

@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compress_ppl import C4, WIKITEXT, parse_setting  # noqa: E402
 
 from eora_ft.compress import make_compressor  # noqa: E402
-from eora_ft.compress.sequential import compress_model  # noqa: E402
+from eora_ft.init.sequential import compress_model  # noqa: E402
 from eora_ft.config import DEFAULT_MODEL, LLAMA_LINEARS  # noqa: E402
 from eora_ft.data import calibration_tokens, load_arc, read_text, resolve_path  # noqa: E402
-from eora_ft.evaluate import perplexity, score_multiple_choice  # noqa: E402
+from eora_ft.eval.scoring import perplexity, score_multiple_choice  # noqa: E402
 from eora_ft.init import LowRankFactors, eora_factors  # noqa: E402
-from eora_ft.peft_bridge import build_lora_model, load_factors, lora_config  # noqa: E402
+from eora_ft.adapters.peft_bridge import build_lora_model, load_factors, lora_config  # noqa: E402
 
 ARC_DEV = "eora_ft/assets/data/arc/ARC-Challenge/ARC-Challenge-Dev.jsonl"
 SHRINKS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from eora_ft.compress import RTN, make_compressor
-from eora_ft.peft_bridge import build_lora_model, lora_config
+from eora_ft.adapters.peft_bridge import build_lora_model, lora_config
 
 LLAMA3_8B = ["4096x4096", "4096x1024", "4096x14336", "14336x4096", "4096x6144", "4096x28672"]
 GPU_TOKENS = [1, 16, 128, 1024, 4096, 16384]

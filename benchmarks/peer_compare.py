@@ -14,7 +14,7 @@ Every (tool, setting) runs in a fresh subprocess, so its peak RSS is its own (Vm
 ``ru_maxrss`` over ``execve`` from this parent); the peak after loading model + tokens, before compressing,
 is reported too. Each worker saves its whole state dict in fp32 with the compressed weights dequantized;
 this process checks each target linear really lies on a 2**bits grid per row and group (or keeps at most
-n of every m), that nothing else changed, and scores both tools with the same ``eora_ft.evaluate.perplexity``.
+n of every m), that nothing else changed, and scores both tools with the same ``eora_ft.eval.scoring.perplexity``.
 
 Equal between the tools: the model (fp32), the calibration tokens (built once with
 ``eora_ft.data.calibration_tokens``, passed to llm-compressor already tokenized: no BOS, no attention mask,
@@ -123,7 +123,7 @@ def grid_spec(setting: str) -> dict:
 
 def ours_worker(args, calib: torch.Tensor, model) -> dict:
     from eora_ft.compress.linear import dequantize_model
-    from eora_ft.compress.sequential import compress_model
+    from eora_ft.init.sequential import compress_model
 
     compressor = our_compressor(args.setting)
     loaded = max_rss_gib()
@@ -268,7 +268,7 @@ def main() -> None:
 
     from eora_ft.config import DEFAULT_MODEL, LLAMA_LINEARS
     from eora_ft.data import calibration_tokens, read_text, resolve_path
-    from eora_ft.evaluate import perplexity
+    from eora_ft.eval.scoring import perplexity
 
     if "llmcompressor" in args.tools:
         for setting in args.settings:

@@ -36,14 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compress_ppl import C4, parse_setting  # noqa: E402
 
 from eora_ft.compress import make_compressor  # noqa: E402
-from eora_ft.compress.sequential import compress_model  # noqa: E402
+from eora_ft.init.sequential import compress_model  # noqa: E402
 from eora_ft.config import DEFAULT_MODEL, LLAMA_LINEARS  # noqa: E402
 from eora_ft.data import calibration_tokens, resolve_path  # noqa: E402
 from eora_ft.data.heldout import BUNDLED_PATHS, heldout_texts  # noqa: E402
-from eora_ft.evaluate import perplexity  # noqa: E402
+from eora_ft.eval.scoring import perplexity  # noqa: E402
 from eora_ft.init.rank_budget import allocate_ranks  # noqa: E402
-from eora_ft.peft_bridge import build_lora_model, lora_config  # noqa: E402
-from eora_ft.refine import REFINE_TARGETS, refine_adapters, teacher_hidden_states  # noqa: E402
+from eora_ft.adapters.peft_bridge import build_lora_model, lora_config  # noqa: E402
+from eora_ft.init.refine import REFINE_TARGETS, refine_adapters, teacher_hidden_states  # noqa: E402
 
 INITS = ("eora", "svd")
 
@@ -88,7 +88,7 @@ def alternated(original, modules, calib, setting: str, rank: int, wide: int, cos
 
 def refined(adapted, calib, teacher, args, setting: str, allocation: str, rank: int, ranks: dict, costs: dict,
             tokenizer, texts, init_seconds: float) -> dict:
-    """``adapted`` after ``--refine-steps`` of :func:`eora_ft.refine.refine_adapters` (batch 8)."""
+    """``adapted`` after ``--refine-steps`` of :func:`eora_ft.init.refine.refine_adapters` (batch 8)."""
     report = refine_adapters(adapted, calib, teacher, args.refine_steps, args.refine_learning_rate, batch_size=8)
     row = {"setting": setting, "init": f"eora+refine/{args.refine_target}", "allocation": allocation, "rank": rank,
            "params": sum(ranks[p] * costs[p] for p in costs), "bytes": adapter_bytes(adapted),

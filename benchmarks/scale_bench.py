@@ -28,10 +28,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from eora_ft.compress import make_compressor
-from eora_ft.compress.accounting import SequentialResult
-from eora_ft.compress.sequential import compress_model
+from eora_ft.init.accounting import SequentialResult
+from eora_ft.init.sequential import compress_model
 from eora_ft.init import INITIALIZERS
-from eora_ft.peft_bridge import build_lora_model, lora_config
+from eora_ft.adapters.peft_bridge import build_lora_model, lora_config
 
 SHAPES = {  # hidden, heads, kv heads, intermediate, layers of the real model
     "8b": (4096, 32, 8, 14336, 32),

@@ -18,14 +18,14 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from eora_ft.compress import COMPRESSORS, USES_BITS, USES_SPARSITY, PruneSpec
 from eora_ft.compress.quantizer import QuantSpec
-from eora_ft.compress.sequential import CAPTURE_MODES
+from eora_ft.init.sequential import CAPTURE_MODES
 from eora_ft.data.heldout import DEFAULT_PPL_DATASETS, heldout_texts
 from eora_ft.data.task_text import TASK_TEXT_FORMATS
-from eora_ft.distributed import configure_cpu_process_state
+from eora_ft.train.distributed import configure_cpu_process_state
 from eora_ft.init import INITIALIZERS
 from eora_ft.init.eora import EIGEN_MODES
 from eora_ft.init.rank_budget import NORMALISATIONS, SVD_ORDERED
-from eora_ft.refine import REFINE_TARGETS, check_refine_target
+from eora_ft.init.refine import REFINE_TARGETS, check_refine_target
 
 RANK_ALLOCATIONS = ("uniform", "budget")
 
@@ -51,6 +51,14 @@ def check_range(owner, name: str, low: float | None = None, high: float | None =
                     + ("inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]"))
         raise ValueError(f"{name}={value!r} is out of range; valid: a number in {interval}"
                          + (" or None" if optional else ""))
+
+
+def check_choice(owner, name: str, valid) -> None:
+    """Raise ``ValueError`` naming ``name``, its value and the valid values unless the value is one of ``valid``."""
+    value = getattr(owner, name)
+    if value not in valid:
+        listed = sorted(valid, key=str) if isinstance(valid, (set, frozenset, dict)) else list(valid)
+        raise ValueError(f"{name}={value!r} is unknown; valid: {listed}")
 
 
 @dataclass
@@ -89,10 +97,9 @@ class TaskArguments(ScriptArguments):
                                      "stay above the first one (a NaN always counts); 0 = only NaN/inf."})
 
     def __post_init__(self) -> None:
-        from eora_ft.tasks import TASKS  # the registry imports evaluation code: keep config import light
+        from eora_ft.eval.tasks import TASKS  # the registry imports evaluation code: keep config import light
 
-        if self.task not in TASKS:
-            raise ValueError(f"task={self.task!r} is unknown; valid: {sorted(TASKS)}")
+        check_choice(self, "task", TASKS)
         if self.num_fewshot < 0 or self.max_new_tokens < 1:
             raise ValueError(f"num_fewshot={self.num_fewshot} must be >= 0 and max_new_tokens={self.max_new_tokens} >= 1")
         if self.ppl_window < 2:
@@ -172,13 +179,10 @@ class CompressionArguments:
             self.act_order = self.compress_method == "gptq"
         if self.act_order and self.compress_method != "gptq":
             raise ValueError(f"act_order=True is a GPTQ option; compress_method={self.compress_method!r} does not use it")
-        if self.calib_task_format not in TASK_TEXT_FORMATS:
-            raise ValueError(f"calib_task_format={self.calib_task_format!r} is unknown; valid: {sorted(TASK_TEXT_FORMATS)}")
+        check_choice(self, "calib_task_format", TASK_TEXT_FORMATS)
         if not 0.0 <= self.calib_task_fraction <= 1.0:
             raise ValueError(f"calib_task_fraction={self.calib_task_fraction} must lie in [0, 1]")
-        if self.calib_activations_device not in ACTIVATION_PLACES:
-            raise ValueError(f"calib_activations_device={self.calib_activations_device!r} is not valid; "
-                             f"valid: {list(ACTIVATION_PLACES)}")
+        check_choice(self, "calib_activations_device", ACTIVATION_PLACES)
         if self.execution_device != "auto":
             try:
                 kind = torch.device(self.execution_device).type
@@ -198,7 +202,7 @@ class CompressionArguments:
         return self.calib_num_samples * self.calib_seq_len
 
     def placement(self, accelerator: torch.device) -> tuple[torch.device, torch.device]:
-        """``(execution device, activations device)`` for :func:`eora_ft.compress.sequential.compress_model`;
+        """``(execution device, activations device)`` for :func:`eora_ft.init.sequential.compress_model`;
         ``accelerator`` is this rank's device (what ``auto`` means)."""
         execution = torch.device(accelerator if self.execution_device == "auto" else self.execution_device)
         return execution, (execution if self.calib_activations_device == "execution" else torch.device("cpu"))
@@ -276,10 +280,8 @@ class AdapterInitArguments:
                           "and GPTQModel's adapter_calibration_dataset: about half task data, half generic text)."})
 
     def __post_init__(self) -> None:
-        if self.init_method not in INITIALIZERS:
-            raise ValueError(f"init_method={self.init_method!r} is unknown; valid: {sorted(INITIALIZERS)}")
-        if self.eora_eigen_mode not in EIGEN_MODES:
-            raise ValueError(f"eora_eigen_mode={self.eora_eigen_mode!r} is unknown; valid: {list(EIGEN_MODES)}")
+        check_choice(self, "init_method", INITIALIZERS)
+        check_choice(self, "eora_eigen_mode", EIGEN_MODES)
         if not 0.0 <= self.eora_shrink <= 1.0:
             raise ValueError(f"eora_shrink={self.eora_shrink} must lie in [0, 1]")
         check_range(self, "eora_alt_iters", 0)
@@ -290,17 +292,14 @@ class AdapterInitArguments:
             raise ValueError(f"loftq_iters={self.loftq_iters} must be >= 1")
         if self.factor_bits not in (None, 3, 4, 8):
             raise ValueError(f"factor_bits={self.factor_bits} is not supported; valid: None, 3, 4, 8")
-        if self.capture not in CAPTURE_MODES:
-            raise ValueError(f"capture={self.capture!r} is not valid; choose one of {list(CAPTURE_MODES)}")
+        check_choice(self, "capture", CAPTURE_MODES)
         if not 0.0 <= self.adapter_calib_task_fraction <= 1.0:
             raise ValueError(f"adapter_calib_task_fraction={self.adapter_calib_task_fraction} must lie in [0, 1]")
-        if self.rank_allocation not in RANK_ALLOCATIONS:
-            raise ValueError(f"rank_allocation={self.rank_allocation!r} is not valid; valid: {list(RANK_ALLOCATIONS)}")
+        check_choice(self, "rank_allocation", RANK_ALLOCATIONS)
         if self.rank_allocation == "budget" and self.init_method not in SVD_ORDERED:
             raise ValueError(f"rank_allocation='budget' truncates SVD-ordered factors; init_method="
                              f"{self.init_method!r} is not one: use one of {sorted(SVD_ORDERED)}")
-        if self.rank_normalisation not in NORMALISATIONS:
-            raise ValueError(f"rank_normalisation={self.rank_normalisation!r} is not valid; valid: {list(NORMALISATIONS)}")
+        check_choice(self, "rank_normalisation", NORMALISATIONS)
         check_range(self, "rank_budget", 1, optional=True)
         check_range(self, "rank_max_factor", 1)
         if self.init_from_adapter is not None:
@@ -315,7 +314,7 @@ class AdapterInitArguments:
                              "calib_num_samples)")
 
     def options(self) -> dict[str, dict]:
-        """Per-initializer keyword options for :func:`eora_ft.compress.sequential.compress_model`."""
+        """Per-initializer keyword options for :func:`eora_ft.init.sequential.compress_model`."""
         eora = {"eigen_mode": self.eora_eigen_mode, "shrink": self.eora_shrink}
         return {"eora": eora, "eora_alt": eora | {"iters": self.eora_alt_iters}, "loftq": {"iters": self.loftq_iters}}
 
@@ -378,8 +377,7 @@ class EoraModelConfig(ModelConfig):
         check_range(self, "lora_r", 1)  # the upper bound depends on the layers: checked once the model is loaded
         check_range(self, "lora_alpha", 0, low_open=True)
         check_range(self, "lora_dropout", 0, 1, high_open=True)
-        if self.dtype not in MODEL_DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not valid; valid: {list(MODEL_DTYPES)}")
+        check_choice(self, "dtype", MODEL_DTYPES)
         unsupported = [name for name in ("use_dora", "load_in_4bit", "load_in_8bit") if getattr(self, name)]
         if unsupported:
             raise ValueError(f"{unsupported[0]}=True is not supported by eora_ft (the base is compressed by "

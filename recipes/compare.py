@@ -16,9 +16,9 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from eora_ft.compare import CompareArguments, compare, comparison_markdown
+from eora_ft.run.compare import CompareArguments, compare, comparison_markdown
 from eora_ft.config import parse_recipe_args
-from eora_ft.recipe import log_config
+from eora_ft.run.recipe import log_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "compare_arc_nano_gptq2.yaml"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eora_ft.recipe import recipe_main
+from eora_ft.run.recipe import recipe_main
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "gsm8k_nano_gptq3_eora.yaml"
 

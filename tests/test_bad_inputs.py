@@ -1,6 +1,6 @@
 """What users get wrong, in one table: each bad input, where it is caught, and the words its error must say.
 
-Every row runs for real. Rows caught by the recipe (``run``) go through :func:`eora_ft.pipeline.run` with
+Every row runs for real. Rows caught by the recipe (``run``) go through :func:`eora_ft.run.pipeline.run` with
 its expensive stages (evaluation, perplexity, compression, training) replaced by a tripwire, so "caught
 before any expensive stage" is checked, not assumed; nothing may be written to ``output_dir`` either.
 The README's "Common errors" table is rendered from the rows marked ``readme`` (``python
@@ -70,7 +70,7 @@ def run(*flags: str, files: Callable[[Path], dict] | None = None) -> Callable[[P
     """The whole recipe with tripwires on its expensive stages; ``files(tmp)`` makes inputs and returns
     ``{placeholder: path}`` substituted into ``flags``."""
     def trigger(tmp: Path):
-        from eora_ft import pipeline
+        from eora_ft.run import pipeline
 
         made = files(tmp) if files else {}
         args = [made.get(flag, flag) for flag in flags]
@@ -86,10 +86,10 @@ def _tripwire(name: str):
 
 @pytest.fixture
 def tripwires(monkeypatch):
-    monkeypatch.setattr("eora_ft.pipeline.perplexity", _tripwire("perplexity"))
-    monkeypatch.setattr("eora_ft.tasks.Task.evaluate", _tripwire("evaluation"))
-    monkeypatch.setattr("eora_ft.artifacts.compress_model", _tripwire("compression"))
-    monkeypatch.setattr("eora_ft.pipeline.train_adapters", _tripwire("training"))
+    monkeypatch.setattr("eora_ft.run.pipeline.perplexity", _tripwire("perplexity"))
+    monkeypatch.setattr("eora_ft.eval.tasks.Task.evaluate", _tripwire("evaluation"))
+    monkeypatch.setattr("eora_ft.run.artifacts.compress_model", _tripwire("compression"))
+    monkeypatch.setattr("eora_ft.run.pipeline.train_adapters", _tripwire("training"))
 
 
 # ---- bad data files -----------------------------------------------------------------------------------
@@ -221,8 +221,8 @@ def _gptq_export_of_odd_shapes(tmp: Path):
     (tmp / "model" / "model.safetensors").unlink()
     LlamaForCausalLM(LlamaConfig(vocab_size=8192, hidden_size=80, intermediate_size=160, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2, head_dim=40)).save_pretrained(tmp / "model")
-    return main(["compress", "--model", str(tmp / "model"), "--method", "rtn", "--group-size", "-1",
-                 "--format", "gptq", "--calib-samples", "1", "--calib-seq-len", "16", "--output", str(tmp / "out")])
+    return main(["compress", "--model_name_or_path", str(tmp / "model"), "--compress_method", "rtn", "--group_size", "-1",
+                 "--format", "gptq", "--calib_num_samples", "1", "--calib_seq_len", "16", "--output_dir", str(tmp / "out")])
 
 
 def _newer_format(tmp: Path):
@@ -231,7 +231,7 @@ def _newer_format(tmp: Path):
 
     from eora_ft.compress import make_compressor
     from eora_ft.compress.io import COMPRESSION_CONFIG, FORMAT_VERSION, load_compressed, save_compressed
-    from eora_ft.compress.sequential import compress_model
+    from eora_ft.init.sequential import compress_model
 
     _narrow_model(tmp)
     model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
@@ -251,7 +251,7 @@ def _adapter_for(base_edit: Callable[[torch.nn.Module], None] | None, tensor_edi
         from safetensors.torch import load_file, save_file
         from transformers import AutoModelForCausalLM
 
-        from eora_ft.peft_bridge import load_adapter, lora_config
+        from eora_ft.adapters.peft_bridge import load_adapter, lora_config
 
         source = AutoModelForCausalLM.from_pretrained(NANO, dtype=torch.float32)
         get_peft_model(source, lora_config(4, 8, 0.0, ["q_proj", "v_proj"])).save_pretrained(tmp / "adapter")
@@ -281,7 +281,7 @@ def _fp16_overflow(tmp: Path):
     from transformers import AutoModelForCausalLM
 
     from eora_ft.compress import make_compressor
-    from eora_ft.compress.sequential import compress_model
+    from eora_ft.init.sequential import compress_model
 
     model = AutoModelForCausalLM.from_pretrained(NANO, dtype=torch.float16)
     with torch.no_grad():
@@ -336,7 +336,7 @@ CASES: list[BadInput] = [
              parse("--eora_eigen_mode", "full")),
     BadInput("`loftq_iters: 0`", CONFIG, (r"loftq_iters=0 must be >= 1",), parse("--loftq_iters", "0")),
     BadInput("`factor_bits: 5`", CONFIG, (r"factor_bits=5 is not supported", "valid"), parse("--factor_bits", "5")),
-    BadInput("`capture: original`", CONFIG, (r"capture='original' is not valid",), parse("--capture", "original")),
+    BadInput("`capture: original`", CONFIG, (r"capture='original' is unknown",), parse("--capture", "original")),
     BadInput("`ppl_window: 1`", CONFIG, (r"ppl_window=1 must be at least 2",), parse("--ppl_window", "1")),
     BadInput("`eval_limit: 0`", CONFIG, (r"eval_limit=0 is out of range", "or None"), parse("--eval_limit", "0")),
     BadInput("`ppl_max_windows: 0`", CONFIG, (r"ppl_max_windows=0",), parse("--ppl_max_windows", "0")),
@@ -344,7 +344,7 @@ CASES: list[BadInput] = [
     BadInput("`divergence_patience: -1`", CONFIG, (r"divergence_patience=-1",), parse("--divergence_patience", "-1")),
     BadInput("`execution_device: tpu`", CONFIG, (r"execution_device='tpu' is not valid", "cuda:N"),
              parse("--execution_device", "tpu")),
-    BadInput("`calib_activations_device: gpu`", CONFIG, (r"calib_activations_device='gpu' is not valid",),
+    BadInput("`calib_activations_device: gpu`", CONFIG, (r"calib_activations_device='gpu' is unknown",),
              parse("--calib_activations_device", "gpu")),
     BadInput("`grid_search: true` with sparsegpt", CONFIG, (r"grid_search=True", "does not quantize"),
              parse("--compress_method", "sparsegpt", "--grid_search", "true")),
@@ -357,7 +357,7 @@ CASES: list[BadInput] = [
              parse("--refine_learning_rate", "0")),
     BadInput("`refine_target: hidden`", CONFIG, (r"refine_target='hidden' is unknown", r"\['final', 'layers'\]"),
              parse("--refine_target", "hidden")),
-    BadInput("`rank_allocation: greedy`", CONFIG, (r"rank_allocation='greedy' is not valid", "budget"),
+    BadInput("`rank_allocation: greedy`", CONFIG, (r"rank_allocation='greedy' is unknown", "budget"),
              parse("--rank_allocation", "greedy")),
     BadInput("`init_from_adapter: ./runs` (not an adapter)", CONFIG,
              (r"init_from_adapter='\./runs' is not a PEFT adapter directory", "adapter_config.json"),
@@ -400,8 +400,8 @@ CASES: list[BadInput] = [
     BadInput("`lora_target_modules: qkv_proj` on Llama", MODEL, (r"match no linear", "q_proj"),
              run("--lora_target_modules", "qkv_proj")),
     BadInput("`eora-ft compress --format gptq` on 80-wide layers", "eora-ft compress: before compressing",
-             (r"--format gptq needs in_features and out_features that are multiples of 32", "80x80",
-              "--format eora_ft"), _gptq_export_of_odd_shapes),
+             (r"format=.gptq. needs in_features and out_features that are multiples of 32", "80x80",
+              "format=.eora_ft."), _gptq_export_of_odd_shapes),
     BadInput("a compressed directory from a newer eora_ft", "load_compressed / eora-ft eval",
              ("newer than this eora_ft reads", "upgrade eora_ft"), _newer_format, readme=True),
     BadInput("an adapter made for another base (wrong shapes)", "load_adapter / eora-ft eval",

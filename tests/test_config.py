@@ -16,7 +16,7 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_parses_and_starts_with_its_command(path):
-    from eora_ft.compare import CompareArguments
+    from eora_ft.run.compare import CompareArguments
 
     extra = (CompareArguments,) if path.name.startswith("compare_") else ()
     task, compress, init, training, model, *_ = parse_recipe_args(["--config", str(path)], extra=extra)
@@ -61,7 +61,7 @@ def test_nano_configs_use_only_bundled_files(path):
                   compress.calib_dataset):
         assert (ROOT / local).exists(), local
     recipe = path.read_text().splitlines()[0].split("recipes/")[1].split(".py")[0]
-    from eora_ft.tasks import get_task
+    from eora_ft.eval.tasks import get_task
 
     assert get_task(task.task).recipe == recipe
 

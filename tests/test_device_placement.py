@@ -26,12 +26,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from eora_ft.compress import COMPRESSORS, CompressedLinear, make_compressor
 from eora_ft.compress import nf4 as nf4_module
 from eora_ft.compress.io import load_compressed, save_compressed
-from eora_ft.compress.sequential import compress_model
+from eora_ft.init.sequential import compress_model
 from eora_ft.data.arc import MultipleChoiceItem
-from eora_ft.evaluate import perplexity, score_multiple_choice
+from eora_ft.eval.scoring import perplexity, score_multiple_choice
 from eora_ft.init import INITIALIZERS
-from eora_ft import peft_bridge
-from eora_ft.peft_bridge import build_lora_model, load_adapter, lora_config, save_adapter
+from eora_ft.adapters import peft_bridge
+from eora_ft.adapters.peft_bridge import build_lora_model, load_adapter, lora_config, save_adapter
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 OPTIONS = {"rtn": {"bits": 3, "group_size": 64}, "gptq": {"bits": 2, "group_size": 64, "act_order": True},

@@ -1,7 +1,10 @@
-"""Compressors behind one registry, driven by the one layer-by-layer driver in :mod:`.sequential`.
+"""Stage 2, compression: compressors behind one registry, the packed ``CompressedLinear``, the statistics a
+compressor reads, and the checkpoint formats (eora_ft, GPTQ, compressed-tensors).
 
 A compressor is constructed from its options and exposes ``compress(weight [N, K], stats) ->
-QuantizedWeight`` plus ``needs_stats``; the driver collects the statistics once per distinct input.
+QuantizedWeight`` plus ``needs_stats``. The layer-by-layer driver that feeds it
+(:func:`eora_ft.init.sequential.compress_model`) lives one stage up because the same pass also factors
+every initializer's correction. May import ``eora_ft.utils``, ``eora_ft.data`` and ``eora_ft.kernels``.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig
 
-from eora_ft.atomic import atomic_directory
+from eora_ft.utils.atomic import atomic_directory
 
 from .io import CONFIG, WEIGHTS, _build_model, _compressed_layers, _dedupe_shared, _finish, _load_state, _read_tensors, _require, _write_model_files
 from .linear import CompressedLinear, set_module

@@ -17,7 +17,7 @@ Loading builds the architecture with its parameters on the meta device and assig
 GPTQ checkpoints (:func:`export_gptq` / :func:`import_gptq`) use the layout in :mod:`.gptq_format`.
 Quantized layers carry fp16 scales (what GPTQ kernels read); biases and every other tensor keep the
 model's dtype (not the usual fp16), so an fp32 model round-trips exactly up to its fp16-rounded scales.
-No pickle anywhere: safetensors and JSON only. Every writer is atomic (see :func:`eora_ft.atomic.atomic_directory`).
+No pickle anywhere: safetensors and JSON only. Every writer is atomic (see :func:`eora_ft.utils.atomic.atomic_directory`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from eora_ft.atomic import atomic_directory
+from eora_ft.utils.atomic import atomic_directory
 
 from .gptq_format import ZERO_OFFSET, gptq_tensors, layer_from_gptq
 from eora_ft.kernels.packing import pack_mask

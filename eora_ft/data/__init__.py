@@ -1,4 +1,6 @@
-"""Data sources for eora_ft: ARC items and SFT formatting, calibration windows, raw loaders."""
+"""Stage 1, data: task items and their SFT formatting (ARC, GSM8K, MathQA, plain text), calibration windows,
+held-out perplexity texts, and the loaders and file checks under them (hub ids or local files).
+May import ``eora_ft.utils`` only."""
 
 from eora_ft.data.arc import (
     PROMPT_TEMPLATE,

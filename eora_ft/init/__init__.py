@@ -1,4 +1,8 @@
-"""Adapter initializers behind one registry and one signature.
+"""Stage 3, adapter initialization: initializers behind one registry and one signature, the one
+layer-by-layer driver (:mod:`.sequential`: compress every linear and factor each init's correction from
+the same statistics), rank budgets and the RILQ refinement (:mod:`.refine`). May import
+``eora_ft.utils``, ``eora_ft.data``, ``eora_ft.compress`` and ``eora_ft.kernels``.
+
 
 Every entry is ``fn(delta_w, stats, rank, *, weight, compressor, generator, **options) -> LowRankFactors``
 with ``delta_w = W - W_c`` ``[N, K]``, ``stats`` the layer input's

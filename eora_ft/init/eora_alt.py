@@ -13,6 +13,7 @@ import torch
 
 from eora_ft.compress.stats import ActivationStats
 
+from .alternation import best_alternation
 from .eora import eora_factors
 from .factors import LowRankFactors
 
@@ -30,20 +31,8 @@ def eora_alt_factors(weight: torch.Tensor, delta_w: torch.Tensor, compressor, st
     ``history``, if given, receives the objective of every iterate (iterate 0 first)."""
     if iters < 0:
         raise ValueError(f"eora_alt iters={iters} must be >= 0 (0 = eora)")
-    weight = weight.to(torch.float32)
     residual = delta_w.to(torch.float32)
-    factors = eora_factors(residual, stats, rank, **eora_options)
-    best, best_objective = factors, _objective(residual, factors, stats)
-    if history is not None:
-        history.append(best_objective)
-    for _ in range(iters):
-        base = compressor.compress(weight - factors.delta().to(weight.device), stats)
-        residual = weight - base.dequantize()
-        factors = eora_factors(residual, stats, rank, **eora_options)
-        objective = _objective(residual, factors, stats)
-        if history is not None:
-            history.append(objective)
-        if objective < best_objective:
-            factors.base = base
-            best, best_objective = factors, objective
-    return best
+    return best_alternation(weight, compressor, stats, iters,
+                            factor=lambda residual: eora_factors(residual, stats, rank, **eora_options),
+                            objective=lambda residual, factors: _objective(residual, factors, stats),
+                            start=(residual, eora_factors(residual, stats, rank, **eora_options)), history=history)

@@ -15,6 +15,7 @@ import torch
 
 from eora_ft.compress.stats import ActivationStats
 
+from .alternation import best_alternation
 from .factors import LowRankFactors
 from .svd import svd_factors
 
@@ -27,18 +28,6 @@ def loftq_factors(weight: torch.Tensor, compressor, stats: ActivationStats | Non
     """
     if iters < 1:
         raise ValueError(f"loftq iters={iters} must be >= 1")
-    weight = weight.to(torch.float32)
-    correction = torch.zeros_like(weight)
-    best, best_error = None, float("inf")
-    for _ in range(iters):
-        base = compressor.compress(weight - correction, stats)
-        residual = weight - base.dequantize()
-        factors = svd_factors(residual, rank)
-        correction = factors.delta()
-        error = float(torch.linalg.norm(residual - correction))
-        if history is not None:
-            history.append(error)
-        if error < best_error:
-            factors.base = base
-            best, best_error = factors, error
-    return best
+    return best_alternation(weight, compressor, stats, iters, factor=lambda residual: svd_factors(residual, rank),
+                            objective=lambda residual, factors: float(torch.linalg.norm(residual - factors.delta())),
+                            history=history)

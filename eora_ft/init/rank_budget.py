@@ -2,7 +2,7 @@
 
 Every SVD-ordered initializer (eora, act_diag, svd) gives factors whose leading ``r`` directions are its
 rank-``r`` answer, so each linear's error as a function of its rank is known from one factorisation at
-the largest rank allowed (:meth:`eora_ft.compress.accounting.OutputError.curve`). A greedy pass then
+the largest rank allowed (:meth:`eora_ft.init.accounting.OutputError.curve`). A greedy pass then
 hands out directions one at a time to the linear whose squared error drops most per parameter a
 direction costs there (``N + K``), until the budget is spent. The errors are summed after
 normalisation per linear:

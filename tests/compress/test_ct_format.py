@@ -65,12 +65,12 @@ def test_every_grid_is_what_the_library_reads_and_round_trips_exactly(tmp_path, 
         assert torch.equal(back.get_submodule(path).dequantize(), layer.dequantize())
 
 
-@pytest.mark.parametrize("method,options", [("rtn", ["--bits", "4", "--group-size", "64", "--sym"]),
-                                            ("gptq", ["--bits", "8", "--group-size", "-1", "--sym"])])
+@pytest.mark.parametrize("method,options", [("rtn", ["--bits", "4", "--group_size", "64", "--sym"]),
+                                            ("gptq", ["--bits", "8", "--group_size", "-1", "--sym"])])
 def test_cli_export_loads_in_plain_transformers_with_our_logits(tmp_path, method, options):
     out = tmp_path / "ct"
-    assert main(["compress", "--model", NANO, "--method", method, *options, "--calib-samples", "2",
-                 "--calib-seq-len", "64", "--format", "compressed-tensors", "--output", str(out)]) == 0
+    assert main(["compress", "--model_name_or_path", NANO, "--compress_method", method, *options, "--calib_num_samples", "2",
+                 "--calib_seq_len", "64", "--format", "compressed-tensors", "--output_dir", str(out)]) == 0
     ours = import_model(out)
     theirs = AutoModelForCausalLM.from_pretrained(out)  # compressed-tensors' own loader, via transformers
     assert type(theirs.model.layers[0].mlp.down_proj).__name__ != "CompressedLinear"
@@ -106,9 +106,9 @@ def test_regrouped_inputs_are_refused_where_the_library_dropped_them(tmp_path):
 
 
 def test_a_pruned_only_model_is_refused_before_writing(tmp_path):
-    with pytest.raises(ValueError, match="--format compressed-tensors holds integer codes only"):
-        main(["compress", "--model", NANO, "--method", "sparsegpt", "--calib-samples", "2", "--calib-seq-len", "64",
-              "--format", "compressed-tensors", "--output", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="format='compressed-tensors' holds integer codes only"):
+        main(["compress", "--model_name_or_path", NANO, "--compress_method", "sparsegpt", "--calib_num_samples", "2",
+              "--calib_seq_len", "64", "--format", "compressed-tensors", "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 

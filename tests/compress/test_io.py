@@ -14,7 +14,7 @@ from eora_ft.compress import RTN, ActivationStats, CompressedLinear, SparseWeigh
 from eora_ft.compress import io as cio
 from eora_ft.compress.gptq_format import gptq_tensors, layer_from_gptq, pack_gptq, unpack_gptq
 from eora_ft.compress.io import export_gptq, import_gptq, load_compressed, save_compressed
-from eora_ft.compress.sequential import compress_model
+from eora_ft.init.sequential import compress_model
 from eora_ft.kernels.packing import pack_codes, unpack_codes
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

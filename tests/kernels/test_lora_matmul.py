@@ -37,8 +37,8 @@ def test_gradients_match_autograd_through_the_reference(shape, with_bias):
 
 def test_adapter_layer_uses_the_fused_path_with_the_same_result(nano_model_and_tokenizer):
     from eora_ft.compress import make_compressor
-    from eora_ft.compress.sequential import compress_model
-    from eora_ft.peft_bridge import build_lora_model, lora_config
+    from eora_ft.init.sequential import compress_model
+    from eora_ft.adapters.peft_bridge import build_lora_model, lora_config
 
     linears = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = copy.deepcopy(nano_model_and_tokenizer[0])
@@ -139,8 +139,8 @@ def test_under_autocast_every_product_runs_in_the_autocast_dtype_and_nothing_fp3
 def test_the_layer_input_does_not_outlive_activation_checkpointing(nano_model_and_tokenizer):
     """The autograd graph must hold no reference to a checkpointed layer's input (a closure over x did)."""
     from eora_ft.compress import make_compressor
-    from eora_ft.compress.sequential import compress_model
-    from eora_ft.peft_bridge import build_lora_model, lora_config
+    from eora_ft.init.sequential import compress_model
+    from eora_ft.adapters.peft_bridge import build_lora_model, lora_config
 
     model = copy.deepcopy(nano_model_and_tokenizer[0])
     ids = torch.randint(1, 8192, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from eora_ft.cache import check_entry
+from eora_ft.run.cache import check_entry
 from tests.recipes._runs import DEMO, ROOT, SMALL, base_env, free_port, losses, run
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from eora_ft.train import last_complete_checkpoint
+from eora_ft.train.trainer import last_complete_checkpoint
 from tests.recipes._runs import DEMO, ROOT, SMALL, base_env, losses, run
 
 pytestmark = pytest.mark.slow

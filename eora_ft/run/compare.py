@@ -1,0 +1,202 @@
+"""One compression, several adapter initializations, the same fine-tuning budget over several seeds: one
+table, one plot.
+
+Each (initializer, learning rate, seed) is a full recipe run (:func:`eora_ft.run.pipeline.run`) in its own
+``output_dir/<label>/`` with its own model card; all of them share one compressed base from the cache.
+The comparison writes ``results.json``, ``results.md`` (rows: compression x init, mean ± std over seeds;
+columns: each metric before and after fine-tuning, final eval loss, steps to QLoRA's final eval loss) and
+``loss_curves.png`` (mean and seed band per init) into ``output_dir``. Plain LoRA on the uncompressed
+model is the ceiling row, the compressed model without adapter the floor.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from accelerate import PartialState
+
+from eora_ft.run.compare_table import (
+    CEILING,
+    cell,
+    divergences,
+    final_loss,
+    group_stat,
+    inseparable,
+    steps_to_target,
+)
+from eora_ft.config import UNCOMPRESSED, AdapterInitArguments, CompressionArguments, EoraModelConfig, EoraSFTConfig, TaskArguments
+from eora_ft.init import INITIALIZERS, REBASING_INITS
+from eora_ft.run.pipeline import run
+from eora_ft.run.plots import plot_loss_curves
+from eora_ft.utils.atomic import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CompareArguments:
+    """Which initializers to compare, over which seeds, with an optional learning-rate sweep for each."""
+
+    inits: list[str] = field(default_factory=lambda: ["qlora", "loftq", "svd", "eora"],
+                             metadata={"help": f"Initializers to compare, from {sorted(INITIALIZERS)}."})
+    learning_rates: list[float] | None = field(
+        default=None, metadata={"help": "Fine-tune each init at each of these rates (None = the config's learning_rate)."})
+    seeds: list[int] | None = field(
+        default=None, metadata={"help": "Run every init once per seed (training order, dropout, random factors) and "
+                                        "report mean ± std; None = the config's seed only."})
+    ceiling: bool = field(
+        default=True, metadata={"help": "Add the ceiling row: plain LoRA (B = 0) fine-tuned on the uncompressed model."})
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.inits if name not in INITIALIZERS]
+        if unknown or not self.inits:
+            raise ValueError(f"inits={self.inits} must be a non-empty list from {sorted(INITIALIZERS)}; unknown: {unknown}")
+        if len(set(self.inits)) != len(self.inits):
+            raise ValueError(f"inits={self.inits} repeats a name")
+        if self.learning_rates is not None and (not self.learning_rates or min(self.learning_rates) <= 0):
+            raise ValueError(f"learning_rates={self.learning_rates} must be positive numbers")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"seeds={self.seeds} must be a non-empty list of distinct integers (or None)")
+
+
+def _label(init: str, lr: float | None) -> str:
+    return init if lr is None else f"{init}_lr{lr:g}"
+
+
+def compare(task_args: TaskArguments, compress_args: CompressionArguments, init_args: AdapterInitArguments,
+            training_args: EoraSFTConfig, model_args: EoraModelConfig, compare_args: CompareArguments) -> dict:
+    """Run every (init, learning rate, seed) with the same data and budget; return the comparison dict.
+
+    The ceiling (plain LoRA on the uncompressed model) runs first at each rate and seed when asked for."""
+    out = Path(training_args.output_dir)
+    rates = compare_args.learning_rates or [None]
+    seeds = compare_args.seeds or [training_args.seed]
+    plans = ([(CEILING, "qlora", UNCOMPRESSED)] if compare_args.ceiling else []) + \
+        [(init, init, compress_args.compress_method) for init in compare_args.inits]
+    runs: dict[str, dict] = {}
+    groups: dict[str, list[str]] = {}
+    base = None
+    total = len(plans) * len(rates) * len(seeds)
+    for name, init, method in plans:
+        for lr in rates:
+            group = _label(name, lr)
+            for seed in seeds:
+                label = group if len(seeds) == 1 else f"{group}_seed{seed}"
+                logger.info("comparison run %s (%d of %d)", label, len(runs) + 1, total)
+                run_init = dataclasses.replace(init_args, init_method=init)
+                run_compress = dataclasses.replace(compress_args, compress_method=method)
+                run_task = copy.deepcopy(task_args)
+                run_task.eval_base = task_args.eval_base and base is None  # the uncompressed model once
+                run_training = copy.deepcopy(training_args)
+                run_training.output_dir = str(out / label)
+                run_training.seed = seed
+                if lr is not None:
+                    run_training.learning_rate = lr
+                results = run(run_task, run_compress, run_init, run_training, model_args)
+                if base is None:
+                    base = results.get("stages", {}).get("base")
+                runs[label] = results
+                groups.setdefault(group, []).append(label)
+    comparison = {"title": f"{task_args.task}: {compress_args.describe()}, initializers compared on {model_args.model_name_or_path}",
+                  "base": base or {}, "runs": runs, "groups": groups, "inits": compare_args.inits,
+                  "learning_rates": compare_args.learning_rates, "seeds": seeds}
+    if PartialState().is_main_process:
+        write_comparison(out, comparison)
+    PartialState().wait_for_everyone()
+    return comparison
+
+
+def comparison_markdown(comparison: dict) -> str:
+    """One row per compression x init (mean ± std over seeds), each metric before -> after fine-tuning,
+    the final eval loss, the steps to QLoRA's final eval loss; cells the seeds cannot separate from the
+    column's best are marked."""
+    runs, groups = comparison["runs"], comparison.get("groups") or {label: [label] for label in comparison["runs"]}
+    comparison = {**comparison, "groups": groups}
+    n_seeds = max(len(labels) for labels in groups.values())
+    compressed_groups = [g for g in groups if g != CEILING and not g.startswith(f"{CEILING}_lr")]
+    first = runs[groups[compressed_groups[0] if compressed_groups else next(iter(groups))][0]]
+    metrics = [tuple(m) for m in first["metrics"]]
+    has_target = steps_to_target(comparison, next(iter(groups))) is not None
+    header = ["compression", "init", "lr", "seeds"]
+    for _, label, _ in metrics:
+        header += [f"{label} before", f"{label} after"]
+    header += ["final eval loss"] + (["steps to qlora's eval loss"] if has_target else []) + ["final train loss"]
+    lines = [f"# {comparison['title']}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    blank_tail = ["–"] * (len(header) - 4 - 2 * len(metrics))
+
+    base = comparison.get("base") or {}
+    if base:
+        row = ["none (uncompressed)", "no adapter", "–", "–"]
+        for key, _, kind in metrics:
+            row += [cell(base.get(key), kind, 1), "–"]
+        lines.append("| " + " | ".join(row + blank_tail) + " |")
+    compression = first["summary"]["compression"]
+    # a LoftQ run's "compressed" stage is its own re-compressed base: take the plain one from another init
+    plain = next((runs[g[0]] for label, g in groups.items() if label in compressed_groups
+                  and runs[g[0]]["config"]["AdapterInitArguments"]["init_method"] not in REBASING_INITS), first)
+    row = [compression, "none (no adapter)", "–", "–"]
+    for key, _, kind in metrics:
+        row += [cell(plain["stages"].get("compressed", {}).get(key), kind, 1), "–"]
+    lines.append("| " + " | ".join(row + blank_tail) + " |")
+
+    flagged = {}  # column -> labels whose band overlaps the best's, among the compressed inits
+    for key, _, kind in metrics:
+        flagged[key] = inseparable({g: group_stat(comparison, g, "finetuned", key) for g in compressed_groups},
+                                   lower_is_better=kind == "ppl")
+    flagged["eval_loss"] = inseparable({g: final_loss(comparison, g) for g in compressed_groups}, True)
+    for label, members in groups.items():
+        results = runs[members[0]]
+        init = results["config"]["AdapterInitArguments"]["init_method"] if label in compressed_groups else CEILING
+        lr = results["config"]["SFTConfig"]["learning_rate"]
+        row = [results["summary"]["compression"], init, f"{lr:g}", str(len(members))]
+        for key, _, kind in metrics:
+            mark = " ≈" if label in flagged[key] else ""
+            row += [cell(group_stat(comparison, label, "compensated", key), kind, len(members)),
+                    cell(group_stat(comparison, label, "finetuned", key), kind, len(members)) + mark]
+        row.append(cell(final_loss(comparison, label), "loss", len(members))
+                   + (" ≈" if label in flagged["eval_loss"] else ""))
+        if has_target:
+            reached = steps_to_target(comparison, label)
+            row.append(", ".join("never" if s is None else str(s) for s in reached[0]) if reached else "–")
+        diverged = divergences(comparison, label)
+        row.append(cell(final_loss(comparison, label, "train_loss"), "loss", len(members))
+                   + (f" (diverged {len(diverged)}/{len(members)})" if diverged else ""))
+        lines.append("| " + " | ".join(row) + " |")
+
+    summary = first["summary"]
+    lines += ["", f"Before = the initial adapter on the compressed base, after = the same adapter fine-tuned "
+              f"({summary['train steps']} steps, {summary['train items']} training items, the same budget for every "
+              f"init); {summary['eval items']} evaluation items; {summary['calibration tokens']} compressor "
+              f"calibration tokens, {summary.get('adapter calibration tokens', '–')} adapter calibration tokens. "
+              "For loftq and eora_alt the base is their own re-compressed weights; lora is the ceiling: plain LoRA (B = 0) on "
+              "the uncompressed model. Accuracies in %."]
+    if n_seeds > 1:
+        lines += ["", f"Mean ± sample std over {n_seeds} seeds. ≈ marks a fine-tuned result whose mean ± std band "
+                  "overlaps the best compressed init's band in that column (the best included): these seeds cannot "
+                  "separate those rows."]
+    else:
+        lines += ["", "One seed: no spread is measured, so no difference in this table is known to exceed run-to-run "
+                  "noise (rerun with --seeds 0 1 2)."]
+    if has_target:
+        lines += ["", "Steps to qlora's eval loss: per seed, the first logged step at which the init's eval loss is at "
+                  "most QLoRA's final eval loss (mean over its seeds); never = not within the budget."]
+    if any(divergences(comparison, label) for label in groups):
+        lines += ["", "Diverged runs (NaN loss, or a training loss above its start for several logged steps) are "
+                  "counted in the last column; their after-columns are what the diverged adapter gives."]
+    lines += ["", "![loss curves](loss_curves.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(output_dir: Path, comparison: dict) -> None:
+    """``results.json``, ``results.md`` (also as ``README.md``: the comparison's card) and ``loss_curves.png``."""
+    atomic_write_text(output_dir / "results.json", json.dumps(comparison, indent=2, default=str) + "\n")
+    text = comparison_markdown(comparison)
+    atomic_write_text(output_dir / "results.md", text)
+    atomic_write_text(output_dir / "README.md", text)
+    plot_loss_curves(comparison["runs"], output_dir / "loss_curves.png", comparison["title"],
+                     groups=comparison.get("groups"))

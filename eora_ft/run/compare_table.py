@@ -1,0 +1,86 @@
+"""The comparison's numbers: runs grouped by (initializer, learning rate) over seeds, mean ± std of every
+metric, steps to QLoRA's final eval loss, and which rows the seeds' spread cannot separate.
+
+A comparison dict (what :func:`eora_ft.run.compare.compare` returns) holds ``runs`` (label -> one run's
+results dict) and ``groups`` (group label -> the run labels of its seeds). Everything here is pure:
+it reads those dicts and returns numbers or text.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+CEILING = "lora"  # group label of plain LoRA on the uncompressed model
+TARGET_INIT = "qlora"  # steps-to-target: the first step at which an init's eval loss reaches QLoRA's final one
+
+
+def mean_std(values: list[float]) -> tuple[float, float] | None:
+    """``(mean, sample std)`` of the finite ``values`` (std 0 for one value); None when there are none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return None
+    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
+
+
+def _final(curve: list[dict]) -> float | None:
+    return curve[-1]["loss"] if curve else None
+
+
+def group_runs(comparison: dict, label: str) -> list[dict]:
+    """The results dicts of one group's seeds."""
+    return [comparison["runs"][run] for run in comparison["groups"][label]]
+
+
+def group_stat(comparison: dict, label: str, stage: str, key: str) -> tuple[float, float] | None:
+    """Mean ± std over seeds of metric ``key`` at ``stage`` (``compensated``, ``finetuned``, ...)."""
+    return mean_std([run["stages"].get(stage, {}).get(key) for run in group_runs(comparison, label)])
+
+
+def final_loss(comparison: dict, label: str, curve: str = "eval_loss") -> tuple[float, float] | None:
+    """Mean ± std over seeds of the last logged ``train_loss`` or ``eval_loss``."""
+    return mean_std([_final(run.get(curve) or []) for run in group_runs(comparison, label)])
+
+
+def steps_to_target(comparison: dict, label: str) -> tuple[list[int | None], float] | None:
+    """Per seed, the first logged step whose eval loss is at most QLoRA's final eval loss (mean over its
+    seeds; None where never reached), and that target. None without a qlora group or eval curves."""
+    target_group = next((g for g in comparison["groups"] if g == TARGET_INIT or g.startswith(f"{TARGET_INIT}_lr")),
+                        None)
+    target = final_loss(comparison, target_group) if target_group else None
+    if target is None:
+        return None
+    steps = []
+    for run in group_runs(comparison, label):
+        curve = run.get("eval_loss") or []
+        steps.append(next((p["step"] for p in curve if p["loss"] <= target[0]), None))
+    return steps, target[0]
+
+
+def inseparable(rows: dict[str, tuple[float, float] | None], lower_is_better: bool) -> set[str]:
+    """Rows whose mean ± std band overlaps the best row's band (the best included when another overlaps it).
+
+    With one seed there is no band (std 0): only exact ties overlap."""
+    present = {label: value for label, value in rows.items() if value is not None}
+    if len(present) < 2:
+        return set()
+    best = (min if lower_is_better else max)(present, key=lambda label: present[label][0])
+    low, high = present[best][0] - present[best][1], present[best][0] + present[best][1]
+    overlapping = {label for label, (m, s) in present.items()
+                   if label != best and m - s <= high and m + s >= low}
+    return overlapping | ({best} if overlapping else set())
+
+
+def cell(value: tuple[float, float] | float | None, kind: str, seeds: int) -> str:
+    """``30.00 ± 1.20`` (accuracies in %), ``441.2 ± 3.1`` or ``–``; no ± with one seed."""
+    if value is None:
+        return "–"
+    mean, std = value if isinstance(value, tuple) else (value, 0.0)
+    scale, digits = (100.0, 2) if kind == "pct" else (1.0, 2 if kind == "ppl" else 4)
+    text = f"{scale * mean:.{digits}f}"
+    return text + (f" ± {scale * std:.{digits}f}" if seeds > 1 else "")
+
+
+def divergences(comparison: dict, label: str) -> list[str]:
+    """The divergence reasons of a group's seeds (empty when none diverged)."""
+    return [run["divergence"] for run in group_runs(comparison, label) if run.get("divergence")]

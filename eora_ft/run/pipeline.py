@@ -1,0 +1,369 @@
+"""The one natural path of a recipe: load -> evaluate -> compress + init (cached) -> evaluate -> train
+-> evaluate -> report.
+
+Stages evaluated: ``base`` (uncompressed), ``compressed``, ``compensated`` (initial adapter, before
+training) and ``finetuned``. Only the main process compresses (into the artifact cache, or finds
+the entry there), evaluates and writes; every rank trains from the same cached entry. While the main
+process works alone, the other ranks wait on a file (:mod:`eora_ft.train.handoff`), never inside a
+collective that NCCL's watchdog would time out. The uncompressed model stays on the CPU; compression
+moves one decoder layer at a time to this rank's accelerator. Recipes parse their config and call
+:func:`run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from eora_ft.run.artifacts import (
+    base_directory,
+    base_key_parts,
+    build_base,
+    build_init,
+    export_base,
+    init_key_parts,
+    load_artifacts,
+)
+from eora_ft.run.cache import cache_key, default_cache_dir, ensure_entry, read_meta, require_entry
+from eora_ft.compress import USES_BITS
+from eora_ft.init.sequential import find_decoder_layers, no_linears_error, target_linears
+from eora_ft.config import (
+    UNCOMPRESSED,
+    AdapterInitArguments,
+    CompressionArguments,
+    EoraModelConfig,
+    EoraSFTConfig,
+    TaskArguments,
+    check_compatible,
+)
+from eora_ft.data import mixed_calibration, resolve_path
+from eora_ft.data.heldout import heldout_texts
+from eora_ft.data.file_checks import check_data_file
+from eora_ft.data.sources import _looks_like_hub_id, local_files
+from eora_ft.data.task_text import task_texts
+from eora_ft.train.distributed import all_cores_while_others_wait, describe_state, full_model_init, gather_trainable
+from eora_ft.eval.scoring import perplexity
+from eora_ft.train.handoff import Handoff
+from eora_ft.init import check_rank
+from eora_ft.utils.model_checks import check_finite_weights, check_model_directory, check_tokenizer
+from eora_ft.adapters.peft_bridge import save_adapter, trainable_summary
+from eora_ft.utils.placement import placed_for_inference
+from eora_ft.run.report import write_model_card, write_results
+from eora_ft.eval.tasks import get_task
+from eora_ft.train.trainer import divergence, loss_history, train_adapters, training_backend
+
+logger = logging.getLogger("eora_ft")
+
+
+def require_source(path_or_id: str | None, what: str, hub_ok: bool = True) -> str | None:
+    """Resolve a local path (cwd, then repo root) or accept a hub id; raise naming ``what`` otherwise."""
+    if path_or_id is None:
+        return None
+    resolved = resolve_path(path_or_id)
+    if os.path.exists(resolved) or (hub_ok and _looks_like_hub_id(path_or_id)):
+        return resolved
+    raise FileNotFoundError(
+        f"{what} {path_or_id!r} does not exist (looked relative to {os.getcwd()!r} and the eora_ft checkout); "
+        f"give an existing local path{' or a Hugging Face hub id (org/name)' if hub_ok else ''}"
+    )
+
+
+def load_tokenizer(model_args: EoraModelConfig):
+    """The model's tokenizer (hub id or local dir), with EOS as padding when it has no pad token."""
+    path = require_source(model_args.model_name_or_path, "model_name_or_path")
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
+    check_tokenizer(tokenizer, model_args.model_name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_args: EoraModelConfig):
+    """Tokenizer and causal LM via ``from_pretrained`` (hub id, or local dir; works with HF_HUB_OFFLINE=1).
+
+    Checked before anything runs on them: a local directory's files (config, weights, intact safetensors),
+    the tokenizer's EOS, and every weight finite."""
+    path = require_source(model_args.model_name_or_path, "model_name_or_path")
+    if os.path.isdir(path):
+        check_model_directory(path)
+    tokenizer = load_tokenizer(model_args)
+    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation,
+    )
+    check_finite_weights(model)
+    return tokenizer, model
+
+
+def check_model_against_config(model: torch.nn.Module, targets: list[str] | None, compress_args: CompressionArguments,
+                               rank: int | None = None) -> None:
+    """Fail before any work if the targets, the rank or the group size cannot fit the model's linears."""
+    _, layers = find_decoder_layers(model)
+    linears = target_linears(layers[0], targets)
+    if not linears:
+        raise no_linears_error(layers[0], targets, f"{type(model).__name__}'s decoder layers")
+    for name, linear in linears.items():
+        if rank is not None:
+            check_rank(rank, linear.in_features, linear.out_features, name)
+        if compress_args.compress_method in USES_BITS and compress_args.group_size != -1 and linear.in_features % compress_args.group_size:
+            raise ValueError(f"group_size={compress_args.group_size} does not divide in_features={linear.in_features} of {name}; "
+                             "use a divisor or -1 (per channel)")
+
+
+def validate_sources(task_args: TaskArguments, compress_args: CompressionArguments,
+                     init_args: AdapterInitArguments | None = None) -> None:
+    """Fail before any work on a data path that is missing, empty, not UTF-8 or not well-formed JSON Lines
+    (naming the argument, the file and the line), or on calibrating with a perplexity text."""
+    calib = [("calib_dataset", part.strip()) for part in compress_args.calib_dataset.split(",") if part.strip()]
+    if init_args is not None and init_args.adapter_calib_dataset:
+        calib += [("adapter_calib_dataset", part.strip()) for part in init_args.adapter_calib_dataset.split(",")
+                  if part.strip()]
+    texts = heldout_texts(task_args.ppl_dataset)
+    task_schema = get_task(task_args.task).schema
+    sources = [(task_args.dataset_name, "dataset_name", task_schema),
+               (task_args.eval_dataset_name, "eval_dataset_name", task_schema),
+               *[(text.path, "ppl_dataset", "text") for text in texts],
+               (compress_args.calib_task_dataset, "calib_task_dataset", compress_args.calib_task_format),
+               *[(path, what, "text") for what, path in calib]]
+    for source, what, schema in sources:
+        require_source(source.strip() if source else source, what)
+        for file in local_files(source) if source else []:
+            check_data_file(file, what, schema)
+    for text in texts:
+        for what, part in calib:
+            if resolve_path(part) == resolve_path(text.path):
+                raise ValueError(f"{what} includes {text.path!r}, a perplexity text: calibrating on the evaluation "
+                                 "text would leak it into the metric; use another file or split (the bundled C4 "
+                                 "calibration and held-out files are disjoint)")
+
+
+def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args: AdapterInitArguments,
+        training_args: EoraSFTConfig, model_args: EoraModelConfig) -> dict:
+    """Run the whole recipe and return the results dict (also written to ``output_dir``; empty on ranks
+    other than the main one)."""
+    state = PartialState()
+    main = state.is_main_process
+    progress = main and not training_args.disable_tqdm
+    logger.info("%s", describe_state(state))
+    transformers.set_seed(training_args.seed)
+    task = get_task(task_args.task)
+    check_compatible(compress_args, init_args)
+    if task.packed and not (training_args.packing and training_args.packing_strategy == "wrapped"):
+        raise ValueError(f"task={task.name!r} trains a language model on whole documents: set packing: true and "
+                         f"packing_strategy: wrapped (got packing={training_args.packing}, packing_strategy="
+                         f"{training_args.packing_strategy!r}); without them each document is cut to max_length")
+    validate_sources(task_args, compress_args, init_args)
+    cache_root = Path(compress_args.cache_dir) if compress_args.cache_dir else default_cache_dir()
+    handoff = Handoff.start(state, cache_root, training_args.main_process_timeout)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = now - clock
+        clock = now
+
+    train_items = task.load(resolve_path(task_args.dataset_name), split=task_args.dataset_train_split,
+                            name=task_args.dataset_config or task.hub_name, limit=task_args.train_limit)
+    train_dataset = task.sft_dataset(train_items)
+    tokenizer = load_tokenizer(model_args)
+    eval_source = task_args.eval_dataset_name or task_args.dataset_name
+    eval_items = task.load(resolve_path(eval_source), split=task_args.dataset_test_split,
+                           name=task_args.dataset_config or task.hub_name, limit=task_args.eval_limit)
+    ppl_texts = [(text, text.read()) for text in heldout_texts(task_args.ppl_dataset)] if main else []
+
+    @all_cores_while_others_wait(state)
+    def evaluate(stage_model) -> dict:
+        metrics = task.evaluate(stage_model, tokenizer, eval_items, train_items, batch_size=task_args.eval_batch_size,
+                                progress=progress, max_new_tokens=task_args.max_new_tokens,
+                                num_fewshot=task_args.num_fewshot)
+        for text, content in ppl_texts:
+            metrics[text.metric[0]] = perplexity(stage_model, tokenizer, content, window=task_args.ppl_window,
+                                                 max_windows=task_args.ppl_max_windows, progress=progress,
+                                                 desc=text.name)["ppl"]
+        return metrics
+
+    stages: dict[str, dict] = {}
+    if main:
+        with handoff.main_work("loading, evaluating and compressing the model"):
+            entry, built, dtype = _compress_on_main(state, task_args, compress_args, init_args, training_args,
+                                                    model_args, train_dataset, cache_root, evaluate, stages, lap,
+                                                    progress)
+        handoff.post("entry", key=entry.name, dtype=str(dtype))
+    else:
+        posted = handoff.wait("entry", "build the compressed model and its initial adapter")
+        entry = require_entry(cache_root, posted["key"])
+        require_entry(cache_root, read_meta(entry)["base_entry"])
+        built, dtype = {}, getattr(torch, posted["dtype"].removeprefix("torch."))
+    meta = read_meta(entry)
+    with full_model_init():
+        peft_model = load_artifacts(entry, dtype, state.device)
+    lap("compress_and_init")
+
+    output_dir = Path(training_args.output_dir)
+    adapter_base = ("", "")
+    if main:
+        with handoff.main_work("evaluating the compressed model"):
+            with peft_model.disable_adapter():
+                stages["compressed"] = evaluate(peft_model)
+            lap("eval_compressed")
+            with full_model_init():  # the adapters name a base the user owns, not a cache entry
+                adapter_base = export_base(entry, output_dir / "base", tokenizer)
+            save_adapter(peft_model, output_dir / ("adapter_init" if init_args.init_from_adapter
+                                                   else f"{init_args.init_method}_init"), adapter_base[0])
+            stages["compensated"] = evaluate(peft_model)
+            lap("eval_compensated")
+        handoff.post("ready")
+    else:
+        handoff.wait("ready", "evaluate the compressed model before training")
+
+    # The eval loss curve (when eval_strategy is set) uses the evaluation items in the training format.
+    eval_dataset = task.sft_dataset(eval_items) if training_args.eval_strategy != "no" else None
+    trainer = train_adapters(peft_model, tokenizer, train_dataset, training_args, eval_dataset)
+    trained = gather_trainable(peft_model)  # a collective: every rank is here straight from training
+    lap("train")
+    if not main:
+        return {}  # the main process evaluates and writes alone; nothing waits for it any more
+
+    if trained is not None:  # ZeRO-3 sharded the model: evaluate and save an unsharded copy
+        peft_model = _unsharded_copy(entry, dtype, state.device, trained)
+    if not task_args.ppl_after_finetune:
+        ppl_texts = []
+    stages["finetuned"] = evaluate(peft_model)
+    lap("eval_finetuned")
+
+    init_label = (f"adapter {init_args.init_from_adapter} r={meta['lora']['r']} alpha={meta['lora']['alpha']}"
+                  if init_args.init_from_adapter else
+                  f"{init_args.init_method} rank={model_args.lora_r} alpha={model_args.lora_alpha}")
+    if "refine" in meta:
+        init_label += (f", refined {meta['refine']['steps']} steps (relative hidden-state error "
+                       f"{meta['refine']['loss_first']:.4f} -> {meta['refine']['loss_last']:.4f})")
+    if "rank_budget" in meta:  # per-linear ranks spending the uniform rank's parameters
+        ranks = meta["rank_budget"]["ranks"].values()
+        init_label += (f", rank budget {meta['rank_budget']['spent']:,} parameters ({meta['rank_budget']['normalisation']}"
+                       f" errors): ranks {min(ranks)}-{max(ranks)}")
+    results = {
+        "title": f"{task.name}: {compress_args.describe()} + "
+                 + (f"adapter r{meta['lora']['r']}" if init_args.init_from_adapter
+                    else f"{init_args.init_method} r{model_args.lora_r}")
+                 + f" on {model_args.model_name_or_path}",
+        "task": task.name,
+        "metrics": [list(m) for m in task.metrics] + [list(t.metric) for t in heldout_texts(task_args.ppl_dataset)],
+        "stages": stages,
+        "summary": {
+            "model": model_args.model_name_or_path,
+            "compression": compress_args.describe(),
+            "init": init_label,
+            "calibration tokens": built.get("calib_tokens", "–"),
+            "adapter calibration tokens": meta["adapter_calib_tokens"],
+            "artifact cache": f"base: {built.get('base', '–')}, init: {built.get('init', '–')}",
+            "init entry": str(entry),
+            "compressed base": str(base_directory(entry) or f"{model_args.model_name_or_path} (uncompressed)"),
+            "adapter base": f"{adapter_base[0]} ({adapter_base[1]})",
+            "train items": len(train_items), "eval items": len(eval_items),
+            "train steps": trainer.state.global_step,
+            "trainable parameters": trainable_summary(trainer.model)["trainable"],
+            "world size": state.num_processes,
+            "training backend": training_backend(trainer),
+        },
+        "timings": timings,
+        "train_loss": (train_loss := loss_history(trainer)),
+        "divergence": divergence(train_loss, task_args.divergence_patience),
+        "eval_loss": loss_history(trainer, "eval_loss"),
+        "layers": meta["layers"],
+        "config": {cls.__name__: {k: v for k, v in dataclasses.asdict(obj).items() if not k.startswith("_")}
+                   for cls, obj in zip((TaskArguments, CompressionArguments, AdapterInitArguments, EoraModelConfig),
+                                       (task_args, compress_args, init_args, model_args))}
+                  | {"SFTConfig": training_args.to_dict()},
+    }
+    save_adapter(peft_model, output_dir / "adapter", adapter_base[0])
+    write_results(output_dir, results)
+    write_model_card(output_dir, results)
+    handoff.close()
+    return results
+
+
+def _compress_on_main(state, task_args: TaskArguments, compress_args: CompressionArguments,
+                      init_args: AdapterInitArguments, training_args: EoraSFTConfig, model_args: EoraModelConfig,
+                      train_dataset, cache_root: Path, evaluate, stages: dict, lap, progress: bool):
+    """Main process: load the uncompressed model on the CPU, evaluate it, build (or find) the cache entry.
+
+    Two cache entries: the compressed base (keyed by the compressor's inputs) and the initial adapter
+    (keyed by its base, the initializer and the adapter calibration). Returns ``(init entry, what was built
+    or found, dtype)``; fills ``stages["base"]``."""
+    with full_model_init():
+        tokenizer, model = load_model(model_args)
+    check_model_against_config(model, model_args.lora_target_modules, compress_args, model_args.lora_r)
+    lap("load")
+    if task_args.eval_base:
+        with placed_for_inference(model, state.device):
+            stages["base"] = evaluate(model)
+    lap("eval_base")
+    dtype = next(model.parameters()).dtype
+    execution, activations = compress_args.placement(state.device)
+    uncompressed = compress_args.compress_method == UNCOMPRESSED
+    calib = adapter_calib = None
+    if not uncompressed:
+        if compress_args.calib_task_dataset:
+            calib_task = task_texts(compress_args.calib_task_format, resolve_path(compress_args.calib_task_dataset))
+        else:
+            calib_task = (list(train_dataset["text"]) if "text" in train_dataset.column_names else
+                          [p + c for p, c in zip(train_dataset["prompt"], train_dataset["completion"])])
+        calib = mixed_calibration(tokenizer, compress_args.calib_dataset, calib_task, compress_args.calib_num_samples,
+                                  compress_args.calib_seq_len, task_fraction=compress_args.calib_task_fraction,
+                                  seed=compress_args.calib_seed)
+        adapter_calib = None if init_args.init_from_adapter else mixed_calibration(
+            tokenizer, init_args.adapter_calib_dataset or compress_args.calib_dataset, calib_task,
+            init_args.adapter_calib_num_samples or compress_args.calib_num_samples, compress_args.calib_seq_len,
+            task_fraction=init_args.adapter_calib_task_fraction, seed=compress_args.calib_seed)
+    base_key = cache_key(base_key_parts(model, model_args, compress_args, calib,
+                                        resolve_path(model_args.model_name_or_path)))
+    init_key = cache_key(init_key_parts(base_key, model_args, init_args, adapter_calib, training_args.seed))
+    consumed = False  # building the base compresses the loaded model in place
+
+    def original():
+        nonlocal model
+        if consumed:
+            with full_model_init():
+                model = load_model(model_args)[1]
+        return model
+
+    def compress(tmp: Path) -> dict:
+        nonlocal consumed
+        consumed = not uncompressed
+        return build_base(tmp, model, tokenizer, calib, model_args, compress_args, progress,
+                          execution_device=execution, activations_device=activations)
+
+    # full_model_init: building the init entry loads the compressed base, which ZeRO-3's zero.Init would
+    # otherwise partition into empty shards as it is constructed (a cold cache under ZeRO-3)
+    with all_cores_while_others_wait(state), full_model_init():
+        base_entry, base_built = ensure_entry(cache_root, base_key, compress)
+        entry, init_built = ensure_entry(cache_root, init_key, lambda tmp: build_init(
+            tmp, base_entry, original, tokenizer, adapter_calib, model_args, compress_args, init_args,
+            training_args.seed, progress, execution_device=execution, activations_device=activations))
+    built = {"base": "built" if base_built else "hit", "init": "built" if init_built else "hit",
+             "calib_tokens": read_meta(base_entry)["calib_tokens"]}
+    return entry, built, dtype
+
+
+def _unsharded_copy(entry: Path, dtype: torch.dtype, device: torch.device, trained: dict):
+    """The entry's model with the gathered trained factors of a ZeRO-3 run copied in (main process)."""
+    with full_model_init():
+        peft_model = load_artifacts(entry, dtype, device)
+    missing = set(trained) - {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    if missing:
+        raise RuntimeError(f"trained parameters {sorted(missing)[:3]} have no match in the reloaded model")
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if name in trained:
+                param.copy_(trained[name])
+    return peft_model

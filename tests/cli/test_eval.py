@@ -1,0 +1,49 @@
+"""`eora-ft eval`: the same numbers as the library, for a plain model, a compressed one and an adapter."""
+
+import json
+
+import pytest
+
+from eora_ft.cli import main
+
+NANO = "eora_ft/assets/models/nano-llama-5m"
+
+
+def test_eval_plain_model_matches_the_model_card_numbers(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    assert main(["eval", "--model_name_or_path", NANO, "--tasks", "arc_challenge,wikitext2", "--ppl_max_windows", "40",
+                 "--output_file", str(out)]) == 0
+    metrics = json.loads(out.read_text())["metrics"]
+    # the bundled model card's lm-eval numbers (also tests/eval/test_scoring.py)
+    assert metrics["arc_challenge/acc"] == pytest.approx(0.2174, abs=5e-5)
+    assert metrics["arc_challenge/acc_norm"] == pytest.approx(0.2776, abs=5e-5)
+    assert metrics["wikitext2/ppl"] == pytest.approx(441.21, abs=0.01)
+    assert "| ARC-C acc | 21.74 |" in capsys.readouterr().out
+
+
+def test_eval_compressed_with_adapter_and_every_task(tmp_path):
+    # a compressed base and an adapter from the CLI's own compress + init commands
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    small = ["--calib_num_samples", "2", "--calib_seq_len", "64"]
+    assert main(["compress", "--model_name_or_path", NANO, "--compress_method", "rtn", "--bits", "4", *small, "--output_dir", str(base)]) == 0
+    assert main(["init", "--compressed_model", str(base), "--init_method", "svd", "--lora_r", "4", "--output_dir", str(adapter)]) == 0
+    out = tmp_path / "r.json"
+    assert main(["eval", "--compressed_model", str(base), "--model_name_or_path", NANO, "--adapter", str(adapter), "--tasks",
+                 "arc_challenge,arc_easy,mathqa,gsm8k", "--eval_limit", "4", "--max_new_tokens", "16",
+                 "--output_file", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["adapter"] == str(adapter)
+    for key in ("arc_challenge/acc", "arc_easy/acc_norm", "mathqa/acc", "gsm8k/strict", "gsm8k/flexible"):
+        assert 0.0 <= results["metrics"][key] <= 1.0
+    assert results["metrics"]["gsm8k/n"] == 4
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--tasks", "arc_challenge,squad"], r"unknown \['squad'\]"),
+    (["--tasks", "arc_challenge", "--data", "mathqa=x.json"], "names task 'mathqa', which is not in --tasks"),
+    (["--tasks", "arc_challenge", "--data", "arc_challenge"], "expected TASK=PATH"),
+])
+def test_bad_eval_input_is_named(tmp_path, flags, match):
+    with pytest.raises(SystemExit, match=match):
+        main(["eval", "--model_name_or_path", NANO, *flags, "--output_file", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()

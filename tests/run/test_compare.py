@@ -1,0 +1,115 @@
+"""The comparison table: rows compression x init with mean ± std over seeds, the ceiling and floor rows,
+steps to QLoRA's eval loss, overlapping seed bands flagged; the loss plot is written; arguments are checked."""
+
+import math
+
+import pytest
+
+from eora_ft.run.compare import CompareArguments, comparison_markdown, write_comparison
+from eora_ft.run.compare_table import inseparable, mean_std, steps_to_target
+from eora_ft.run.report import model_card
+
+METRICS = [["arc_challenge/acc", "ARC-C acc", "pct"], ["wikitext2/ppl", "WikiText-2 ppl", "ppl"]]
+
+
+def _run(init, before, after, lr=2e-4, compressed=(0.25, 500.0), eval_curve=(6.2, 5.9), method="gptq",
+         compression="gptq 2-bit g128", divergence=None):
+    stage = lambda acc, ppl: {"arc_challenge/acc": acc, "wikitext2/ppl": ppl}  # noqa: E731
+    return {"metrics": METRICS, "task": "arc_challenge", "divergence": divergence,
+            "stages": {"compressed": stage(*compressed), "compensated": stage(*before), "finetuned": stage(*after)},
+            "summary": {"compression": compression, "train steps": 10, "train items": 64, "eval items": 16,
+                        "calibration tokens": 1024, "adapter calibration tokens": 2048, "model": "nano",
+                        "compressed base": "/c/k/base", "adapter base": "/c/k/base (eora_ft)"},
+            "config": {"AdapterInitArguments": {"init_method": init}, "SFTConfig": {"learning_rate": lr},
+                       "CompressionArguments": {"compress_method": method}},
+            "train_loss": [{"step": 5, "loss": 6.0}, {"step": 10, "loss": 5.5}],
+            "eval_loss": [{"step": 0, "loss": eval_curve[0]}, {"step": 5, "loss": (eval_curve[0] + eval_curve[1]) / 2},
+                          {"step": 10, "loss": eval_curve[1]}]}
+
+
+def test_one_seed_table_has_the_papers_shape_and_says_it_cannot_separate(tmp_path):
+    comparison = {"title": "t", "base": {"arc_challenge/acc": 0.3, "wikitext2/ppl": 400.0},
+                  "runs": {"loftq": _run("loftq", (0.26, 480.0), (0.27, 470.0), compressed=(0.2, 490.0)),
+                           "eora": _run("eora", (0.28, 450.0), (0.30, 440.0))}}
+    text = comparison_markdown(comparison)
+    lines = text.splitlines()
+    assert lines[2].startswith("| compression | init | lr | seeds | ARC-C acc before | ARC-C acc after | WikiText-2 ppl before")
+    assert "| none (uncompressed) | no adapter | – | – | 30.00 | – | 400.00 | – | – | – |" in lines
+    # the no-adapter row (the floor) comes from a plain run, not LoftQ's re-compressed base
+    assert "| gptq 2-bit g128 | none (no adapter) | – | – | 25.00 | – | 500.00 | – | – | – |" in lines
+    # with one seed only exact ties are inseparable: both final eval losses are 5.9
+    assert "| gptq 2-bit g128 | eora | 0.0002 | 1 | 28.00 | 30.00 | 450.00 | 440.00 | 5.9000 ≈ | 5.5000 |" in lines
+    assert "One seed: no spread is measured" in text
+    write_comparison(tmp_path, comparison)
+    png = (tmp_path / "loss_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert (tmp_path / "README.md").read_text() == text
+    from eora_ft.utils.atomic import default_file_mode
+
+    for name in ("loss_curves.png", "results.json", "results.md"):  # temp files are 0600; outputs must not be
+        assert (tmp_path / name).stat().st_mode & 0o777 == default_file_mode()
+
+
+def _seeded_comparison():
+    runs, groups = {}, {}
+    plans = {"lora": [(0.40, 380.0, 5.0), (0.42, 382.0, 5.1)],
+             "qlora": [(0.30, 445.0, 5.8), (0.32, 455.0, 6.0)],
+             "eora": [(0.33, 430.0, 5.5), (0.35, 431.0, 5.6)],
+             "svd": [(0.31, 449.0, 5.9), (0.36, 452.0, 5.7)]}
+    for init, seeds in plans.items():
+        for seed, (acc, ppl, loss) in enumerate(seeds):
+            label = f"{init}_seed{seed}"
+            lora = init == "lora"
+            runs[label] = _run("qlora" if lora else init, (0.25, 500.0), (acc, ppl), eval_curve=(6.2, loss),
+                               method="none" if lora else "gptq",
+                               compression="none (uncompressed)" if lora else "gptq 2-bit g128",
+                               divergence="non-finite loss (nan) at step 5" if (init, seed) == ("svd", 1) else None)
+            groups.setdefault(init, []).append(label)
+    return {"title": "t", "base": {}, "runs": runs, "groups": groups}
+
+
+def test_seeds_give_mean_and_std_ceiling_row_steps_to_target_and_flags(tmp_path):
+    comparison = _seeded_comparison()
+    text = comparison_markdown(comparison)
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["lora"].startswith("| none (uncompressed) | lora | 0.0002 | 2 | 25.00 ± 0.00 | 41.00 ± 1.41 |")
+    # ppl after: eora 430.5 ± 0.7 is best; svd (450.5 ± 2.1) and qlora (450 ± 7.1) do not reach its band
+    assert "430.50 ± 0.71 |" in rows["eora"] and "≈" not in rows["eora"].split(" | ")[7]
+    # acc after: eora 34.0 ± 1.4 is best; svd's 33.5 ± 3.5 overlaps it, qlora's 31.0 ± 1.4 does not
+    assert rows["eora"].split(" | ")[5].endswith("≈") and rows["svd"].split(" | ")[5].endswith("≈")
+    assert not rows["qlora"].split(" | ")[5].endswith("≈")
+    # qlora's final eval loss is 5.9 (mean of 5.8 and 6.0): eora's curves (6.2, 5.85/5.9, 5.5/5.6) reach it at
+    # step 5, svd's at 10, qlora's own second seed (final 6.0) never
+    assert " | 5, 5 | " in rows["eora"] and " | 10, 10 | " in rows["svd"] and " | 10, never | " in rows["qlora"]
+    assert "(diverged 1/2)" in rows["svd"] and "Mean ± sample std over 2 seeds" in text
+    write_comparison(tmp_path, comparison)
+    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+
+
+def test_mean_std_inseparable_and_steps_to_target():
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    assert mean_std([2.0, float("nan")]) == (2.0, 0.0) and mean_std([None]) is None
+    assert inseparable({"a": (1.0, 0.1), "b": (1.15, 0.1), "c": (2.0, 0.1)}, lower_is_better=True) == {"a", "b"}
+    assert inseparable({"a": (1.0, 0.0), "b": (1.1, 0.0)}, lower_is_better=True) == set()
+    steps, target = steps_to_target(_seeded_comparison(), "eora")
+    assert target == pytest.approx(5.9) and steps == [5, 5]
+
+
+def test_model_card_has_metadata_results_and_usage():
+    card = model_card({**_run("eora", (0.28, 450.0), (0.30, 440.0)), "title": "arc: x"})
+    assert card.startswith("---\nlibrary_name: peft\nbase_model: nano\ntags: [eora_ft, lora, gptq, eora, arc_challenge]")
+    assert "| finetuned | 30.00 | 440.00 |" in card
+    assert "`/c/k/base` (eora_ft)" in card and 'load_pretrained("adapter")' in card and "Training loss: 6.0000 at step 5 -> 5.5000 at step 10" in card
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"inits": ["eora", "pissa"]}, r"unknown: \['pissa'\]"),
+    ({"inits": []}, "non-empty"),
+    ({"inits": ["eora", "eora"]}, "repeats"),
+    ({"learning_rates": [1e-4, 0.0]}, "must be positive"),
+    ({"seeds": [0, 0]}, "distinct"),
+    ({"seeds": []}, "non-empty"),
+])
+def test_bad_compare_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CompareArguments(**kwargs)
