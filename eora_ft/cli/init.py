@@ -30,7 +30,7 @@ from .compress import CALIBRATION_LEGACY
 INIT_FIELDS = ["init_method", "eora_eigen_mode", "eora_shrink", "loftq_iters", "eora_alt_iters", "factor_bits"]
 CALIBRATION_FIELDS = ["calib_dataset", "calib_num_samples", "calib_seq_len", "calib_seed", "calib_batch_size",
                       "execution_device", "calib_activations_device"]
-MODEL_FIELDS = ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"]
+MODEL_FIELDS = ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "dtype"]
 
 
 @dataclass
@@ -82,7 +82,8 @@ def init_command(argv: list[str]) -> int:
     original_path = paths.original_model or meta.get("model")
     if not original_path:
         raise ValueError(f"{paths.compressed_model} does not record its original model: pass --original_model")
-    tokenizer, original = load_model(EoraModelConfig(model_name_or_path=original_path))
+    # the original stays on the CPU in `dtype` (bf16 halves a 70B model's host memory); W - W_c is taken in fp32
+    tokenizer, original = load_model(EoraModelConfig(model_name_or_path=original_path, dtype=lora.dtype))
     targets = lora.lora_target_modules  # None: every compressed linear (all-linear)
     modules = {path: m for path, m in compressed.named_modules()
                if hasattr(m, "dequantize") and (targets is None or path.split(".")[-1] in targets)}
