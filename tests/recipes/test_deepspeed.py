@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.recipes._runs import DEMO, SMALL, base_env, free_port, losses, run
-from tests.recipes.test_arc_e2e import RECORDED_LOSSES, TOLERANCE
+from tests.recipes.test_arc_e2e import RECORDED_LOSSES, matches_a_recorded_run
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +26,6 @@ def test_single_process_zero(stage, tmp_path):
          "--per_device_train_batch_size", "8"], env)
     results = json.loads((out / "results.json").read_text())
     assert results["summary"]["training backend"] == f"deepspeed zero-{stage} x1"
-    assert losses(results) == pytest.approx(RECORDED_LOSSES, rel=TOLERANCE)
+    assert matches_a_recorded_run(losses(results)), f"losses {losses(results)} match no recorded run {RECORDED_LOSSES}"
     assert results["summary"]["trainable parameters"] == 311296  # counted from ZeRO-3 shards too
     assert (out / "adapter" / "adapter_model.safetensors").exists()
