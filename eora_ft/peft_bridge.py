@@ -3,7 +3,7 @@
 import warnings
 
 from eora_ft.adapters.peft_bridge import (  # noqa: F401
-    build_lora_model, decoder_linear_names, load_adapter, load_factors, load_pretrained, lora_config, save_adapter,
+    ALL_LINEAR, CompressedLoraLinear, build_lora_model, decoder_linear_names, load_adapter, load_factors, load_pretrained, lora_config, save_adapter,
     trainable_summary,
 )
 

@@ -6,6 +6,8 @@ Writes ``output_dir/results.md`` (rows: compression x init; columns: each metric
 fine-tuning), ``results.json``, ``loss_curves.png`` and one run folder with its own model card per
 init. ``--inits qlora eora`` picks the initializers, ``--learning_rates 1e-4 3e-4`` sweeps the
 rate for each (inits that start with a correction often prefer a smaller one).
+A run whose folder already holds ``results.json`` with the same configuration is reused, so an
+interrupted comparison picks up where it stopped (``--resume false`` reruns everything).
 """
 
 from __future__ import annotations

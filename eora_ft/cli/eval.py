@@ -43,7 +43,8 @@ class EvalTargets:
         default=None, metadata={"help": "A compressed checkpoint to evaluate instead of model_name_or_path: eora_ft's "
                                         "(e.g. a cache entry's base/), GPTQ, or compressed-tensors pack-quantized "
                                         "(llm-compressor); the format is detected. Its own tokenizer is used when it "
-                                        "has one, else model_name_or_path's."})
+                                        "has one, else that of the model it records as its original, else "
+                                        "model_name_or_path's (refused when it has more tokens than the model)."})
     adapter: str | None = field(default=None, metadata={"help": "A PEFT adapter directory to apply on top."})
     data: list[str] = field(default_factory=list, metadata={
         "help": "TASK=PATH evaluation data per task (default: the bundled file)."})
@@ -95,10 +96,17 @@ def _load(model_args: EoraModelConfig, targets: EvalTargets, device: str):
     if targets.compressed_model:  # small: read straight onto the device
         model = import_model(targets.compressed_model, dtype=dtype, device=device)
         own = any((Path(targets.compressed_model) / name).is_file() for name in TOKENIZER_FILES)
-        tokenizer = AutoTokenizer.from_pretrained(targets.compressed_model if own else model_args.model_name_or_path)
+        # without its own tokenizer: the model it was compressed from (eora_ft records it), else model_name_or_path
+        recorded = (getattr(model, "compression_config", None) or {}).get("model")
+        source = targets.compressed_model if own else (recorded or model_args.model_name_or_path)
     else:  # on the CPU; evaluation moves it to the device if it fits there, else streams its layers
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+        source = model_args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:  # a token id past the embedding: scoring would index out of range
+        raise SystemExit(f"the tokenizer of {source!r} has {len(tokenizer)} tokens but the model has vocab_size={vocab}: "
+                         "it is not this model's tokenizer; pass --model_name_or_path the model it was compressed from")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if targets.adapter:
@@ -129,6 +137,7 @@ def eval_command(argv: list[str]) -> int:
     with placed_for_inference(model, device):
         _evaluate_all(model, tokenizer, names, data, pools, scoring, metrics, columns, timings)
     results = {"model": None if targets.compressed_model else model_args.model_name_or_path,
+               "tokenizer": tokenizer.name_or_path,
                "compressed": targets.compressed_model, "adapter": targets.adapter, "limit": scoring.eval_limit,
                "metrics": metrics, "columns": columns, "timings": timings}
     atomic_write_text(output, json.dumps(results, indent=2) + "\n")

@@ -203,7 +203,10 @@ class CompressedLinear(nn.Module):
         # target, or PEFT's own forward with dropout): a scratch weight would be overwritten by the next layer's
         # before the backward reads it, so it gets its own tensor then
         transient = not (torch.is_grad_enabled() and x.requires_grad)
-        return nn.functional.linear(x, self._stored_weight(x.dtype, transient=transient), self.bias)
+        # the bias follows the activations like the weight does: a compressed model loaded in fp32 and swapped
+        # into a bf16 model (eora-ft init --dtype bfloat16 on a model with biases) must not mix dtypes
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self._stored_weight(x.dtype, transient=transient), bias)
 
     def extra_repr(self) -> str:
         return (

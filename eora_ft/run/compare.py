@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 
 from eora_ft.run.compare_table import (
     CEILING,
@@ -31,7 +32,7 @@ from eora_ft.run.compare_table import (
 )
 from eora_ft.config import UNCOMPRESSED, AdapterInitArguments, CompressionArguments, EoraModelConfig, EoraSFTConfig, TaskArguments
 from eora_ft.init import INITIALIZERS, REBASING_INITS
-from eora_ft.run.pipeline import run
+from eora_ft.run.pipeline import run, run_config
 from eora_ft.run.plots import plot_loss_curves
 from eora_ft.utils.atomic import atomic_write_text
 
@@ -51,6 +52,10 @@ class CompareArguments:
                                         "report mean ± std; None = the config's seed only."})
     ceiling: bool = field(
         default=True, metadata={"help": "Add the ceiling row: plain LoRA (B = 0) fine-tuned on the uncompressed model."})
+    resume: bool = field(
+        default=True, metadata={"help": "Reuse a run whose folder already holds results.json written with the same "
+                                        "configuration, so an interrupted comparison restarts at its first unfinished "
+                                        "run; false reruns every run."})
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.inits if name not in INITIALIZERS]
@@ -97,7 +102,11 @@ def compare(task_args: TaskArguments, compress_args: CompressionArguments, init_
                 run_training.seed = seed
                 if lr is not None:
                     run_training.learning_rate = lr
-                results = run(run_task, run_compress, run_init, run_training, model_args)
+                run_args = (run_task, run_compress, run_init, run_training, model_args)
+                results = finished_run(Path(run_training.output_dir), run_config(*run_args)) \
+                    if compare_args.resume else None
+                if results is None:
+                    results = run(*run_args)
                 if base is None:
                     base = results.get("stages", {}).get("base")
                 runs[label] = results
@@ -109,6 +118,45 @@ def compare(task_args: TaskArguments, compress_args: CompressionArguments, init_
         write_comparison(out, comparison)
     PartialState().wait_for_everyone()
     return comparison
+
+
+# fields that differ between the ranks of one launch, or between the runs of one comparison, without
+# changing what a run computes
+_NOT_COMPARED = {"SFTConfig": ("local_rank",), "TaskArguments": ("eval_base",)}
+
+
+def _comparable(config: dict) -> dict:
+    config = json.loads(json.dumps(config, default=str))  # as results.json holds it: tuples -> lists, paths -> str
+    for section, keys in _NOT_COMPARED.items():
+        for key in keys:
+            config.get(section, {}).pop(key, None)
+    return config
+
+
+def finished_run(output_dir: Path, config: dict) -> dict | None:
+    """The results of a finished run in ``output_dir`` if its ``results.json`` records ``config``, else None.
+
+    The main process reads the file and every rank follows its answer (one small broadcast), so all ranks
+    skip the run or all run it. Ranks other than the main one get ``{}``, as from :func:`run`."""
+    state = PartialState()
+    found: list = [None]
+    if state.is_main_process:
+        path = output_dir / "results.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            saved = None
+        if saved is not None and _comparable(saved.get("config", {})) != _comparable(config):
+            logger.info("%s was written with another configuration: running again", path)
+            saved = None
+        elif saved is not None:
+            logger.info("reusing the finished run in %s (resume: false runs it again)", output_dir)
+        found[0] = saved
+    if state.num_processes == 1:
+        return found[0]
+    finished = [found[0] is not None]
+    broadcast_object_list(finished)
+    return (found[0] if state.is_main_process else {}) if finished[0] else None
 
 
 def comparison_markdown(comparison: dict) -> str:

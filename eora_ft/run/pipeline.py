@@ -145,6 +145,16 @@ def validate_sources(task_args: TaskArguments, compress_args: CompressionArgumen
                                  "calibration and held-out files are disjoint)")
 
 
+def run_config(task_args: TaskArguments, compress_args: CompressionArguments, init_args: AdapterInitArguments,
+               training_args: EoraSFTConfig, model_args: EoraModelConfig) -> dict:
+    """The configuration a run records in ``results.json`` (``config``): each dataclass's fields under its
+    class name, the training arguments as ``SFTConfig``."""
+    return {cls.__name__: {k: v for k, v in dataclasses.asdict(obj).items() if not k.startswith("_")}
+            for cls, obj in zip((TaskArguments, CompressionArguments, AdapterInitArguments, EoraModelConfig),
+                                (task_args, compress_args, init_args, model_args))} \
+        | {"SFTConfig": training_args.to_dict()}
+
+
 def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args: AdapterInitArguments,
         training_args: EoraSFTConfig, model_args: EoraModelConfig) -> dict:
     """Run the whole recipe and return the results dict (also written to ``output_dir``; empty on ranks
@@ -280,10 +290,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         "divergence": divergence(train_loss, task_args.divergence_patience),
         "eval_loss": loss_history(trainer, "eval_loss"),
         "layers": meta["layers"],
-        "config": {cls.__name__: {k: v for k, v in dataclasses.asdict(obj).items() if not k.startswith("_")}
-                   for cls, obj in zip((TaskArguments, CompressionArguments, AdapterInitArguments, EoraModelConfig),
-                                       (task_args, compress_args, init_args, model_args))}
-                  | {"SFTConfig": training_args.to_dict()},
+        "config": run_config(task_args, compress_args, init_args, training_args, model_args),
     }
     save_adapter(peft_model, output_dir / "adapter", adapter_base[0])
     write_results(output_dir, results)

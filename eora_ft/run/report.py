@@ -91,7 +91,7 @@ def model_card(results: dict) -> str:
                   'model = AutoPeftModelForCausalLM.from_pretrained(  # this folder\'s adapter/',
                   '    "adapter", quantization_config=CompressedTensorsConfig(run_compressed=False))', "```", ""]
     lines += ["With eora_ft installed (any base format eora_ft writes or reads):", "", "```python",
-              "from eora_ft.adapters.peft_bridge import load_pretrained", "",
+              "from eora_ft.adapters import load_pretrained", "",
               'model = load_pretrained("adapter")  # this folder\'s adapter/', "```", "",
               "The full configuration of the run is in `results.json` (`config`)."]
     return "\n".join(lines) + "\n"

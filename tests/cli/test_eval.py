@@ -47,3 +47,25 @@ def test_bad_eval_input_is_named(tmp_path, flags, match):
     with pytest.raises(SystemExit, match=match):
         main(["eval", "--model_name_or_path", NANO, *flags, "--output_file", str(tmp_path / "r.json")])
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_compressed_model_without_a_tokenizer_uses_its_originals_and_a_wrong_one_is_refused(tmp_path):
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    assert main(["compress", "--model_name_or_path", NANO, "--compress_method", "rtn", "--bits", "4", "--calib_num_samples",
+                 "2", "--calib_seq_len", "64", "--output_dir", str(base)]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json"):
+        (base / name).unlink(missing_ok=True)
+    out = tmp_path / "r.json"
+    args = ["eval", "--compressed_model", str(base), "--tasks", "arc_challenge", "--eval_limit", "2", "--output_file", str(out)]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["tokenizer"] == NANO  # recorded by eora-ft compress as the original model
+
+    wrong = AutoTokenizer.from_pretrained(NANO)
+    wrong.add_tokens([f"<extra_{i}>" for i in range(20_000)])  # a tokenizer of a larger vocabulary
+    wrong.save_pretrained(base)
+    out.unlink()
+    with pytest.raises(SystemExit, match=r"has \d+ tokens but the model has vocab_size=\d+"):
+        main(args)
+    assert not out.exists()

@@ -82,6 +82,18 @@ def test_compressed_linear_round_trips_exactly(method, bits):
     assert layer.qweight.numel() * 4 == 128 * 48 * bits // 8  # packed bytes are what the bits say
 
 
+def test_activations_of_another_dtype_set_the_weight_and_bias_dtype():
+    """A layer stored in fp32 (load_compressed's default) inside a bf16 model: weight and bias follow x."""
+    w, x, stats = _toy_layer(3)
+    bias = torch.randn(w.shape[0])
+    layer = CompressedLinear.from_quantized(make_compressor("rtn", bits=4, group_size=64).compress(w, stats), bias=bias)
+    x16 = x[:5].to(torch.bfloat16)
+    y = layer(x16)
+    assert y.dtype == torch.bfloat16
+    reference = torch.nn.functional.linear(x16, layer.dequantize(torch.bfloat16), bias.to(torch.bfloat16))
+    assert torch.equal(y, reference)
+
+
 def test_dead_input_columns_are_zeroed():
     w, x, _ = _toy_layer(3)
     x[:, 5] = 0

@@ -2,7 +2,7 @@
 
 import pytest
 
-import eora_ft.eval.generation as generation_eval
+import eora_ft.eval.generation as generation
 from eora_ft.data.gsm8k import MathWordProblem
 from eora_ft.eval.generation import generate_until, score_gsm8k
 
@@ -48,6 +48,6 @@ def test_score_gsm8k_extractions(monkeypatch, answer_text, strict, flexible):
             out.append(answer_text.format(gold_solution=item.answer, gold=gold))
         return out
 
-    monkeypatch.setattr(generation_eval, "generate_until", fake_generate)
+    monkeypatch.setattr(generation, "generate_until", fake_generate)
     metrics = score_gsm8k(None, None, items[:3], fewshot_pool=items, num_fewshot=2)
     assert metrics == {"strict": strict, "flexible": flexible, "n": 3}

@@ -2,6 +2,7 @@
 steps to QLoRA's eval loss, overlapping seed bands flagged; the loss plot is written; arguments are checked."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,49 @@ def test_model_card_has_metadata_results_and_usage():
 def test_bad_compare_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CompareArguments(**kwargs)
+
+
+def test_an_interrupted_comparison_resumes_at_its_first_unfinished_run(tmp_path, monkeypatch):
+    """Finished runs (results.json with the same configuration) are reused; a changed knob or resume=False reruns."""
+    import eora_ft.run.compare as compare_module
+    from eora_ft.config import parse_recipe_args
+    from eora_ft.run.pipeline import run_config
+    from eora_ft.run.report import write_results
+
+    calls = []
+
+    def fake_run(task_args, compress_args, init_args, training_args, model_args):
+        calls.append(Path(training_args.output_dir).name)
+        if len(calls) == 3 and not getattr(fake_run, "finish", False):
+            raise KeyboardInterrupt  # the comparison is stopped during its third run
+        results = {**_run(init_args.init_method, (0.28, 450.0), (0.30, 440.0)),
+                   "config": run_config(task_args, compress_args, init_args, training_args, model_args)}
+        write_results(training_args.output_dir, results)
+        return results
+
+    monkeypatch.setattr(compare_module, "run", fake_run)
+    config = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "compare_arc_nano_gptq2.yaml"
+    argv = ["--config", str(config), "--output_dir", str(tmp_path)]
+
+    def parse(extra=()):
+        return parse_recipe_args(argv + list(extra), extra=(CompareArguments,))[:-1]  # the config's inits/seeds aside
+
+    compare_args = CompareArguments(inits=["qlora", "eora"], seeds=[0, 1], ceiling=True)
+    with pytest.raises(KeyboardInterrupt):
+        compare_module.compare(*parse(), compare_args)
+    assert calls == ["lora_seed0", "lora_seed1", "qlora_seed0"]
+
+    calls.clear()
+    fake_run.finish = True
+    comparison = compare_module.compare(*parse(), compare_args)
+    assert calls == ["qlora_seed0", "qlora_seed1", "eora_seed0", "eora_seed1"]  # the two finished runs are reused
+    assert list(comparison["runs"]) == ["lora_seed0", "lora_seed1", "qlora_seed0", "qlora_seed1", "eora_seed0", "eora_seed1"]
+    assert (tmp_path / "results.md").is_file()
+
+    calls.clear()
+    compare_module.compare(*parse(["--learning_rate", "1e-4"]), compare_args)
+    assert len(calls) == 6  # another configuration: nothing is reused
+    calls.clear()
+    compare_module.compare(*parse(["--learning_rate", "1e-4"]),
+                           CompareArguments(inits=["qlora", "eora"], seeds=[0, 1], resume=False))
+    assert len(calls) == 6
