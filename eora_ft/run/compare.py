@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from eora_ft.run.compare_table import (
     group_stat,
     inseparable,
     steps_to_target,
+    with_sampling_error,
 )
 from eora_ft.config import UNCOMPRESSED, AdapterInitArguments, CompressionArguments, EoraModelConfig, EoraSFTConfig, TaskArguments
 from eora_ft.init import INITIALIZERS, REBASING_INITS
@@ -193,9 +195,12 @@ def comparison_markdown(comparison: dict) -> str:
     lines.append("| " + " | ".join(row + blank_tail) + " |")
 
     flagged = {}  # column -> labels whose band overlaps the best's, among the compressed inits
+    items = int(first["summary"].get("eval items") or 0)
     for key, _, kind in metrics:
-        flagged[key] = inseparable({g: group_stat(comparison, g, "finetuned", key) for g in compressed_groups},
-                                   lower_is_better=kind == "ppl")
+        bands = {g: group_stat(comparison, g, "finetuned", key) for g in compressed_groups}
+        if kind == "pct":  # every seed answers the same items: their sampling error bounds what can be told apart
+            bands = {g: with_sampling_error(band, items) for g, band in bands.items()}
+        flagged[key] = inseparable(bands, lower_is_better=kind == "ppl")
     flagged["eval_loss"] = inseparable({g: final_loss(comparison, g) for g in compressed_groups}, True)
     for label, members in groups.items():
         results = runs[members[0]]
@@ -230,6 +235,10 @@ def comparison_markdown(comparison: dict) -> str:
     else:
         lines += ["", "One seed: no spread is measured, so no difference in this table is known to exceed run-to-run "
                   "noise (rerun with --seeds 0 1 2)."]
+    if any(kind == "pct" for _, _, kind in metrics) and items:
+        lines[-1] += (f" For accuracies the band also holds the evaluation set's binomial standard error "
+                      f"(sqrt(p(1-p)/{items}), {100 * math.sqrt(0.25 * 0.75 / items):.1f} points at 25%): every "
+                      "seed answers the same items, one sample of the task.")
     if has_target:
         lines += ["", "Steps to qlora's eval loss: per seed, the first logged step at which the init's eval loss is at "
                   "most QLoRA's final eval loss (mean over its seeds); never = not within the budget."]

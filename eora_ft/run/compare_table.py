@@ -71,6 +71,17 @@ def inseparable(rows: dict[str, tuple[float, float] | None], lower_is_better: bo
     return overlapping | ({best} if overlapping else set())
 
 
+def with_sampling_error(value: tuple[float, float] | None, items: int) -> tuple[float, float] | None:
+    """An accuracy's ``(mean, seed std)`` with the std widened by the evaluation set's binomial standard
+    error ``sqrt(p (1 - p) / items)``: seeds vary the training, but every seed is scored on the same
+    ``items`` questions, one sample of the task, so a difference smaller than that error is not a finding
+    about the task (299 ARC items at 25%: 2.5 points)."""
+    if value is None or items <= 0:
+        return value
+    mean, std = value
+    return mean, math.sqrt(std ** 2 + max(mean * (1.0 - mean), 0.0) / items)
+
+
 def cell(value: tuple[float, float] | float | None, kind: str, seeds: int) -> str:
     """``30.00 ± 1.20`` (accuracies in %), ``441.2 ± 3.1`` or ``–``; no ± with one seed."""
     if value is None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from eora_ft.run.compare import CompareArguments, comparison_markdown, write_comparison
-from eora_ft.run.compare_table import inseparable, mean_std, steps_to_target
+from eora_ft.run.compare_table import inseparable, mean_std, steps_to_target, with_sampling_error
 from eora_ft.run.report import model_card
 
 METRICS = [["arc_challenge/acc", "ARC-C acc", "pct"], ["wikitext2/ppl", "WikiText-2 ppl", "ppl"]]
@@ -38,8 +38,9 @@ def test_one_seed_table_has_the_papers_shape_and_says_it_cannot_separate(tmp_pat
     assert "| none (uncompressed) | no adapter | – | – | 30.00 | – | 400.00 | – | – | – |" in lines
     # the no-adapter row (the floor) comes from a plain run, not LoftQ's re-compressed base
     assert "| gptq 2-bit g128 | none (no adapter) | – | – | 25.00 | – | 500.00 | – | – | – |" in lines
-    # with one seed only exact ties are inseparable: both final eval losses are 5.9
-    assert "| gptq 2-bit g128 | eora | 0.0002 | 1 | 28.00 | 30.00 | 450.00 | 440.00 | 5.9000 ≈ | 5.5000 |" in lines
+    # with one seed only exact ties are inseparable (both final eval losses are 5.9), and accuracies within the
+    # 16 items' sampling error (30% vs 27%)
+    assert "| gptq 2-bit g128 | eora | 0.0002 | 1 | 28.00 | 30.00 ≈ | 450.00 | 440.00 | 5.9000 ≈ | 5.5000 |" in lines
     assert "One seed: no spread is measured" in text
     write_comparison(tmp_path, comparison)
     png = (tmp_path / "loss_curves.png").read_bytes()
@@ -69,8 +70,14 @@ def _seeded_comparison():
     return {"title": "t", "base": {}, "runs": runs, "groups": groups}
 
 
+def _with_eval_items(comparison, items):
+    for run in comparison["runs"].values():
+        run["summary"]["eval items"] = items
+    return comparison
+
+
 def test_seeds_give_mean_and_std_ceiling_row_steps_to_target_and_flags(tmp_path):
-    comparison = _seeded_comparison()
+    comparison = _with_eval_items(_seeded_comparison(), 10**9)  # the seeds' spread alone decides the flags
     text = comparison_markdown(comparison)
     rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ")}
     assert rows["lora"].startswith("| none (uncompressed) | lora | 0.0002 | 2 | 25.00 ± 0.00 | 41.00 ± 1.41 |")
@@ -85,6 +92,18 @@ def test_seeds_give_mean_and_std_ceiling_row_steps_to_target_and_flags(tmp_path)
     assert "(diverged 1/2)" in rows["svd"] and "Mean ± sample std over 2 seeds" in text
     write_comparison(tmp_path, comparison)
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+
+
+def test_accuracy_bands_hold_the_evaluation_sets_sampling_error():
+    """299 ARC items: eora's 34.0 and qlora's 31.0 (seed std 1.4 each) are within 2.7 points of sampling error
+    (binomial, sqrt(p(1-p)/299)) of each other, so the table cannot tell them apart; perplexity is unaffected."""
+    text = comparison_markdown(_with_eval_items(_seeded_comparison(), 299))
+    rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ")}
+    assert all(rows[init].split(" | ")[5].endswith("≈") for init in ("qlora", "svd", "eora"))
+    assert "≈" not in rows["eora"].split(" | ")[7] and "≈" not in rows["qlora"].split(" | ")[7]
+    assert "binomial standard error (sqrt(p(1-p)/299), 2.5 points at 25%)" in text
+    assert with_sampling_error((0.25, 0.0), 299)[1] == pytest.approx(math.sqrt(0.25 * 0.75 / 299))
+    assert with_sampling_error((0.25, 0.03), 10**12)[1] == pytest.approx(0.03) and with_sampling_error(None, 299) is None
 
 
 def test_mean_std_inseparable_and_steps_to_target():
