@@ -191,7 +191,7 @@ def load_pretrained(adapter_directory: str | Path, dtype: torch.dtype = torch.fl
     except (ValueError, FileNotFoundError, OSError):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map={"": str(torch.device(device))})
     else:
         model = import_model(base, dtype=dtype, device=device)
     return load_adapter(model, adapter_directory, is_trainable=is_trainable)

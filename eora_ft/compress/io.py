@@ -132,13 +132,13 @@ def _require(directory: Path, names: list[str], what: str) -> None:
         raise FileNotFoundError(f"{directory} is not a {what}: missing {', '.join(missing)}")
 
 
-def _build_model(config, dtype: torch.dtype) -> nn.Module:
+def _build_model(config, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
     """An architecture-only model: parameters on the meta device (no memory, no init), buffers that are
     not saved (rotary frequencies) computed on the CPU; every parameter is assigned by :func:`_load_state`."""
     from accelerate import init_empty_weights
 
     with torch.device("cpu"), init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.tie_weights()
     return model
 
@@ -202,10 +202,12 @@ def _finish(model: nn.Module, directory: Path, meta: dict) -> nn.Module:
 
 
 def load_compressed(directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                    device: torch.device | str = "cpu") -> nn.Module:
+                    device: torch.device | str = "cpu", attn_implementation: str | None = None) -> nn.Module:
     """Load a directory written by :func:`save_compressed`: the model in eval mode on ``device``, compressed
     layers as :class:`CompressedLinear`, float tensors in ``dtype``; ``model.compression_config`` holds the
-    metadata. The tensors are read straight onto ``device``; nothing dense is built on the way."""
+    metadata. The tensors are read straight onto ``device``; nothing dense is built on the way.
+    ``attn_implementation`` (``sdpa``, ``flash_attention_2``, ...; None = transformers' default) as in
+    ``from_pretrained``."""
     directory = Path(directory)
     _require(directory, [CONFIG, WEIGHTS, COMPRESSION_CONFIG], "compressed-model directory (save_compressed output)")
     meta = json.loads((directory / COMPRESSION_CONFIG).read_text())
@@ -217,7 +219,7 @@ def load_compressed(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
         raise ValueError(f"{directory} has format_version {version!r}, newer than this eora_ft reads "
                          f"(up to {FORMAT_VERSION}): upgrade eora_ft")
     device = torch.device(device)
-    model = _build_model(AutoConfig.from_pretrained(directory), dtype)
+    model = _build_model(AutoConfig.from_pretrained(directory), dtype, attn_implementation)
     # safetensors names devices "cpu" or "cuda:N" ("cpu:0", as accelerate reports it, is refused)
     state = load_file(str(directory / WEIGHTS), device="cpu" if device.type == "cpu" else str(device))
     for path, spec in modules.items():

@@ -209,13 +209,15 @@ def perplexity(
         for start in tqdm(range(0, n_windows, batch_size), desc=desc, disable=not progress):
             batch = windows[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits  # [b, window, vocab]
-            token_nll = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                batch[:, 1:].reshape(-1),
-                reduction="none",
-            )  # [b * (window - 1)] fp32
-            # Summing thousands of fp32 terms drifts by ~1e-6 relative; fp64 keeps the total exact.
-            nll_sum += token_nll.double().sum().cpu()
+            # One window at a time: its fp32 logits and log-softmax are [window, vocab] (512 x 128k: 0.5 GB
+            # together), not the whole batch's (8x that, beside the model on the GPU).
+            batch_nll = torch.zeros((), dtype=torch.float64, device=logits.device)
+            for row, ids_row in zip(logits, batch):
+                token_nll = F.cross_entropy(row[:-1].float(), ids_row[1:], reduction="none")  # [window - 1] fp32
+                # Summing thousands of fp32 terms drifts by ~1e-6 relative; fp64 keeps the total exact.
+                batch_nll += token_nll.double().sum()
+            nll_sum += batch_nll.cpu()  # one device-to-host copy per batch
+            del logits
     mean_nll = float(nll_sum) / (n_windows * (window - 1))
     return {"ppl": math.exp(mean_nll), "windows": n_windows, "tokens": n_windows * window}
 

@@ -219,14 +219,16 @@ def _copy_adapter(directory: Path, base_entry: Path, source: str, compress_args:
             "lora": {"r": config.r, "alpha": config.lora_alpha}, "build_seconds": time.perf_counter() - start}
 
 
-def export_base(init_entry: Path, directory: Path, tokenizer=None) -> tuple[str, str]:
+def export_base(init_entry: Path, directory: Path, tokenizer=None,
+                dtype: torch.dtype = torch.float32) -> tuple[str, str]:
     """Put the base ``init_entry``'s adapter belongs to where the user owns it; returns ``(path, format)``.
 
     compressed-tensors ``pack-quantized`` when it can carry the base and plain transformers can load it
     (symmetric integer grids: then ``AutoPeftModelForCausalLM.from_pretrained(adapter)`` works anywhere
     compressed-tensors is installed), else eora_ft's own format, hard-linked from the cache entry (no
     second copy on disk; :func:`eora_ft.adapters.peft_bridge.load_pretrained` loads it). The uncompressed ceiling
-    exports nothing: its base is the original model, ``(its path or hub id, "plain")``."""
+    exports nothing: its base is the original model, ``(its path or hub id, "plain")``. ``dtype``: the run's
+    float dtype, which the exported scales, embeddings and norms (and ``config.dtype``) take."""
     from eora_ft.utils.atomic import atomic_directory
     from eora_ft.compress.ct_format import _is_ct_dir, export_compressed_tensors, unrepresentable
     from eora_ft.compress.io import COMPRESSION_CONFIG
@@ -234,7 +236,7 @@ def export_base(init_entry: Path, directory: Path, tokenizer=None) -> tuple[str,
     base = base_directory(init_entry)
     if base is None:
         return _uncompressed(init_entry.parent / read_meta(init_entry)["base_entry"])["model"], "plain"
-    model = load_compressed(base)
+    model = load_compressed(base, dtype=dtype)
     if unrepresentable(model) is None:
         export_compressed_tensors(model, directory, tokenizer=tokenizer)
         return str(Path(directory).resolve()), "compressed-tensors"
@@ -266,15 +268,20 @@ def _uncompressed(base_entry: Path) -> dict | None:
     return json.loads((base_entry / META).read_text()).get("uncompressed")
 
 
-def load_artifacts(init_entry: Path, dtype: torch.dtype, device: torch.device | str, trainable: bool = True):
-    """The base of ``init_entry`` on ``device`` with its initial adapter (a PEFT model; LoRA trainable)."""
+def load_artifacts(init_entry: Path, dtype: torch.dtype, device: torch.device | str, trainable: bool = True,
+                   attn_implementation: str | None = None):
+    """The base of ``init_entry`` on ``device`` with its initial adapter (a PEFT model; LoRA trainable).
+
+    The uncompressed ceiling's base is read straight onto ``device`` (every rank loads it: a CPU copy per
+    rank first would be 8 x 16 GB of host memory for an 8B model on 8 GPUs)."""
     base = base_directory(init_entry)
     if base is None:
         from transformers import AutoModelForCausalLM
 
         source = _uncompressed(init_entry.parent / json.loads((init_entry / META).read_text())["base_entry"])
-        model = AutoModelForCausalLM.from_pretrained(source["model"], revision=source["revision"], dtype=dtype)
-        model = model.to(device)
+        model = AutoModelForCausalLM.from_pretrained(source["model"], revision=source["revision"], dtype=dtype,
+                                                     device_map={"": str(torch.device(device))},
+                                                     attn_implementation=attn_implementation)
     else:
-        model = load_compressed(base, dtype=dtype, device=device)
+        model = load_compressed(base, dtype=dtype, device=device, attn_implementation=attn_implementation)
     return load_adapter(model, init_entry / INIT_DIR, is_trainable=trainable)

@@ -241,7 +241,8 @@ def comparison_markdown(comparison: dict) -> str:
                       "seed answers the same items, one sample of the task.")
     if has_target:
         lines += ["", "Steps to qlora's eval loss: per seed, the first logged step at which the init's eval loss is at "
-                  "most QLoRA's final eval loss (mean over its seeds); never = not within the budget."]
+                  "most QLoRA's final eval loss (mean over its seeds; with several rates, QLoRA at the rate where it "
+                  "ends lowest); never = not within the budget."]
     if any(divergences(comparison, label) for label in groups):
         lines += ["", "Diverged runs (NaN loss, or a training loss above its start for several logged steps) are "
                   "counted in the last column; their after-columns are what the diverged adapter gives."]

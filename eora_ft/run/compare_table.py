@@ -44,12 +44,15 @@ def final_loss(comparison: dict, label: str, curve: str = "eval_loss") -> tuple[
 
 def steps_to_target(comparison: dict, label: str) -> tuple[list[int | None], float] | None:
     """Per seed, the first logged step whose eval loss is at most QLoRA's final eval loss (mean over its
-    seeds; None where never reached), and that target. None without a qlora group or eval curves."""
-    target_group = next((g for g in comparison["groups"] if g == TARGET_INIT or g.startswith(f"{TARGET_INIT}_lr")),
-                        None)
-    target = final_loss(comparison, target_group) if target_group else None
-    if target is None:
+    seeds; None where never reached), and that target. With several learning rates the target is QLoRA at
+    its best rate (the lowest mean final eval loss): what a user who tunes QLoRA's rate would reach.
+    None without a qlora group or eval curves."""
+    finals = [final_loss(comparison, g) for g in comparison["groups"]
+              if g == TARGET_INIT or g.startswith(f"{TARGET_INIT}_lr")]
+    finals = [f for f in finals if f is not None]
+    if not finals:
         return None
+    target = min(finals)
     steps = []
     for run in group_runs(comparison, label):
         curve = run.get("eval_loss") or []

@@ -54,11 +54,11 @@ from eora_ft.eval.scoring import perplexity
 from eora_ft.train.handoff import Handoff
 from eora_ft.init import check_rank
 from eora_ft.utils.model_checks import check_finite_weights, check_model_directory, check_tokenizer
-from eora_ft.adapters.peft_bridge import save_adapter, trainable_summary
+from eora_ft.adapters.peft_bridge import save_adapter
 from eora_ft.utils.placement import placed_for_inference
 from eora_ft.run.report import write_model_card, write_results
 from eora_ft.eval.tasks import get_task
-from eora_ft.train.trainer import divergence, loss_history, train_adapters, training_backend
+from eora_ft.train.trainer import divergence, release_training_state, train_adapters, training_summary
 
 logger = logging.getLogger("eora_ft")
 
@@ -137,10 +137,13 @@ def validate_sources(task_args: TaskArguments, compress_args: CompressionArgumen
         require_source(source.strip() if source else source, what)
         for file in local_files(source) if source else []:
             check_data_file(file, what, schema)
+    # every text a run fits to: the compressor's and the initializer's calibration, and the training data
+    fitted = calib + [("dataset_name", part.strip()) for part in (task_args.dataset_name or "").split(",")
+                      if part.strip()]
     for text in texts:
-        for what, part in calib:
+        for what, part in fitted:
             if resolve_path(part) == resolve_path(text.path):
-                raise ValueError(f"{what} includes {text.path!r}, a perplexity text: calibrating on the evaluation "
+                raise ValueError(f"{what} includes {text.path!r}, a perplexity text: fitting to the evaluation "
                                  "text would leak it into the metric; use another file or split (the bundled C4 "
                                  "calibration and held-out files are disjoint)")
 
@@ -192,11 +195,11 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     ppl_texts = [(text, text.read()) for text in heldout_texts(task_args.ppl_dataset)] if main else []
 
     @all_cores_while_others_wait(state)
-    def evaluate(stage_model) -> dict:
+    def evaluate(stage_model, with_perplexity: bool = True) -> dict:
         metrics = task.evaluate(stage_model, tokenizer, eval_items, train_items, batch_size=task_args.eval_batch_size,
                                 progress=progress, max_new_tokens=task_args.max_new_tokens,
                                 num_fewshot=task_args.num_fewshot)
-        for text, content in ppl_texts:
+        for text, content in ppl_texts if with_perplexity else []:
             metrics[text.metric[0]] = perplexity(stage_model, tokenizer, content, window=task_args.ppl_window,
                                                  max_windows=task_args.ppl_max_windows, progress=progress,
                                                  desc=text.name)["ppl"]
@@ -216,7 +219,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         built, dtype = {}, getattr(torch, posted["dtype"].removeprefix("torch."))
     meta = read_meta(entry)
     with full_model_init():
-        peft_model = load_artifacts(entry, dtype, state.device)
+        peft_model = load_artifacts(entry, dtype, state.device, attn_implementation=model_args.attn_implementation)
     lap("compress_and_init")
 
     output_dir = Path(training_args.output_dir)
@@ -227,7 +230,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                 stages["compressed"] = evaluate(peft_model)
             lap("eval_compressed")
             with full_model_init():  # the adapters name a base the user owns, not a cache entry
-                adapter_base = export_base(entry, output_dir / "base", tokenizer)
+                adapter_base = export_base(entry, output_dir / "base", tokenizer, dtype=dtype)
             save_adapter(peft_model, output_dir / ("adapter_init" if init_args.init_from_adapter
                                                    else f"{init_args.init_method}_init"), adapter_base[0])
             stages["compensated"] = evaluate(peft_model)
@@ -241,14 +244,32 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     trainer = train_adapters(peft_model, tokenizer, train_dataset, training_args, eval_dataset)
     trained = gather_trainable(peft_model)  # a collective: every rank is here straight from training
     lap("train")
-    if not main:
-        return {}  # the main process evaluates and writes alone; nothing waits for it any more
+    if not main:  # the main process evaluates and writes alone, for longer than a collective may wait
+        handoff.wait("done", "evaluate the fine-tuned model and write the results")
+        handoff.finish(state)
+        return {}
 
-    if trained is not None:  # ZeRO-3 sharded the model: evaluate and save an unsharded copy
-        peft_model = _unsharded_copy(entry, dtype, state.device, trained)
-    if not task_args.ppl_after_finetune:
-        ppl_texts = []
-    stages["finetuned"] = evaluate(peft_model)
+    with handoff.main_work("evaluating the fine-tuned model and writing the results"):
+        training = training_summary(trainer)
+        if trained is not None:  # ZeRO-3 sharded the model: evaluate and save an unsharded copy
+            release_training_state(trainer)
+            del peft_model, trainer  # the last references to the engine's module and its replicated packed base
+            peft_model = _unsharded_copy(entry, dtype, state.device, trained, model_args.attn_implementation)
+        results = _finish_on_main(peft_model, training, entry, meta, state, stages, evaluate, lap, task, task_args,
+                                  compress_args, init_args, training_args, model_args, built, adapter_base,
+                                  len(train_items), len(eval_items), timings)
+    handoff.post("done")
+    handoff.finish(state)
+    return results
+
+
+def _finish_on_main(peft_model, training: dict, entry: Path, meta: dict, state, stages: dict, evaluate, lap, task,
+                    task_args: TaskArguments, compress_args: CompressionArguments, init_args: AdapterInitArguments,
+                    training_args: EoraSFTConfig, model_args: EoraModelConfig, built: dict,
+                    adapter_base: tuple[str, str], n_train: int, n_eval: int, timings: dict) -> dict:
+    """Main process, after training: evaluate the fine-tuned model, save its adapter, write the results.
+    ``training`` is :func:`eora_ft.train.trainer.training_summary` of the finished trainer."""
+    stages["finetuned"] = evaluate(peft_model, with_perplexity=task_args.ppl_after_finetune)
     lap("eval_finetuned")
 
     init_label = (f"adapter {init_args.init_from_adapter} r={meta['lora']['r']} alpha={meta['lora']['alpha']}"
@@ -279,23 +300,23 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
             "init entry": str(entry),
             "compressed base": str(base_directory(entry) or f"{model_args.model_name_or_path} (uncompressed)"),
             "adapter base": f"{adapter_base[0]} ({adapter_base[1]})",
-            "train items": len(train_items), "eval items": len(eval_items),
-            "train steps": trainer.state.global_step,
-            "trainable parameters": trainable_summary(trainer.model)["trainable"],
+            "train items": n_train, "eval items": n_eval,
+            "train steps": training["train steps"],
+            "trainable parameters": training["trainable parameters"],
             "world size": state.num_processes,
-            "training backend": training_backend(trainer),
+            "training backend": training["training backend"],
         },
         "timings": timings,
-        "train_loss": (train_loss := loss_history(trainer)),
-        "divergence": divergence(train_loss, task_args.divergence_patience),
-        "eval_loss": loss_history(trainer, "eval_loss"),
+        "train_loss": training["train_loss"],
+        "divergence": divergence(training["train_loss"], task_args.divergence_patience),
+        "eval_loss": training["eval_loss"],
         "layers": meta["layers"],
         "config": run_config(task_args, compress_args, init_args, training_args, model_args),
     }
+    output_dir = Path(training_args.output_dir)
     save_adapter(peft_model, output_dir / "adapter", adapter_base[0])
     write_results(output_dir, results)
     write_model_card(output_dir, results)
-    handoff.close()
     return results
 
 
@@ -362,10 +383,11 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
     return entry, built, dtype
 
 
-def _unsharded_copy(entry: Path, dtype: torch.dtype, device: torch.device, trained: dict):
+def _unsharded_copy(entry: Path, dtype: torch.dtype, device: torch.device, trained: dict,
+                    attn_implementation: str | None = None):
     """The entry's model with the gathered trained factors of a ZeRO-3 run copied in (main process)."""
     with full_model_init():
-        peft_model = load_artifacts(entry, dtype, device)
+        peft_model = load_artifacts(entry, dtype, device, attn_implementation=attn_implementation)
     missing = set(trained) - {n for n, p in peft_model.named_parameters() if p.requires_grad}
     if missing:
         raise RuntimeError(f"trained parameters {sorted(missing)[:3]} have no match in the reloaded model")

@@ -22,9 +22,22 @@ def _band(curves: list[list[dict]]) -> tuple[list[int], list[float], list[float]
     return steps, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
+def line_styles(labels: list[str]) -> dict[str, dict]:
+    """Matplotlib ``color`` and ``linestyle`` per group label: one colour per initializer, one line style per
+    learning rate (labels ``{init}_lr{rate}`` of a rate sweep), so each init reads as one family of lines."""
+    inits = list(dict.fromkeys(label.split("_lr")[0] for label in labels))
+    rates = list(dict.fromkeys(label.split("_lr")[1] for label in labels if "_lr" in label))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    dashes = ["-", "--", ":", "-."]
+    return {label: {"color": colours[inits.index(label.split("_lr")[0]) % len(colours)],
+                    "linestyle": dashes[rates.index(label.split("_lr")[1]) % len(dashes)] if "_lr" in label else "-"}
+            for label in labels}
+
+
 def plot_loss_curves(runs: dict[str, dict], path: str | Path, title: str = "",
                      groups: dict[str, list[str]] | None = None) -> Path:
-    """Two panels (train loss, eval loss vs step), one line per group; written atomically as PNG.
+    """Two panels (train loss, eval loss vs step), one line per group (styled by :func:`line_styles`);
+    written atomically as PNG.
 
     ``runs`` maps a run label (e.g. ``eora_seed1``) to a results dict with ``train_loss`` and ``eval_loss``
     lists of ``{"step", "loss"}``; ``groups`` maps a line's label (e.g. ``eora``) to its runs (its seeds:
@@ -33,6 +46,7 @@ def plot_loss_curves(runs: dict[str, dict], path: str | Path, title: str = "",
     """
     path = Path(path)
     groups = groups or {label: [label] for label in runs}
+    styles = line_styles(list(groups))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for ax, key, name in ((axes[0], "train_loss", "training loss"), (axes[1], "eval_loss", "evaluation loss")):
         drawn = False
@@ -40,7 +54,7 @@ def plot_loss_curves(runs: dict[str, dict], path: str | Path, title: str = "",
             curves = [runs[member].get(key) or [] for member in members]
             if all(curves):
                 steps, mean, low, high = _band(curves)
-                line, = ax.plot(steps, mean, marker="o" if len(steps) < 15 else None, markersize=3,
+                line, = ax.plot(steps, mean, marker="o" if len(steps) < 15 else None, markersize=3, **styles[label],
                                 label=label if len(members) == 1 else f"{label} ({len(members)} seeds)")
                 if len(members) > 1:
                     ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)

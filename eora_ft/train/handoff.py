@@ -8,6 +8,9 @@ ranks wait on a file in a directory every rank sees (the artifact cache), never 
     handoff = Handoff.start(state, cache_root, timeout)   # one collective, at once: the run's id
     if main: ...work...; handoff.post("entry", key=...)   # (a failure is posted too, see main_work)
     else:    payload = handoff.wait("entry", "build the compressed model")
+    ...
+    if main: ...last work...; handoff.post("done")          # the others wait for it, then
+    handoff.finish(state)                                   # every rank: a short barrier, the directory removed
 
 A failure on the main process is posted as well, so the others stop at once with its message
 instead of waiting for the timeout.
@@ -105,6 +108,14 @@ class Handoff:
                 logger.info("waiting for the main process to %s (%.0f min so far)", what, (now - start) / 60)
                 last_log = now
             time.sleep(self.poll_seconds)
+
+    def finish(self, state: PartialState) -> None:
+        """Every rank, after the main process posted its last file and the others read it: one short barrier
+        (nobody works any more: it lasts one poll interval), then the main process removes the run directory.
+        Removing it earlier could hide that last file from a rank still polling for it."""
+        if state.num_processes > 1:
+            state.wait_for_everyone()
+        self.close()
 
     def close(self) -> None:
         """Main process, after every rank has read what it needed: remove the run directory."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
 
 import datasets
+import torch
 from torch import nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
@@ -68,6 +70,31 @@ def training_backend(trainer: SFTTrainer) -> str:
     if state.num_processes == 1:
         return "single process"
     return f"{str(state.distributed_type).split('.')[-1].lower()} x{state.num_processes}"
+
+
+def training_summary(trainer: SFTTrainer) -> dict:
+    """What the results record of a finished trainer: ``train steps``, ``trainable parameters``, ``training
+    backend``, ``train_loss`` and ``eval_loss`` curves (taken before :func:`release_training_state`)."""
+    return {"train steps": trainer.state.global_step,
+            "trainable parameters": trainable_summary(trainer.model)["trainable"],
+            "training backend": training_backend(trainer),
+            "train_loss": loss_history(trainer), "eval_loss": loss_history(trainer, "eval_loss")}
+
+
+def release_training_state(trainer) -> None:
+    """Drop the trainer's model, optimizer and DeepSpeed engine (main process, after a ZeRO-3 run).
+
+    The engine keeps the packed base replicated on every GPU; the unsharded copy evaluated next would
+    otherwise sit beside it (a 70B 4-bit base: ~35 GB twice on one GPU)."""
+    trainer.accelerator.free_memory()
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
+    handler = trainer.callback_handler  # holds the model and optimizer for the callbacks
+    handler.model = handler.optimizer = handler.lr_scheduler = None
+    if hasattr(trainer, "deepspeed"):
+        trainer.deepspeed = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def divergence(curve: list[dict], patience: int = 3) -> str | None:

@@ -47,3 +47,7 @@ def test_calibrating_on_a_perplexity_text_is_refused_before_work():
     with pytest.raises(ValueError, match="calib_dataset includes .*c4_en_train_heldout100.jsonl"):
         validate_sources(task, CompressionArguments(calib_dataset=BUNDLED_PATHS["c4_heldout"]))
     validate_sources(task, CompressionArguments())  # the defaults are disjoint
+    text_task = TaskArguments(task="text", dataset_name=BUNDLED_PATHS["enwiki_heldout"],
+                              eval_dataset_name=BUNDLED_PATHS["enwiki_heldout"])
+    with pytest.raises(ValueError, match="dataset_name includes .*wiki_49"):  # training on it leaks it too
+        validate_sources(text_task, CompressionArguments())

@@ -53,3 +53,19 @@ def test_main_only_work_outlasting_the_collective_timeout_does_not_kill_the_othe
     assert main_only > timeout, f"main-only work took {main_only:.1f} s: too short to test anything"
     assert results["summary"]["world size"] == 2 and len(losses(results)) == 2
     assert results["summary"]["artifact cache"] == "base: built, init: built"
+
+
+def test_a_comparison_survives_main_only_evaluation_after_training_outlasting_the_collective_timeout(tmp_path):
+    """After training, rank 0 evaluates the fine-tuned model and writes alone while rank 1 would go on to the
+    next run's collectives; it waits on a file instead, so a final evaluation longer than ddp_timeout (as on
+    an 8B model, against NCCL's 30 minutes) does not kill the comparison."""
+    timeout = 4
+    comparison = launch("accelerate_configs/cpu.yaml", tmp_path / "cmp", "--inits", "qlora", "--seeds", "0", "1",
+                        "--ceiling", "false", "--per_device_train_batch_size", "4", "--ddp_timeout", str(timeout),
+                        "--eval_limit", "299", "--ppl_max_windows", "16", "--cache_dir", str(tmp_path / "cache"),
+                        recipe="recipes/compare.py", config="recipes/configs/compare_arc_nano_gptq2.yaml")
+    first = comparison["runs"]["qlora_seed0"]
+    assert first["timings"]["eval_finetuned"] > timeout, \
+        f"the final evaluation took {first['timings']['eval_finetuned']:.1f} s: too short to test anything"
+    assert sorted(comparison["runs"]) == ["qlora_seed0", "qlora_seed1"]
+    assert all(run["summary"]["world size"] == 2 for run in comparison["runs"].values())

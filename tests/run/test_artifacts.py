@@ -166,6 +166,21 @@ def test_an_adapter_for_another_base_is_refused_by_name(setting, tmp_path):
         build_init(tmp_path / "init", base_entry, None, tokenizer, None, model_args, compress_args, init_args, 0)
 
 
+def _rtn4_entry(setting, tmp_path, sym: bool, init_method: str):
+    """(base entry, init entry) of the nano model compressed by 4-bit g64 RTN, in ``tmp_path / "cache"``."""
+    model, tokenizer, model_args, _, calib, adapter_calib = setting
+    compress_args = CompressionArguments(compress_method="rtn", bits=4, group_size=64, sym=sym)
+    base_key = cache_key(base_key_parts(model, model_args, compress_args, calib, model_args.model_name_or_path))
+    base_entry, _ = ensure_entry(tmp_path / "cache", base_key, lambda tmp: build_base(
+        tmp, copy.deepcopy(model), tokenizer, calib, model_args, compress_args, progress=False))
+    init_args = AdapterInitArguments(init_method=init_method)
+    key = cache_key(init_key_parts(base_key, model_args, init_args, adapter_calib, seed=0))
+    entry, _ = ensure_entry(tmp_path / "cache", key, lambda tmp: build_init(
+        tmp, base_entry, lambda: copy.deepcopy(model), tokenizer, adapter_calib, model_args, compress_args, init_args, 0,
+        progress=False))
+    return base_entry, entry
+
+
 @pytest.mark.parametrize("sym,expected", [(True, "compressed-tensors"), (False, "eora_ft")])
 def test_adapters_name_an_exported_base_that_loads_with_our_logits(setting, tmp_path, sym, expected):
     from peft import AutoPeftModelForCausalLM
@@ -173,16 +188,8 @@ def test_adapters_name_an_exported_base_that_loads_with_our_logits(setting, tmp_
     from eora_ft.run.artifacts import export_base
     from eora_ft.adapters.peft_bridge import load_pretrained, save_adapter
 
-    model, tokenizer, model_args, _, calib, adapter_calib = setting
-    compress_args = CompressionArguments(compress_method="rtn", bits=4, group_size=64, sym=sym)
-    base_key = cache_key(base_key_parts(model, model_args, compress_args, calib, model_args.model_name_or_path))
-    base_entry, _ = ensure_entry(tmp_path / "cache", base_key, lambda tmp: build_base(
-        tmp, copy.deepcopy(model), tokenizer, calib, model_args, compress_args, progress=False))
-    init_args = AdapterInitArguments(init_method="eora")
-    key = cache_key(init_key_parts(base_key, model_args, init_args, adapter_calib, seed=0))
-    entry, _ = ensure_entry(tmp_path / "cache", key, lambda tmp: build_init(
-        tmp, base_entry, lambda: copy.deepcopy(model), tokenizer, adapter_calib, model_args, compress_args, init_args, 0,
-        progress=False))
+    tokenizer = setting[1]
+    base_entry, entry = _rtn4_entry(setting, tmp_path, sym, "eora")
     path, kind = export_base(entry, tmp_path / "run" / "base", tokenizer)
     assert kind == expected and path == str((tmp_path / "run" / "base").resolve())
     ours = load_artifacts(entry, torch.float32, "cpu", trainable=False)
@@ -202,6 +209,29 @@ def test_adapters_name_an_exported_base_that_loads_with_our_logits(setting, tmp_
         expected_logits = ours(ids).logits
         for load in loaders:
             assert torch.equal(load(tmp_path / "run" / "adapter")(ids).logits, expected_logits)
+
+
+def test_the_exported_base_and_the_trained_model_take_the_runs_dtype_and_attention(setting, tmp_path):
+    """A bf16 run exports a bf16 checkpoint (config and every float tensor: fp32 would double the embeddings and
+    lm_head a server loads), and the model it trains is built with the attention kernel the run asked for."""
+    import json
+
+    from safetensors import safe_open
+
+    from eora_ft.run.artifacts import export_base
+
+    tokenizer = setting[1]
+    _, entry = _rtn4_entry(setting, tmp_path, True, "qlora")
+    path, kind = export_base(entry, tmp_path / "base", tokenizer, dtype=torch.bfloat16)
+    assert kind == "compressed-tensors"
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+    with safe_open(str(tmp_path / "base" / "model.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+    assert "BF16" in dtypes and "F32" not in dtypes, dtypes
+    for attention in ("eager", "sdpa"):
+        loaded = load_artifacts(entry, torch.bfloat16, "cpu", trainable=False, attn_implementation=attention)
+        assert loaded.base_model.model.config._attn_implementation == attention
 
 
 def test_a_rank_budget_spends_the_uniform_parameters_where_the_error_drops_most(setting, tmp_path):

@@ -115,6 +115,30 @@ def test_mean_std_inseparable_and_steps_to_target():
     assert target == pytest.approx(5.9) and steps == [5, 5]
 
 
+def test_steps_to_target_takes_qlora_at_its_best_rate():
+    """A learning-rate sweep: the target is QLoRA where it ends lowest (5.6 at 4e-4, not 6.0 at 1e-4, the first)."""
+    runs = {"qlora_lr0.0001_seed0": _run("qlora", (0.25, 500.0), (0.3, 450.0), lr=1e-4, eval_curve=(6.2, 6.0)),
+            "qlora_lr0.0004_seed0": _run("qlora", (0.25, 500.0), (0.3, 450.0), lr=4e-4, eval_curve=(6.2, 5.6)),
+            "eora_lr0.0001_seed0": _run("eora", (0.28, 450.0), (0.3, 440.0), lr=1e-4, eval_curve=(6.2, 5.8))}
+    comparison = {"title": "t", "base": {}, "runs": runs, "groups": {label[:-6]: [label] for label in runs}}
+    steps, target = steps_to_target(comparison, "eora_lr0.0001")
+    assert target == pytest.approx(5.6) and steps == [None]  # eora ends at 5.8: never reaches QLoRA's best
+    assert steps_to_target(comparison, "qlora_lr0.0001")[0] == [None]
+    assert steps_to_target(comparison, "qlora_lr0.0004")[0] == [10]
+    assert "with several rates, QLoRA at the rate where it ends lowest" in comparison_markdown(comparison)
+
+
+def test_a_rate_sweep_plots_one_colour_per_init_and_one_line_style_per_rate():
+    from eora_ft.run.plots import line_styles
+
+    styles = line_styles(["qlora_lr0.0001", "qlora_lr0.0004", "eora_lr0.0001", "eora_lr0.0004"])
+    assert styles["qlora_lr0.0001"]["color"] == styles["qlora_lr0.0004"]["color"] != styles["eora_lr0.0001"]["color"]
+    assert styles["qlora_lr0.0001"]["linestyle"] == styles["eora_lr0.0001"]["linestyle"] == "-"
+    assert styles["qlora_lr0.0004"]["linestyle"] == styles["eora_lr0.0004"]["linestyle"] == "--"
+    plain = line_styles(["lora", "qlora", "eora"])  # one rate: one solid line per init, each its own colour
+    assert len({s["color"] for s in plain.values()}) == 3 and {s["linestyle"] for s in plain.values()} == {"-"}
+
+
 def test_model_card_has_metadata_results_and_usage():
     card = model_card({**_run("eora", (0.28, 450.0), (0.30, 440.0)), "title": "arc: x"})
     assert card.startswith("---\nlibrary_name: peft\nbase_model: nano\ntags: [eora_ft, lora, gptq, eora, arc_challenge]")

@@ -2,6 +2,7 @@
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -47,3 +48,26 @@ def test_roles_are_enforced_and_close_removes_the_run_directory(tmp_path):
     main.post("ready")
     main.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_finish_removes_the_run_directory_only_after_every_rank_has_read_the_last_file(tmp_path):
+    """The main process posts ``done`` and finishes at once; the other rank, still polling, must see the file
+    (removing the directory first would leave it waiting until main_process_timeout)."""
+    main, other = _pair(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    other.poll_seconds = 0.3  # it looks for the file well after the main process has posted it
+    barrier = threading.Barrier(2, timeout=5)
+    state = SimpleNamespace(num_processes=2, wait_for_everyone=barrier.wait)
+    seen = {}
+
+    def other_rank():
+        seen["done"] = other.wait("done", "write the results")
+        other.finish(state)
+
+    waiting = threading.Thread(target=other_rank)
+    waiting.start()
+    time.sleep(0.05)
+    main.post("done", ok=True)
+    main.finish(state)
+    waiting.join(timeout=5)
+    assert seen == {"done": {"ok": True}} and not (tmp_path / "run").exists()
