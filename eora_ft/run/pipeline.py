@@ -255,68 +255,55 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
             release_training_state(trainer)
             del peft_model, trainer  # the last references to the engine's module and its replicated packed base
             peft_model = _unsharded_copy(entry, dtype, state.device, trained, model_args.attn_implementation)
-        results = _finish_on_main(peft_model, training, entry, meta, state, stages, evaluate, lap, task, task_args,
-                                  compress_args, init_args, training_args, model_args, built, adapter_base,
-                                  len(train_items), len(eval_items), timings)
+        stages["finetuned"] = evaluate(peft_model, with_perplexity=task_args.ppl_after_finetune)
+        lap("eval_finetuned")
+
+        init_label = (f"adapter {init_args.init_from_adapter} r={meta['lora']['r']} alpha={meta['lora']['alpha']}"
+                      if init_args.init_from_adapter else
+                      f"{init_args.init_method} rank={model_args.lora_r} alpha={model_args.lora_alpha}")
+        if "refine" in meta:
+            init_label += (f", refined {meta['refine']['steps']} steps (relative hidden-state error "
+                           f"{meta['refine']['loss_first']:.4f} -> {meta['refine']['loss_last']:.4f})")
+        if "rank_budget" in meta:  # per-linear ranks spending the uniform rank's parameters
+            ranks = meta["rank_budget"]["ranks"].values()
+            init_label += (f", rank budget {meta['rank_budget']['spent']:,} parameters "
+                           f"({meta['rank_budget']['normalisation']} errors): ranks {min(ranks)}-{max(ranks)}")
+        results = {
+            "title": f"{task.name}: {compress_args.describe()} + "
+                     + (f"adapter r{meta['lora']['r']}" if init_args.init_from_adapter
+                        else f"{init_args.init_method} r{model_args.lora_r}")
+                     + f" on {model_args.model_name_or_path}",
+            "task": task.name,
+            "metrics": [list(m) for m in task.metrics] + [list(t.metric) for t in heldout_texts(task_args.ppl_dataset)],
+            "stages": stages,
+            "summary": {
+                "model": model_args.model_name_or_path,
+                "compression": compress_args.describe(),
+                "init": init_label,
+                "calibration tokens": built.get("calib_tokens", "–"),
+                "adapter calibration tokens": meta["adapter_calib_tokens"],
+                "artifact cache": f"base: {built.get('base', '–')}, init: {built.get('init', '–')}",
+                "init entry": str(entry),
+                "compressed base": str(base_directory(entry) or f"{model_args.model_name_or_path} (uncompressed)"),
+                "adapter base": f"{adapter_base[0]} ({adapter_base[1]})",
+                "train items": len(train_items), "eval items": len(eval_items),
+                "train steps": training["train steps"],
+                "trainable parameters": training["trainable parameters"],
+                "world size": state.num_processes,
+                "training backend": training["training backend"],
+            },
+            "timings": timings,
+            "train_loss": training["train_loss"],
+            "divergence": divergence(training["train_loss"], task_args.divergence_patience),
+            "eval_loss": training["eval_loss"],
+            "layers": meta["layers"],
+            "config": run_config(task_args, compress_args, init_args, training_args, model_args),
+        }
+        save_adapter(peft_model, output_dir / "adapter", adapter_base[0])
+        write_results(output_dir, results)
+        write_model_card(output_dir, results)
     handoff.post("done")
     handoff.finish(state)
-    return results
-
-
-def _finish_on_main(peft_model, training: dict, entry: Path, meta: dict, state, stages: dict, evaluate, lap, task,
-                    task_args: TaskArguments, compress_args: CompressionArguments, init_args: AdapterInitArguments,
-                    training_args: EoraSFTConfig, model_args: EoraModelConfig, built: dict,
-                    adapter_base: tuple[str, str], n_train: int, n_eval: int, timings: dict) -> dict:
-    """Main process, after training: evaluate the fine-tuned model, save its adapter, write the results.
-    ``training`` is :func:`eora_ft.train.trainer.training_summary` of the finished trainer."""
-    stages["finetuned"] = evaluate(peft_model, with_perplexity=task_args.ppl_after_finetune)
-    lap("eval_finetuned")
-
-    init_label = (f"adapter {init_args.init_from_adapter} r={meta['lora']['r']} alpha={meta['lora']['alpha']}"
-                  if init_args.init_from_adapter else
-                  f"{init_args.init_method} rank={model_args.lora_r} alpha={model_args.lora_alpha}")
-    if "refine" in meta:
-        init_label += (f", refined {meta['refine']['steps']} steps (relative hidden-state error "
-                       f"{meta['refine']['loss_first']:.4f} -> {meta['refine']['loss_last']:.4f})")
-    if "rank_budget" in meta:  # per-linear ranks spending the uniform rank's parameters
-        ranks = meta["rank_budget"]["ranks"].values()
-        init_label += (f", rank budget {meta['rank_budget']['spent']:,} parameters ({meta['rank_budget']['normalisation']}"
-                       f" errors): ranks {min(ranks)}-{max(ranks)}")
-    results = {
-        "title": f"{task.name}: {compress_args.describe()} + "
-                 + (f"adapter r{meta['lora']['r']}" if init_args.init_from_adapter
-                    else f"{init_args.init_method} r{model_args.lora_r}")
-                 + f" on {model_args.model_name_or_path}",
-        "task": task.name,
-        "metrics": [list(m) for m in task.metrics] + [list(t.metric) for t in heldout_texts(task_args.ppl_dataset)],
-        "stages": stages,
-        "summary": {
-            "model": model_args.model_name_or_path,
-            "compression": compress_args.describe(),
-            "init": init_label,
-            "calibration tokens": built.get("calib_tokens", "–"),
-            "adapter calibration tokens": meta["adapter_calib_tokens"],
-            "artifact cache": f"base: {built.get('base', '–')}, init: {built.get('init', '–')}",
-            "init entry": str(entry),
-            "compressed base": str(base_directory(entry) or f"{model_args.model_name_or_path} (uncompressed)"),
-            "adapter base": f"{adapter_base[0]} ({adapter_base[1]})",
-            "train items": n_train, "eval items": n_eval,
-            "train steps": training["train steps"],
-            "trainable parameters": training["trainable parameters"],
-            "world size": state.num_processes,
-            "training backend": training["training backend"],
-        },
-        "timings": timings,
-        "train_loss": training["train_loss"],
-        "divergence": divergence(training["train_loss"], task_args.divergence_patience),
-        "eval_loss": training["eval_loss"],
-        "layers": meta["layers"],
-        "config": run_config(task_args, compress_args, init_args, training_args, model_args),
-    }
-    output_dir = Path(training_args.output_dir)
-    save_adapter(peft_model, output_dir / "adapter", adapter_base[0])
-    write_results(output_dir, results)
-    write_model_card(output_dir, results)
     return results
 
 
