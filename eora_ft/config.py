@@ -7,7 +7,10 @@ and ``SFTConfig`` (the training loop) are used as they are; what is ours lives b
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +20,7 @@ import torch
 from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 
 from eora_ft.compress import COMPRESSORS, USES_BITS, USES_SPARSITY, PruneSpec
+from eora_ft.compress.nf4 import NF4_NEEDS, nf4_available
 from eora_ft.compress.quantizer import QuantSpec
 from eora_ft.init.sequential import CAPTURE_MODES
 from eora_ft.data.heldout import DEFAULT_PPL_DATASETS, heldout_texts
@@ -46,11 +50,20 @@ def check_range(owner, name: str, low: float | None = None, high: float | None =
         return
     below = low is not None and (value is None or value < low or (low_open and value == low))
     above = high is not None and (value is None or value > high or (high_open and value == high))
-    if below or above:
+    if below or above or (isinstance(value, float) and not math.isfinite(value)):  # nan and inf compare as inside
         interval = (("(" if low_open else "[") + ("-inf" if low is None else f"{low:g}") + ", "
                     + ("inf" if high is None else f"{high:g}") + (")" if high_open or high is None else "]"))
         raise ValueError(f"{name}={value!r} is out of range; valid: a number in {interval}"
                          + (" or None" if optional else ""))
+
+
+def check_numbers(owner) -> None:
+    """Raise ``ValueError`` naming the first float field of dataclass ``owner`` that is NaN (``--learning_rate nan``
+    parses as a float, and every comparison with it is false, so range checks alone let it through)."""
+    for item in dataclasses.fields(owner):
+        value = getattr(owner, item.name, None)
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError(f"{item.name}=nan is not a number; give a finite value (`--help` shows its meaning)")
 
 
 def check_choice(owner, name: str, valid) -> None:
@@ -97,6 +110,7 @@ class TaskArguments(ScriptArguments):
                                      "stay above the first one (a NaN always counts); 0 = only NaN/inf."})
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         from eora_ft.eval.tasks import TASKS  # the registry imports evaluation code: keep config import light
 
         check_choice(self, "task", TASKS)
@@ -163,9 +177,12 @@ class CompressionArguments:
     )
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.compress_method not in COMPRESSORS and self.compress_method != UNCOMPRESSED:
             raise ValueError(f"compress_method={self.compress_method!r} is unknown; valid: "
                              f"{sorted(COMPRESSORS) + [UNCOMPRESSED]}")
+        if self.compress_method == "nf4" and not nf4_available():
+            raise ValueError(f"compress_method='nf4': {NF4_NEEDS}")
         if self.compress_method == UNCOMPRESSED:  # the ceiling: compression options have nothing to act on
             self.act_order = self.grid_search = False
         if self.compress_method in USES_BITS:
@@ -280,6 +297,7 @@ class AdapterInitArguments:
                           "and GPTQModel's adapter_calibration_dataset: about half task data, half generic text)."})
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         check_choice(self, "init_method", INITIALIZERS)
         check_choice(self, "eora_eigen_mode", EIGEN_MODES)
         if not 0.0 <= self.eora_shrink <= 1.0:
@@ -319,12 +337,44 @@ class AdapterInitArguments:
         return {"eora": eora, "eora_alt": eora | {"iters": self.eora_alt_iters}, "loftq": {"iters": self.loftq_iters}}
 
 
+def report_integrations(value) -> str | list[str]:
+    """``report_to`` as users write it (``none``, ``None``, ``tensorboard``, ``"tensorboard,wandb"``, a list, ``all``)
+    as every transformers release in our range takes it: ``"none"``, ``"all"`` or a list of integration names.
+    Unknown or uninstalled integrations are refused here, before any work (the Trainer would refuse them only
+    after compression)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    given = [value] if value is None or isinstance(value, str) else list(value)
+    names = [part.strip().lower() for item in given if item is not None for part in str(item).split(",") if part.strip()]
+    if not names or names == ["none"]:
+        return "none"
+    if names == ["all"]:
+        return "all"
+    if len(names) > 1 and {"none", "all"} & set(names):
+        raise ValueError(f"report_to={value!r}: 'none' and 'all' stand alone; give one of them, or a list of "
+                         f"integrations from {sorted(INTEGRATION_TO_CALLBACK)}")
+    unknown = [name for name in names if name not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise ValueError(f"report_to={value!r}: unknown integration(s) {unknown}; valid: none, all, or any of "
+                         f"{sorted(INTEGRATION_TO_CALLBACK)}")
+    missing = [name for name in names if name not in get_available_reporting_integrations()]
+    if missing:
+        raise ValueError(f"report_to={value!r}: {missing} not installed (pip install {' '.join(missing)}), or use "
+                         f"report_to: none")
+    return list(dict.fromkeys(names))
+
+
 @dataclass
 class EoraSFTConfig(SFTConfig):
     """TRL's SFTConfig with defaults that work on any machine: bf16 only where the GPU supports it."""
 
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; None = on iff a bf16-capable GPU."})
-    report_to: str | list[str] = field(default="tensorboard", metadata={"help": "Logging integrations (tensorboard, none, ...)."})
+    # a list default (not a string): HfArgumentParser gives a list field only a default_factory's value, and the
+    # None it used instead became [None] in transformers 5.24's TrainingArguments
+    report_to: str | list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={"help": "Logging integrations: tensorboard (default), wandb, mlflow, ... (several: a list or "
+                          "comma-separated), all (every installed one) or none."})
     ddp_broadcast_buffers: bool | None = field(
         default=False, metadata={"help": "The packed base lives in frozen buffers: no need to re-broadcast them every step."})
     main_process_timeout: int = field(
@@ -334,6 +384,7 @@ class EoraSFTConfig(SFTConfig):
     )
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         # Checked here, not by the optimizer after compression and two evaluations have run.
         check_range(self, "learning_rate", 0, low_open=True)
         check_range(self, "weight_decay", 0)
@@ -343,6 +394,7 @@ class EoraSFTConfig(SFTConfig):
             raise ValueError(f"num_train_epochs={self.num_train_epochs} with max_steps={self.max_steps} trains "
                              "nothing; valid: num_train_epochs > 0, or max_steps >= 1")
         check_range(self, "max_length", 2, optional=True)
+        self.report_to = report_integrations(self.report_to)
         if self.bf16 is None:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
         if self.main_process_timeout <= 0 or self.ddp_timeout <= 0:
@@ -361,12 +413,16 @@ class EoraModelConfig(ModelConfig):
     """TRL's ModelConfig defaulting to the bundled nano model and the Llama projection names."""
 
     model_name_or_path: str | None = field(default=DEFAULT_MODEL, metadata={"help": "Hub id or local directory."})
+    # declared here, not inherited: TRL's default moved from None to "float32" (1.x), and a run's numbers follow it
+    dtype: str = field(default="float32", metadata={"help": f"dtype the model is loaded in: one of {list(MODEL_DTYPES)} "
+                                                            "(auto: the checkpoint's own)."})
     lora_target_modules: list[str] | None = field(
         default_factory=lambda: list(LLAMA_LINEARS),
         metadata={"help": "Linear names to compress and adapt, or all-linear (every linear of the decoder layers)."}
     )
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         super().__post_init__()
         if isinstance(self.lora_target_modules, str):
             # TRL unwraps a one-name list into a string (PEFT reads a string as a regex); names are matched
@@ -392,9 +448,26 @@ def make_parser(extra: tuple = ()) -> TrlParser:
     return TrlParser(RECIPE_DATACLASSES + tuple(extra))
 
 
+def parse_strictly(parser: TrlParser, args: list[str] | None, prog: str) -> tuple:
+    """``parser.parse_args_and_config(args)`` (default ``sys.argv[1:]``) that refuses flags and config keys no
+    dataclass has with one message naming each and the closest valid names (argparse's own says neither)."""
+    *parsed, unknown = parser.parse_args_and_config(args=args, return_remaining_strings=True)
+    if unknown:
+        valid = sorted({option.lstrip("-").replace("-", "_") for action in parser._actions
+                        for option in action.option_strings if option.startswith("--")} | {"config"})
+        names = [token.split("=", 1)[0].lstrip("-") for token in unknown if token.startswith("-")] or unknown
+        described = []
+        for name in names:
+            close = difflib.get_close_matches(name.replace("-", "_"), valid, n=3, cutoff=0.6)
+            described.append(f"{name!r}" + (f" (closest: {', '.join(close)})" if close else ""))
+        raise ValueError(f"{prog}: unknown argument(s) {'; '.join(described)}: no flag or config key has that name "
+                         f"(`{prog} --help` lists them)")
+    return tuple(parsed)
+
+
 def parse_recipe_args(args: list[str] | None = None, extra: tuple = ()):
     """Parse ``args`` (default ``sys.argv[1:]``) into the five recipe dataclasses (then ``extra``); unknown keys raise."""
-    return make_parser(extra).parse_args_and_config(args=args)
+    return parse_strictly(make_parser(extra), args, "recipe")
 
 
 def check_compatible(compress_args: CompressionArguments, init_args: AdapterInitArguments) -> None:

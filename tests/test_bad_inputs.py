@@ -15,6 +15,7 @@ import json
 import re
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,6 +40,7 @@ class BadInput:
     words: tuple[str, ...]
     trigger: Callable[[Path], object]
     readme: bool = False
+    warns: bool = False  # a UserWarning with ``words`` before any expensive stage (the run may go on)
 
 
 class ExpensiveStageReached(Exception):
@@ -187,6 +189,40 @@ def _poison(value: float):
         tensors["model.layers.2.mlp.down_proj.weight"][5, 7] = value
         save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     return edit
+
+
+def _empty_directory(directory: Path) -> None:
+    shutil.rmtree(directory)
+    directory.mkdir()
+
+
+def _no_tokenizer(directory: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (directory / name).unlink()
+
+
+def _an_adapter(directory: Path) -> None:
+    """What `save_pretrained` of a PEFT model writes: no config.json, no model weights."""
+    shutil.rmtree(directory)
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (directory / "adapter_model.safetensors").write_bytes(b"")
+
+
+def _already_compressed(directory: Path) -> None:
+    path = directory / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"quantization_config": {"quant_method": "gptq",
+                                                                                         "bits": 4}}))
+
+
+def _an_existing_file(tmp: Path) -> dict:
+    (tmp / "taken").write_text("a file the user already has\n")
+    return {"FILE": str(tmp / "taken")}
+
+
+def _binary_text(tmp: Path) -> dict:
+    (tmp / "heldout.parquet").write_bytes(b"PAR1\x00\x15\x04" + bytes(range(256)))
+    return {"FILE": str(tmp / "heldout.parquet")}
 
 
 def _no_special_tokens(directory: Path) -> None:
@@ -364,6 +400,16 @@ CASES: list[BadInput] = [
              parse("--init_from_adapter", "./runs")),
     BadInput("`main_process_timeout: 0`", CONFIG, (r"main_process_timeout=0", "positive"),
              parse("--main_process_timeout", "0")),
+    BadInput("`learning_rate: nan`", CONFIG, (r"learning_rate=nan",), parse("--learning_rate", "nan"), readme=True),
+    BadInput("`learning_rate: inf`", CONFIG, (r"learning_rate=inf is out of range", r"\(0, inf\)"),
+             parse("--learning_rate", "inf")),
+    BadInput("`lora_dropout: nan`", CONFIG, (r"lora_dropout=nan",), parse("--lora_dropout", "nan")),
+    BadInput("`eora_shrink: nan`", CONFIG, (r"eora_shrink=nan",), parse("--eora_shrink", "nan")),
+    BadInput("`max_grad_norm: nan`", CONFIG, (r"max_grad_norm=nan is not a number",), parse("--max_grad_norm", "nan")),
+    BadInput("`report_to: wandb2`", CONFIG, (r"unknown integration\(s\) \['wandb2'\]", "tensorboard"),
+             parse("--report_to", "wandb2")),
+    BadInput("a misspelt flag (`--lora_rnak 4`)", CONFIG, (r"unknown argument\(s\) 'lora_rnak'", r"closest: lora_r"),
+             parse("--lora_rnak", "4")),
     BadInput("`compress_method: none` with `init_method: eora`", RUN, (r"has no compression error", "qlora"),
              run("--compress_method", "none", "--init_method", "eora")),
     BadInput("task `text` without packing", RUN, (r"packing: true", "packing_strategy: wrapped"),
@@ -380,8 +426,39 @@ CASES: list[BadInput] = [
     BadInput("calib_dataset: a .txt file that is not UTF-8", RUN, ("calib_dataset", r"notes\.txt", "line 3",
                                                                    "not UTF-8"),
              run("--calib_dataset", "FILE", files=_text_file(b"one\n\ntwo \xff\xfe\n"))),
-    BadInput("a model directory without weights", MODEL, (r"has no weights", "model.safetensors"),
+    BadInput("a model directory without weights", RUN, (r"has no weights", "model.safetensors"),
              run("--model_name_or_path", "MODEL", files=_model(_drop_weights)), readme=True),
+    BadInput("`model_name_or_path`: an empty directory", RUN, (r"has no config\.json", "save_pretrained"),
+             run("--model_name_or_path", "MODEL", files=_model(_empty_directory)), readme=True),
+    BadInput("`model_name_or_path`: a directory without tokenizer files", RUN,
+             (r"has no tokenizer", r"tokenizer\.json", "save_pretrained"),
+             run("--model_name_or_path", "MODEL", files=_model(_no_tokenizer))),
+    BadInput("`model_name_or_path`: a PEFT adapter directory", RUN,
+             (r"is a PEFT adapter, not a model", "init_from_adapter"),
+             run("--model_name_or_path", "MODEL", files=_model(_an_adapter)), readme=True),
+    BadInput("`model_name_or_path`: an already compressed checkpoint", RUN,
+             (r"is already compressed", "gptq", "--compressed_model"),
+             run("--model_name_or_path", "MODEL", files=_model(_already_compressed)), readme=True),
+    BadInput("`model_name_or_path`: a weights file", RUN, (r"is a file", r"config\.json"),
+             run("--model_name_or_path", "eora_ft/assets/models/nano-llama-5m/model.safetensors")),
+    BadInput("`output_dir`: an existing file", RUN, (r"output_dir '.*taken' is an existing file", "directory"),
+             run("--output_dir", "FILE", files=_an_existing_file), readme=True),
+    BadInput("`cache_dir`: an existing file", RUN, (r"cache_dir '.*taken' is an existing file",),
+             run("--cache_dir", "FILE", files=_an_existing_file)),
+    BadInput("`eval_dataset_name`: the training file", RUN, (r"is \(or holds\) the training data", "memorisation"),
+             run("--eval_dataset_name", "eora_ft/assets/data/arc/ARC-Challenge/ARC-Challenge-Train.jsonl"),
+             readme=True),
+    BadInput("`dataset_name`: a .txt file for ARC", RUN, (r"is not a \.json/\.jsonl file", "needs arc records",
+                                                         "dataset_name"),
+             run("--dataset_name", "FILE", files=_text_file(b"Question: why?\nAnswer: because\n"))),
+    BadInput("`ppl_dataset`: a binary file", RUN, ("ppl_dataset", r"heldout\.parquet", "binary file",
+                                                   r"accepted: UTF-8 text"),
+             run("--ppl_dataset", "FILE", files=_binary_text)),
+    BadInput("`calib_seq_len: 2048` on a model of 1024 positions", RUN,
+             (r"calib_seq_len=2048 is longer than the model's 1024 positions", r"calib_seq_len <= 1024"),
+             run("--calib_seq_len", "2048"), warns=True, readme=True),
+    BadInput("`ppl_window: 4096` on a model of 1024 positions", RUN,
+             (r"ppl_window=4096 is longer than the model's 1024 positions",), run("--ppl_window", "4096"), warns=True),
     BadInput("a truncated model.safetensors", MODEL, (r"model\.safetensors is corrupt or truncated",
                                                       "download or save it again"),
              run("--model_name_or_path", "MODEL", files=_model(_truncate_weights)), readme=True),
@@ -420,10 +497,15 @@ CASES: list[BadInput] = [
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{i:02d}-{c.given[:60]}" for i, c in enumerate(CASES)])
 def test_bad_input_is_caught_early_with_an_actionable_message(case: BadInput, tmp_path, tripwires):
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(Exception) as caught, warnings.catch_warnings(record=True) as given:
+        warnings.simplefilter("always")
         case.trigger(tmp_path)
-    assert not isinstance(caught.value, ExpensiveStageReached), f"{case.given}: reached {caught.value} first"
-    message = str(caught.value)
+    if case.warns:  # warned, then went on to the first expensive stage
+        assert isinstance(caught.value, ExpensiveStageReached), f"{case.given}: {caught.value}"
+        message = "\n".join(str(w.message) for w in given if issubclass(w.category, UserWarning))
+    else:
+        assert not isinstance(caught.value, ExpensiveStageReached), f"{case.given}: reached {caught.value} first"
+        message = str(caught.value)
     for word in case.words:
         assert re.search(word, message), f"{case.given}: {word!r} not in the error:\n{message}"
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir()), "wrote into output_dir"

@@ -87,3 +87,57 @@ def test_recipe_refuses_another_recipes_task(tmp_path):
     with pytest.raises(ValueError, match=r"recipes/gsm8k.py runs task gsm8k; got task='arc_challenge'"):
         module["main"](["--task", "arc_challenge", "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recipe", ["arc", "mathqa", "gsm8k", "text"])
+def test_no_arguments_parse_exactly_as_the_explicit_default_config(recipe):
+    """`accelerate launch recipes/arc.py` (no arguments, as the README runs it) and `... --config <its default>`
+    give the same five dataclasses, field by field (issue #32: report_to differed and broke transformers 5.24)."""
+    import dataclasses
+    import runpy
+
+    from eora_ft.run.recipe import parse_recipe
+
+    default = runpy.run_path(str(ROOT / "recipes" / f"{recipe}.py"))["DEFAULT_CONFIG"]
+    implicit = parse_recipe([], default, recipe)
+    explicit = parse_recipe_args(["--config", str(default)])
+    for got, expected in zip(implicit, explicit):
+        assert type(got) is type(expected)
+        for item in dataclasses.fields(expected):
+            assert getattr(got, item.name) == getattr(expected, item.name), (type(got).__name__, item.name)
+
+
+@pytest.mark.parametrize("given,expected", [
+    ([], "tensorboard"),  # the field's default when nothing names it
+    (["--report_to", "none"], "none"), (["--report_to", "None"], "none"),
+    (["--report_to", "tensorboard"], "tensorboard"), (["--report_to", "tensorboard,tensorboard"], "tensorboard"),
+    (["--report_to", "all"], "all"),
+])
+def test_report_to_reaches_the_trainer_as_a_value_every_transformers_release_takes(given, expected):
+    """TrainingArguments turns "none" into [] and "all" into the installed integrations; a list holds names only
+    (never None: transformers 5.24 refuses [None] when the Trainer starts, after compression)."""
+    from transformers.integrations.integration_utils import get_available_reporting_integrations
+
+    training = parse_recipe_args(["--output_dir", "unused", *given])[3]
+    want = {"none": [], "all": get_available_reporting_integrations()}.get(expected, [expected])
+    assert training.report_to == want
+
+
+@pytest.mark.parametrize("given,words", [
+    ("wandb2", r"unknown integration\(s\) \['wandb2'\]; valid: none, all, or any of \["),
+    ("tensorboard,none", r"'none' and 'all' stand alone"),
+])
+def test_a_bad_report_to_is_refused_at_parse_time(given, words):
+    with pytest.raises(ValueError, match=words):
+        parse_recipe_args(["--output_dir", "unused", "--report_to", given])
+
+
+def test_nf4_without_bitsandbytes_names_the_extra_at_parse_time(monkeypatch):
+    """bitsandbytes is the optional nf4 extra (PEFT imports it whenever it is installed, and it then probes the
+    hub on AVX-512 BF16 CPUs); asking for nf4 without it is refused before any work, saying what to install."""
+    from eora_ft.config import CompressionArguments
+
+    monkeypatch.setattr("eora_ft.config.nf4_available", lambda: False)
+    with pytest.raises(ValueError, match=r"compress_method='nf4'.*needs bitsandbytes: pip install -e \"\.\[nf4\]\""):
+        CompressionArguments(compress_method="nf4")
+    CompressionArguments(compress_method="gptq")  # every other method needs nothing of it

@@ -123,7 +123,7 @@ def test_the_whole_path_creates_no_tensor_off_its_data_device(small_model, nano_
         peft_model = build_lora_model(model, factors, lora_config(4, 8, 0.0, LINEARS))
         peft_model.train()
         losses = _train_two_steps(peft_model, ids)
-        save_adapter(peft_model, tmp_path / "adapter")
+        save_adapter(peft_model, tmp_path / "adapter", str(tmp_path / "base"))
         reloaded = load_adapter(load_compressed(tmp_path / "base"), tmp_path / "adapter")
         scores = score_multiple_choice(reloaded, tokenizer, items, batch_size=4, progress=False)
         ppl = perplexity(reloaded, tokenizer, "Ice melts when it is warm. " * 20, window=32, max_windows=2,

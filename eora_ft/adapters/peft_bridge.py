@@ -7,6 +7,7 @@ writes the standard adapter files that plain PEFT reloads over the dequantized b
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -162,20 +163,24 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
     return {"trainable": sum(trainable.values()), "total": total}
 
 
-def save_adapter(peft_model: PeftModel, directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(peft_model: PeftModel, directory: str | Path, base_model_name_or_path: str,
+                 move_in: dict[str, Path] | None = None) -> Path:
     """``save_pretrained`` into a sibling temp dir, then swap it in whole. An existing ``directory`` is
     replaced only if it is empty or an adapter directory (holds ``adapter_config.json``).
 
-    ``base_model_name_or_path``: the (compressed) model the adapter belongs to, written into
-    ``adapter_config.json`` in place of the model PEFT wrapped (which for a compressed base is the
-    uncompressed model's name: a correction for ``W - W_c`` on top of ``W`` would be silently wrong)."""
+    ``base_model_name_or_path`` (required): the model the adapter was computed for, written into
+    ``adapter_config.json`` in place of the model PEFT wrapped. For a compressed base that is the compressed
+    checkpoint, never the uncompressed model PEFT saw: a correction for ``W - W_c`` applied on top of ``W``
+    would be silently wrong. ``move_in``: ``{name: directory}`` moved into the adapter directory before it is
+    swapped in (a rewritten base that the adapter names as ``<directory>/<name>``)."""
     with atomic_directory(directory, lambda d: (d / "adapter_config.json").exists(), "PEFT adapter directory") as tmp:
         peft_model.save_pretrained(tmp)
-        if base_model_name_or_path is not None:
-            config_path = tmp / "adapter_config.json"
-            config = json.loads(config_path.read_text())
-            config["base_model_name_or_path"] = str(base_model_name_or_path)
-            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        config_path = tmp / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = str(base_model_name_or_path)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, source in (move_in or {}).items():
+            os.replace(source, tmp / name)
     return Path(directory)
 
 

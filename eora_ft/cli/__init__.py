@@ -22,19 +22,23 @@ import importlib.metadata
 import sys
 
 
+# what `eora-ft info` (and CI's log) reports: the packages whose releases change what a run does
+VERSIONED = ("eora_ft", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "deepspeed", "triton",
+             "safetensors", "tokenizers", "huggingface_hub", "kernels", "compressed-tensors", "bitsandbytes", "numpy")
+
+
 def _info() -> int:
     from eora_ft.compress import COMPRESSORS
     from eora_ft.init import INITIALIZERS
 
-    for package in ("eora_ft", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "deepspeed",
-                    "bitsandbytes", "triton"):
+    for package in VERSIONED:
         try:
             version = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             version = "not installed"
-        print(f"{package:14s} {version}")
-    print(f"compressors    {', '.join(sorted(COMPRESSORS))}")
-    print(f"initializers   {', '.join(sorted(INITIALIZERS))}")
+        print(f"{package:18s} {version}")
+    print(f"{'compressors':18s} {', '.join(sorted(COMPRESSORS))}")
+    print(f"{'initializers':18s} {', '.join(sorted(INITIALIZERS))}")
     return 0
 
 

@@ -20,6 +20,8 @@ from typing import Callable
 
 from trl import TrlParser
 
+from eora_ft.config import parse_strictly
+
 REMOVED_IN = "0.2"
 
 
@@ -110,5 +112,5 @@ def parse_command(prog: str, dataclass_types: tuple, argv: list[str], legacy: Le
                   description: str) -> tuple:
     """Parse ``argv`` (legacy spellings translated) into instances of ``dataclass_types``."""
     parser = TrlParser(dataclass_types, prog=prog, description=description)
-    return parser.parse_args_and_config(args=legacy.translate(list(argv)))
+    return parse_strictly(parser, legacy.translate(list(argv)), prog)
 

@@ -82,7 +82,8 @@ def error_table(rows: list[dict]) -> str:
 def compress_command(argv: list[str]) -> int:
     """Validate everything, load, calibrate, compress, print the error table, save atomically."""
     from eora_ft.init.sequential import find_decoder_layers, target_linears
-    from eora_ft.run.pipeline import check_model_against_config, load_model, require_source
+    from eora_ft.run.pipeline import check_model_against_config, check_output_dir, load_model, require_source
+    from eora_ft.utils.model_checks import check_positions
 
     options, model_args, output = parse(argv)
     method = options.compress_method
@@ -97,8 +98,10 @@ def compress_command(argv: list[str]) -> int:
         _helpers()  # the library must be there before the compression runs, not after
     targets = model_args.lora_target_modules
     require_source(options.calib_dataset, "calib_dataset")
+    check_output_dir(output.output_dir, "output_dir")
     tokenizer, model = load_model(model_args)
     check_model_against_config(model, targets, options)
+    check_positions(model.config, {"calib_seq_len": options.calib_seq_len})
     if output.format == "gptq":  # the layout packs 32 codes per run along K and N: check before compressing
         for name, linear in target_linears(find_decoder_layers(model)[1][0], targets).items():
             if linear.in_features % 32 or linear.out_features % 32:

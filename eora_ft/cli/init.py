@@ -2,18 +2,22 @@
 
     eora-ft init --compressed_model runs/nano-gptq3 --init_method eora --lora_r 16 --output_dir runs/nano-gptq3-eora16
 
-The flags are the recipe fields of the same names (``--help`` lists them) plus ``--compressed_model``,
-``--original_model`` and ``--output_dir``. The statistics come from the compressed model itself (each
-layer sees the compressed prefix, the default capture mode); the error ``dW = W - W_c`` needs the
-original weights, read from the model the compressed directory records (or ``--original_model``). Both
-models stay on the CPU; one decoder layer at a time runs on ``--execution_device`` (the GPU when there is
-one), through the same layer-wise driver as compression. LoftQ also rewrites the base: its ``Q_T`` is
-saved next to the adapter in ``base/``.
+The flags are the recipe fields of the same names (``--help`` lists them): every field of
+:class:`~eora_ft.config.AdapterInitArguments` (rank budget, refinement, capture, the adapter calibration...),
+the calibration and LoRA-shape fields, plus ``--compressed_model``, ``--original_model`` and ``--output_dir``.
+The computation is a recipe cache entry's (:func:`eora_ft.run.initial_adapter.initial_adapter`): the
+statistics come from the compressed model itself (each layer sees the compressed prefix, the default capture
+mode); the error ``dW = W - W_c`` needs the original weights, read from the model the compressed directory
+records (or ``--original_model``). Both models stay on the CPU; one decoder layer at a time runs on
+``--execution_device`` (the GPU when there is one). LoftQ and eora_alt also rewrite the base: it is saved
+next to the adapter in ``base/``. The adapter's ``adapter_config.json`` names the base it corrects.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,15 +25,17 @@ from pathlib import Path
 from eora_ft.compress import make_compressor
 from eora_ft.config import AdapterInitArguments, CompressionArguments, EoraModelConfig
 from eora_ft.init import REBASING_INITS, check_rank
-from eora_ft.init.sequential import compress_model
 from eora_ft.utils.placement import default_device
 
 from .arguments import LegacyFlag, LegacyFlags, dashed, fields_of, parse_command
 from .compress import CALIBRATION_LEGACY
 
-INIT_FIELDS = ["init_method", "eora_eigen_mode", "eora_shrink", "loftq_iters", "eora_alt_iters", "factor_bits"]
+logger = logging.getLogger("eora_ft")
+
+# every initialisation knob the recipes have (a test checks that none is missing)
+INIT_FIELDS = [f.name for f in dataclasses.fields(AdapterInitArguments)]
 CALIBRATION_FIELDS = ["calib_dataset", "calib_num_samples", "calib_seq_len", "calib_seed", "calib_batch_size",
-                      "execution_device", "calib_activations_device"]
+                      "calib_task_dataset", "calib_task_format", "execution_device", "calib_activations_device"]
 MODEL_FIELDS = ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "dtype"]
 
 
@@ -68,56 +74,85 @@ def parse(argv: list[str]) -> tuple[AdapterInitArguments, CompressionArguments, 
 
 
 def init_command(argv: list[str]) -> int:
-    """Parse, check, load both models on the CPU, run the layer-wise pass, save the PEFT adapter atomically."""
-    from eora_ft.adapters.peft_bridge import build_lora_model, lora_config, save_adapter
-    from eora_ft.compress.io import load_compressed, save_compressed
-    from eora_ft.data import calibration_tokens, resolve_path
-    from eora_ft.run.pipeline import load_model, require_source
+    """Parse, check, load both models on the CPU, run the layer-wise pass, save the PEFT adapter atomically.
+
+    The adapter's ``adapter_config.json`` names the compressed model it corrects (``--compressed_model``, or
+    ``<output_dir>/base`` when the initializer rewrote the base), never the uncompressed one."""
+    from eora_ft.adapters.peft_bridge import load_adapter, save_adapter
+    from eora_ft.compress.io import load_compressed, recorded_options, save_compressed
+    from eora_ft.data import mixed_calibration, resolve_path
+    from eora_ft.data.task_text import task_texts
+    from eora_ft.run.initial_adapter import initial_adapter
+    from eora_ft.run.pipeline import check_output_dir, load_model, require_source
+    from eora_ft.utils.model_checks import check_positions
 
     init_args, calibration, lora, paths = parse(argv)
     method, rank = init_args.init_method, lora.lora_r
-    require_source(calibration.calib_dataset, "calib_dataset")
-    compressed = load_compressed(require_source(paths.compressed_model, "compressed_model", hub_ok=False))
+    check_output_dir(paths.output_dir, "output_dir")
+    for what in ("calib_dataset", "calib_task_dataset"):
+        require_source(getattr(calibration, what), what)
+    if init_args.adapter_calib_dataset:
+        for part in init_args.adapter_calib_dataset.split(","):
+            require_source(part.strip(), "adapter_calib_dataset")
+    compressed_dir = Path(require_source(paths.compressed_model, "compressed_model", hub_ok=False)).resolve()
+    compressed = load_compressed(compressed_dir)
     meta = compressed.compression_config
-    original_path = paths.original_model or meta.get("model")
-    if not original_path:
-        raise ValueError(f"{paths.compressed_model} does not record its original model: pass --original_model")
-    # the original stays on the CPU in `dtype` (bf16 halves a 70B model's host memory); W - W_c is taken in fp32
-    tokenizer, original = load_model(EoraModelConfig(model_name_or_path=original_path, dtype=lora.dtype))
     targets = lora.lora_target_modules  # None: every compressed linear (all-linear)
     modules = {path: m for path, m in compressed.named_modules()
                if hasattr(m, "dequantize") and (targets is None or path.split(".")[-1] in targets)}
     if not modules:
         raise ValueError(f"no compressed layer named {targets} in {paths.compressed_model}")
+    if init_args.init_from_adapter:  # an existing adapter, checked against this base and re-saved naming it
+        adapter = load_adapter(compressed, os.path.expanduser(init_args.init_from_adapter), is_trainable=True)
+        save_adapter(adapter, paths.output_dir, str(compressed_dir))
+        print(json.dumps({"output": paths.output_dir, "from_adapter": init_args.init_from_adapter,
+                          "base": str(compressed_dir)}))
+        return 0
     for path, module in modules.items():
         check_rank(rank, module.in_features, module.out_features, path)
-    calib = calibration_tokens(tokenizer, resolve_path(calibration.calib_dataset), calibration.calib_num_samples,
-                               calibration.calib_seq_len, seed=calibration.calib_seed)
+    original_path = paths.original_model or meta.get("model")
+    if not original_path:
+        raise ValueError(f"{paths.compressed_model} does not record its original model: pass --original_model")
+    # the original stays on the CPU in `dtype` (bf16 halves a 70B model's host memory); W - W_c is taken in fp32
+    tokenizer, original = load_model(EoraModelConfig(model_name_or_path=original_path, dtype=lora.dtype))
+    check_positions(original.config, {"calib_seq_len": calibration.calib_seq_len})
+    task_text = (task_texts(calibration.calib_task_format, resolve_path(calibration.calib_task_dataset))
+                 if calibration.calib_task_dataset else [])
+    task_fraction = init_args.adapter_calib_task_fraction if task_text else 0.0
+    if init_args.adapter_calib_task_fraction and not task_text:
+        logger.info("adapter calibration: generic text only (adapter_calib_task_fraction=%s takes its task share "
+                    "from calib_task_dataset, which is not set)", init_args.adapter_calib_task_fraction)
+    calib = mixed_calibration(tokenizer, init_args.adapter_calib_dataset or calibration.calib_dataset, task_text,
+                              init_args.adapter_calib_num_samples or calibration.calib_num_samples,
+                              calibration.calib_seq_len, task_fraction=task_fraction, seed=calibration.calib_seed)
 
-    rebases = method in REBASING_INITS
-    compressor = make_compressor(meta["method"], **meta.get("options", {})) if rebases else None
-    options = init_args.options().get(method, {})
+    options = recorded_options(meta)
+    compressor = make_compressor(meta["method"], **options) if method in REBASING_INITS else None
+    output = Path(paths.output_dir).resolve()
+    rewritten = output.with_name(f".{output.name}.{method}-base")  # moved in as <output_dir>/base
+
+    def save_rewritten_base(model) -> None:  # before PEFT wraps the layers
+        save_compressed(model, rewritten, {**meta, "rewritten_by": method, **init_args.options().get(method, {})},
+                        tokenizer)
+
     execution, activations = calibration.placement(default_device())
-    # The original model runs layer by layer with the compressed linears swapped in, one layer at a time, with
-    # the statistics scheme the compressed model was made with (recorded by `eora-ft compress` and the recipes;
-    # one pass per layer when absent, the default): the factors are those of compressing and initialising at once.
-    result = compress_model(original, calib, compressor, [method], rank=rank, init_options={method: options},
-                            target_modules=targets, batch_size=calibration.calib_batch_size, seed=calibration.calib_seed,
-                            true_sequential=bool(meta.get("true_sequential", False)),
-                            factor_bits=init_args.factor_bits, base_from=method if rebases else None,
-                            execution_device=execution, activations_device=activations, precompressed=modules)
-    del compressed
-    factors = {path: per_init[method] for path, per_init in result.factors.items()}
-
-    base_dir = None
-    if result.base_replaced:  # written before PEFT wraps the layers; moved under the adapter at the end
-        base_dir = save_compressed(original, f"{paths.output_dir}.{method}-base",
-                                   {**meta, "rewritten_by": method, **options}, tokenizer)
-    peft_model = build_lora_model(original, factors, lora_config(rank, lora.lora_alpha, lora.lora_dropout, targets))
-    save_adapter(peft_model, paths.output_dir)
-    if base_dir is not None:
-        os.replace(base_dir, Path(paths.output_dir) / "base")
-    effective = sorted({f.effective_rank for f in factors.values()})
-    print(json.dumps({"output": paths.output_dir, "method": method, "rank": rank, "layers": len(factors),
-                      "effective_ranks": effective, "calibration_tokens": int(calib.numel())}))
+    # The original model runs layer by layer with the compressed linears swapped in, with the statistics scheme
+    # the compressed model was made with (one pass per layer when it recorded none, the default): the factors are
+    # those of compressing and initialising at once.
+    initial = initial_adapter(original, modules, compressor, calib, init_args, lora, calibration.calib_seed,
+                              batch_size=calibration.calib_batch_size,
+                              true_sequential=bool(meta.get("true_sequential", False)),
+                              calib_seed=calibration.calib_seed, save_rewritten_base=save_rewritten_base,
+                              execution_device=execution, activations_device=activations)
+    del compressed, modules
+    base = output / "base" if initial.base_replaced else compressed_dir
+    save_adapter(initial.peft_model, output, str(base), move_in={"base": rewritten} if initial.base_replaced else None)
+    rows = initial.meta["layers"]
+    print(json.dumps({"output": paths.output_dir, "base": str(base), "method": method, "rank": rank,
+                      "layers": len(rows), "calibration_tokens": int(calib.numel()),
+                      "effective_ranks": sorted({row[f"effective_rank/{method}"] for row in rows}),
+                      **({"rank_budget": {k: initial.meta["rank_budget"][k] for k in ("budget", "spent")}}
+                         if "rank_budget" in initial.meta else {}),
+                      **({"refine": {k: initial.meta["refine"][k] for k in ("loss_first", "loss_last")}}
+                         if "refine" in initial.meta else {})}))
     return 0

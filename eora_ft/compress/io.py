@@ -41,6 +41,8 @@ from .linear import CompressedLinear, set_module
 
 CONFIG, WEIGHTS, WEIGHTS_INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 COMPRESSION_CONFIG, QUANTIZE_CONFIG = "compression_config.json", "quantize_config.json"
+# the keys of CompressionArguments.compressor_options(), as a compressed directory records them
+COMPRESSOR_OPTIONS = ("bits", "group_size", "sym", "grid_search", "damp_percent", "act_order", "sparsity")
 GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx", "bias")
 DEFAULT_DAMP_PERCENT = 0.01  # our GPTQ default; written when the model does not record its own
 FORMAT_VERSION = 2  # 2: pruned-only layers as kept values + packed keep-mask, no dense masks
@@ -60,9 +62,9 @@ def _nf4_layers(model: nn.Module) -> dict[str, nn.Module]:
 def _nf4_shell(spec: dict, state: dict[str, torch.Tensor], path: str, dtype: torch.dtype,
                device: torch.device) -> nn.Module:
     """Rebuild an NF4 layer from its saved codes + quant state (popped from ``state``)."""
-    import bitsandbytes as bnb
+    from .nf4 import import_bitsandbytes, nf4_linear_class
 
-    from .nf4 import nf4_linear_class
+    bnb, _ = import_bitsandbytes()
 
     layer = nf4_linear_class()(spec["in_features"], spec["out_features"], bias=spec["bias"], compute_dtype=dtype,
                                quant_type="nf4", device="meta")
@@ -201,6 +203,13 @@ def _finish(model: nn.Module, directory: Path, meta: dict) -> nn.Module:
     return model.eval()
 
 
+def recorded_options(compression_config: dict) -> dict:
+    """The compressor options a compressed directory recorded: under ``options`` (``eora-ft compress``) or at
+    the top level (a recipe's cache entry), as :func:`eora_ft.compress.make_compressor` takes them."""
+    source = compression_config.get("options", compression_config)
+    return {key: source[key] for key in COMPRESSOR_OPTIONS if key in source}
+
+
 def load_compressed(directory: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu", attn_implementation: str | None = None) -> nn.Module:
     """Load a directory written by :func:`save_compressed`: the model in eval mode on ``device``, compressed
@@ -267,7 +276,7 @@ def export_gptq(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
         raise ValueError("the model has no CompressedLinear layer: nothing to export as GPTQ")
     specs = {(m.bits, m.group_size) for m in layers.values() if m.bits is not None}
     meta = getattr(model, "compression_config", None) or {}
-    options = meta.get("options", meta)  # `eora-ft compress` records the compressor's options under "options"
+    options = recorded_options(meta)
     true_sequential = bool(meta.get("true_sequential", False))
     sym = options.get("sym")
     if sym is None:  # a symmetric grid has its zero point in the middle of the code range

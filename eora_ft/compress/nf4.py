@@ -14,20 +14,28 @@ from torch import nn
 from .stats import ActivationStats
 
 NF4_BLOCK_SIZES = (64, 128, 256)
+NF4_NEEDS = "compress_method=nf4 needs bitsandbytes: pip install -e \".[nf4]\" (or pip install bitsandbytes)"
 
 
-def _bnb():
+def nf4_available() -> bool:
+    """bitsandbytes is installed (found, not imported: importing it has side effects, see pyproject's nf4 extra)."""
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def import_bitsandbytes():
     try:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnb_functional
-    except ImportError as err:  # pragma: no cover - bitsandbytes is a dependency
-        raise ImportError("compress_method=nf4 needs bitsandbytes (pip install bitsandbytes)") from err
+    except ImportError as err:  # an optional dependency: the nf4 extra
+        raise ImportError(NF4_NEEDS) from err
     return bnb, bnb_functional
 
 
 def nf4_linear_class():
     """``NF4Linear``: bitsandbytes ``Linear4bit`` plus the ``dequantize()`` every compressed layer has."""
-    bnb, functional = _bnb()
+    bnb, functional = import_bitsandbytes()
 
     class NF4Linear(bnb.nn.Linear4bit):
         def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -47,7 +55,7 @@ class NF4Weight:
     out_features: int
 
     def dequantize(self) -> torch.Tensor:
-        _, functional = _bnb()
+        _, functional = import_bitsandbytes()
         return functional.dequantize_4bit(self.params.data, self.params.quant_state).to(torch.float32)
 
     def to_module(self, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Module:
@@ -70,7 +78,7 @@ class NF4:
         self.block_size, self.double_quant = block_size, double_quant
 
     def compress(self, weight: torch.Tensor, stats: ActivationStats | None = None) -> NF4Weight:
-        bnb, _ = _bnb()
+        bnb, _ = import_bitsandbytes()
         params = bnb.nn.Params4bit(weight.detach().to(torch.float32).contiguous(), requires_grad=False, quant_type="nf4",
                                    blocksize=self.block_size, compress_statistics=self.double_quant)
         params = params.to(weight.device if weight.device.type != "meta" else "cpu")  # quantizes on the move

@@ -7,12 +7,12 @@ import random
 
 import torch
 
-from eora_ft.data.sources import load_records, read_text, resolve_path
+from eora_ft.data.sources import is_text_file, load_records, read_text, resolve_path
 
 
 def _documents(text_path_or_id: str) -> list[str]:
     resolved = resolve_path(text_path_or_id)
-    if resolved.endswith(".txt"):
+    if is_text_file(resolved):
         # A plain-text corpus (e.g. WikiText-2 joined with "\n\n"): its paragraphs are the documents.
         return [p for p in read_text(resolved).split("\n\n") if p.strip()]
     records = load_records(resolved)

@@ -21,7 +21,6 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
 }
 JSON_SUFFIXES = (".json", ".jsonl")
-TEXT_SUFFIXES = (".txt",)
 
 
 class DataFileError(ValueError):
@@ -35,7 +34,8 @@ class DataFileError(ValueError):
 
 
 def check_data_file(path: str | os.PathLike, what: str = "data file", schema: str | None = None) -> int:
-    """Validate one local ``.txt``, ``.json`` or ``.jsonl`` file; return its number of records (or paragraphs).
+    """Validate one local ``.json`` or ``.jsonl`` file, or a text file (any other suffix); return its number of
+    records (or non-blank lines of text).
 
     ``what`` names the argument the file came from (``calib_dataset``...), ``schema`` a key of
     :data:`RECORD_FIELDS` whose fields each JSON record must hold. Raises :class:`DataFileError` for an
@@ -45,8 +45,11 @@ def check_data_file(path: str | os.PathLike, what: str = "data file", schema: st
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {os.fspath(path)!r} does not exist or is not a file")
-    if path.suffix not in JSON_SUFFIXES + TEXT_SUFFIXES:
-        raise DataFileError(path, None, f"unsupported suffix {path.suffix!r}; valid: .txt, .json, .jsonl", what)
+    is_text = path.suffix not in JSON_SUFFIXES  # any other file is plain text (.txt, .md, no suffix...)
+    if is_text and schema not in (None, "text"):
+        raise DataFileError(path, None, f"is not a .json/.jsonl file; {what} needs {schema} records with fields "
+                            f"{list(RECORD_FIELDS[schema])}, one JSON object per line (.jsonl) or a JSON list (.json)",
+                            what)
     fields = RECORD_FIELDS.get(schema, ()) if schema else ()
     if path.suffix == ".json" and _starts_with(path, b"["):
         return _check_json_array(path, what, fields)
@@ -54,10 +57,10 @@ def check_data_file(path: str | os.PathLike, what: str = "data file", schema: st
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             last_line_ended = raw.endswith(b"\n")
-            text = _decode(raw, path, line_no, what)
+            text = _decode(raw, path, line_no, what, is_text)
             if not text.strip():
                 continue
-            if path.suffix in TEXT_SUFFIXES:
+            if is_text:
                 count += 1
                 continue
             try:
@@ -71,7 +74,7 @@ def check_data_file(path: str | os.PathLike, what: str = "data file", schema: st
             _check_record(record, fields, path, f"line {line_no}", what)
             count += 1
     if count == 0:
-        kind = "text" if path.suffix in TEXT_SUFFIXES else "records"
+        kind = "text" if is_text else "records"
         raise DataFileError(path, None, f"holds no {kind} ({'empty' if line_no == 0 else 'only blank lines'})", what)
     return count
 
@@ -82,12 +85,16 @@ def _starts_with(path: Path, prefix: bytes) -> bool:
     return head.startswith(b"\xef\xbb\xbf" + prefix) or head.startswith(prefix)
 
 
-def _decode(raw: bytes, path: Path, line_no: int, what: str) -> str:
+def _decode(raw: bytes, path: Path, line_no: int, what: str, is_text: bool = False) -> str:
+    accepted = ("; accepted: UTF-8 text (any suffix but .json/.jsonl; paragraphs separated by blank lines) or "
+                ".json/.jsonl records" if is_text else "")
+    if is_text and b"\0" in raw:  # valid UTF-8, but no text file holds NUL bytes: an archive, weights, parquet...
+        raise DataFileError(path, f"line {line_no}", f"holds NUL bytes: it is a binary file, not text{accepted}", what)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataFileError(path, f"line {line_no}", f"byte {raw[err.start]:#04x} at column {err.start + 1} is not UTF-8; "
-                            "save the file as UTF-8", what) from None
+                            f"save the file as UTF-8{accepted}", what) from None
 
 
 def _check_record(record, fields: tuple[str, ...], path: Path, location: str, what: str) -> None:

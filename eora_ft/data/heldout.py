@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from eora_ft.data.sources import load_records, read_text, resolve_path
+from eora_ft.data.sources import is_text_file, load_records, read_text, resolve_path
 
 _ASSETS = "eora_ft/assets/data"
 # file name -> (metric prefix, column label): the bundled held-out texts
@@ -51,7 +51,7 @@ class HeldoutText:
 def corpus_text(path: str) -> str:
     """A local text corpus as one string (``.txt`` as is, JSON records' ``text`` fields joined by ``"\\n\\n"``)."""
     resolved = resolve_path(path)
-    if resolved.endswith(".txt"):
+    if is_text_file(resolved):
         return read_text(resolved)
     records = load_records(resolved)
     if "text" not in records.column_names:
@@ -73,7 +73,7 @@ def heldout_texts(spec: str | None) -> list[HeldoutText]:
         if base in BUNDLED_TEXTS:
             name, label = BUNDLED_TEXTS[base]
         else:
-            stem = re.sub(r"\.(jsonl?|txt)$", "", base)
+            stem = os.path.splitext(base)[0] or base
             name, label = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_").lower() or "text", f"{stem} ppl"
         texts.append(HeldoutText(name, label, path))
     names = [t.name for t in texts]

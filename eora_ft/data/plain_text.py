@@ -12,7 +12,7 @@ import os
 
 import datasets
 
-from eora_ft.data.sources import load_records, read_text, resolve_path
+from eora_ft.data.sources import is_text_file, load_records, read_text, resolve_path
 
 
 def load_plain_text(path_or_id: str, split: str = "train", name: str | None = None,
@@ -20,7 +20,7 @@ def load_plain_text(path_or_id: str, split: str = "train", name: str | None = No
     """The non-empty documents of a local .txt / .json / .jsonl file or of a hub dataset with a ``text``
     column (e.g. ``Salesforce/wikitext`` with ``name="wikitext-2-raw-v1"``); the first ``limit`` if set."""
     resolved = resolve_path(path_or_id)
-    if resolved.endswith(".txt"):
+    if is_text_file(resolved):
         documents = read_text(resolved).split("\n\n")
     else:
         records = load_records(resolved, split=split, name=name)

@@ -83,7 +83,9 @@ def load_records(path_or_id: str, split: str = "train", name: str | None = None)
         return datasets.load_dataset("json", data_files=files, split="train")
     if os.path.isfile(resolved):
         if not resolved.endswith(_JSON_SUFFIXES):
-            raise ValueError(f"{resolved!r} is not a .json/.jsonl file; use read_text() for text files")
+            raise ValueError(f"{resolved!r} is not a .json/.jsonl file: records come from JSON Lines (.jsonl), a JSON "
+                             "list (.json) or a directory of them (plain text goes to ppl_dataset, calib_dataset or "
+                             "the text task)")
         check_data_file(resolved)  # names the file and line where the json builder would not
         return datasets.load_dataset("json", data_files=resolved, split="train")
     if not _looks_like_hub_id(path_or_id):
@@ -94,10 +96,17 @@ def load_records(path_or_id: str, split: str = "train", name: str | None = None)
     return datasets.load_dataset(path_or_id, name, split=split)
 
 
+def is_text_file(path: str) -> bool:
+    """A local file that is read as plain text: any file that is not ``.json``/``.jsonl`` (``.txt``, ``.md``, no
+    suffix at all...). Whether it really is UTF-8 text is checked when it is read (:func:`read_text`)."""
+    return os.path.isfile(path) and not path.endswith(_JSON_SUFFIXES)
+
+
 def read_text(path: str) -> str:
-    """Read a local UTF-8 text file (e.g. the joined WikiText-2 test split) into one string."""
+    """Read a local UTF-8 text file (e.g. the joined WikiText-2 test split; any suffix but .json/.jsonl) into one
+    string."""
     resolved = resolve_path(path)
     if not os.path.isfile(resolved):
-        raise _missing(path, "a local .txt file")
+        raise _missing(path, "a local UTF-8 text file")
     check_data_file(resolved)
     return Path(resolved).read_text(encoding="utf-8")

@@ -34,9 +34,12 @@ from eora_ft.config import UNCOMPRESSED, AdapterInitArguments, CompressionArgume
 from eora_ft.data.sources import resolve_path
 from eora_ft.init import SEEDED_INITS
 from eora_ft.adapters.peft_bridge import build_lora_model, load_adapter, lora_config, save_adapter
-from eora_ft.utils.placement import fits_on
+from eora_ft.run.initial_adapter import initial_adapter
 
 BASE_DIR, INIT_DIR = "base", "init"
+# 2: init/adapter_config.json names the compressed base (1 named the uncompressed model). In the init key only:
+# base entries (the expensive ones) stay hits
+INIT_LAYOUT = 2
 # How calibration text was chosen does not enter a key: the token ids themselves are hashed. Where an
 # entry is computed or cached does not change it either.
 _NOT_IN_BASE_KEY = {"cache_dir", "calib_dataset", "calib_task_dataset", "calib_task_format", "calib_task_fraction",
@@ -67,9 +70,11 @@ def init_key_parts(base_key: str, model_args: EoraModelConfig, init_args: Adapte
     calibration tokens (int64 ``[samples, seq_len]``; None when the initializer reads none) and, for an
     initializer that draws random numbers, the seed (so the seeds of a comparison share the others)."""
     if init_args.init_from_adapter:  # an existing adapter: its files are the whole input
-        return {"kind": "init", "base": base_key, "from_adapter": model_fingerprint(init_args.init_from_adapter)}
+        return {"kind": "init", "layout": INIT_LAYOUT, "base": base_key,
+                "from_adapter": model_fingerprint(init_args.init_from_adapter)}
     return {
         "kind": "init",
+        "layout": INIT_LAYOUT,
         "base": base_key,
         "init": {**{k: v for k, v in dataclasses.asdict(init_args).items() if k not in _NOT_IN_INIT_KEY
                     # the refinement's knobs change nothing while it is off: entries made before a knob existed stay hits
@@ -110,99 +115,47 @@ def build_base(directory: Path, model: nn.Module, tokenizer, calib: torch.Tensor
 def build_init(directory: Path, base_entry: Path, original: Callable[[], nn.Module], tokenizer,
                adapter_calib: torch.Tensor | None, model_args: EoraModelConfig, compress_args: CompressionArguments,
                init_args: AdapterInitArguments, seed: int, progress: bool = True,
-               execution_device: torch.device | None = None, activations_device: torch.device | None = None) -> dict:
+               execution_device: torch.device | None = None, activations_device: torch.device | None = None, *,
+               entry: Path) -> dict:
     """Factor the initial adapter against ``base_entry``'s compressed linears and write ``init/``.
 
     ``original()`` returns the uncompressed model (on the CPU): the error ``W - W_c`` needs its weights, and
     the layer-by-layer pass over ``adapter_calib`` runs it with the compressed linears swapped in, so every
-    layer's statistics come from the compressed prefix. An initializer with its own base (LoftQ) also
-    writes ``base/``. Returns the entry's metadata."""
+    layer's statistics come from the compressed prefix (:func:`eora_ft.run.initial_adapter.initial_adapter`).
+    An initializer with its own base (LoftQ) also writes ``base/``. ``directory`` is where the entry is
+    built, ``entry`` where it will live: the adapter names its base there (``entry/base`` or
+    ``base_entry/base``; the original model for the uncompressed ceiling). Returns the entry's metadata."""
     start = time.perf_counter()
     if init_args.init_from_adapter:
         return _copy_adapter(directory, base_entry, init_args.init_from_adapter, compress_args, start)
     model = original()
-    teacher = None
-    if init_args.refine_steps and adapter_calib is not None:  # before the model is compressed in place
-        from eora_ft.init.refine import teacher_hidden_states
-
-        teacher = teacher_hidden_states(model, adapter_calib, compress_args.calib_batch_size,
-                                        execution_device or "cpu", init_args.refine_target)
-    config = lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
-                         model_args.lora_target_modules)
     meta = {"base_entry": base_entry.name, "init": init_args.init_method, "compression": compress_args.describe()}
     if compress_args.compress_method == UNCOMPRESSED:  # plain LoRA: PEFT's own init, seeded
         torch.manual_seed(seed)
-        save_adapter(build_lora_model(model, None, config), directory / INIT_DIR)
+        config = lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
+                             model_args.lora_target_modules)
+        save_adapter(build_lora_model(model, None, config), directory / INIT_DIR,
+                     _uncompressed(base_entry)["model"])
         return meta | {"adapter_calib_tokens": 0, "layers": [], "init_seconds": {}}
     packed = load_compressed(base_entry / BASE_DIR, dtype=next(model.parameters()).dtype)
     targets = model_args.lora_target_modules
     modules = {path: module for path, module in packed.named_modules()
                if hasattr(module, "dequantize") and (targets is None or path.split(".")[-1] in targets)}
-    compressor = make_compressor(compress_args.compress_method, **compress_args.compressor_options())
-    rank = model_args.lora_r
-    if init_args.rank_allocation == "budget":  # factor wide, then spend the budget (_spend_budget)
-        rank = max_budget_rank(model, targets, model_args.lora_r, init_args.rank_max_factor)
-    result = compress_model(model, adapter_calib, compressor, [init_args.init_method], rank=rank,
-                            init_options=init_args.options(), target_modules=targets,
-                            batch_size=compress_args.calib_batch_size, seed=seed,
-                            true_sequential=compress_args.true_sequential, factor_bits=init_args.factor_bits,
-                            capture=init_args.capture, base_from=init_args.init_method, progress=progress,
-                            execution_device=execution_device, activations_device=activations_device,
-                            precompressed=modules)
+
+    def save_rewritten_base(rebased: nn.Module) -> None:  # LoftQ's Q_T: the adapter belongs to it, not the entry's
+        save_compressed(rebased, directory / BASE_DIR, {**_compression_config(compress_args),
+                                                        "rewritten_by": init_args.init_method}, tokenizer=tokenizer)
+
+    initial = initial_adapter(model, modules, make_compressor(compress_args.compress_method,
+                                                              **compress_args.compressor_options()),
+                              adapter_calib, init_args, model_args, seed, batch_size=compress_args.calib_batch_size,
+                              true_sequential=compress_args.true_sequential, calib_seed=compress_args.calib_seed,
+                              save_rewritten_base=save_rewritten_base, execution_device=execution_device,
+                              activations_device=activations_device, progress=progress)
     del packed, modules
-    if result.base_replaced:  # LoftQ's Q_T: the adapter belongs to this base, not the entry's
-        save_compressed(model, directory / BASE_DIR, {**_compression_config(compress_args),
-                                                      "rewritten_by": init_args.init_method}, tokenizer=tokenizer)
-    factors = {path: per_init[init_args.init_method] for path, per_init in result.factors.items()}
-    if init_args.rank_allocation == "budget":
-        factors, meta["rank_budget"] = _spend_budget(factors, result, init_args, model_args.lora_r)
-    peft_model = build_lora_model(model, factors, config, trim_to_effective_rank=init_args.trim_rank)
-    if teacher is not None:
-        from eora_ft.init.refine import refine_adapters
-
-        device = torch.device(execution_device or "cpu")
-        if not fits_on(peft_model, device):  # training cannot stream layers the way inference does
-            raise ValueError(f"refine_steps trains the whole compressed model at once: it does not fit on {device}; "
-                             "set refine_steps: 0 or use a larger device")
-        peft_model.to(device)
-        # the batch order follows calib_seed, as the calibration windows do (both are in the key through the
-        # tokens): the run's seed varies fine-tuning, not the shared initial adapter
-        report = refine_adapters(peft_model, adapter_calib, teacher, init_args.refine_steps,
-                                 init_args.refine_learning_rate, compress_args.calib_batch_size,
-                                 compress_args.calib_seed)
-        peft_model.to("cpu")
-        meta["refine"] = {k: v for k, v in report.items() if k != "losses"} | {"losses": report["losses"][::10]}
-    save_adapter(peft_model, directory / INIT_DIR)
-    return meta | {"adapter_calib_tokens": result.calib_tokens, "layers": result.layers,
-                   "init_seconds": result.init_seconds, "build_seconds": time.perf_counter() - start}
-
-
-def max_budget_rank(model: nn.Module, targets: list[str] | None, lora_r: int, factor: int) -> int:
-    """The rank every linear is factored at before a budget is spent: ``factor * lora_r``, at most the
-    smallest ``min(N, K)`` of the targets."""
-    from eora_ft.init.sequential import find_decoder_layers, target_linears
-
-    _, layers = find_decoder_layers(model)
-    smallest = min(min(m.in_features, m.out_features) for m in target_linears(layers[0], targets).values())
-    return max(lora_r, min(factor * lora_r, smallest))
-
-
-def _spend_budget(factors: dict, result, init_args: AdapterInitArguments, lora_r: int) -> tuple[dict, dict]:
-    """Truncate each linear's factors to its share of the budget (:func:`eora_ft.init.rank_budget.allocate_ranks`)."""
-    from eora_ft.init.rank_budget import allocate_ranks
-
-    costs = {path: f.a.shape[1] + f.b.shape[0] for path, f in factors.items()}  # K + N per direction
-    budget = init_args.rank_budget or lora_r * sum(costs.values())
-    curves = {path: result.error_curves[path][init_args.init_method] for path in factors}
-    ranks = allocate_ranks(curves, costs, budget, energies=result.output_energies,
-                           normalisation=init_args.rank_normalisation)
-    spent = sum(ranks[path] * costs[path] for path in ranks)
-    for row in result.layers:  # the report's errors at the ranks kept, not at the wide factorisation
-        row[f"rel_out_err/{init_args.init_method}"] = curves[row["layer"]][ranks[row["layer"]]]
-        row[f"rank/{init_args.init_method}"] = ranks[row["layer"]]
-    report = {"budget": budget, "spent": spent, "normalisation": init_args.rank_normalisation, "ranks": ranks,
-              "rel_out_err": {path: curves[path][ranks[path]] for path in ranks}}
-    return {path: f.truncate(ranks[path]) for path, f in factors.items()}, report
+    base = (entry if initial.base_replaced else base_entry) / BASE_DIR
+    save_adapter(initial.peft_model, directory / INIT_DIR, str(base.resolve()))
+    return meta | initial.meta | {"build_seconds": time.perf_counter() - start}
 
 
 def _copy_adapter(directory: Path, base_entry: Path, source: str, compress_args: CompressionArguments,
@@ -213,7 +166,7 @@ def _copy_adapter(directory: Path, base_entry: Path, source: str, compress_args:
     # PEFT upcasts fp16 factors (GPTQModel writes fp16) to fp32 on load: they train as ours do
     peft_model = load_adapter(base, os.path.expanduser(source), is_trainable=True)
     config = peft_model.peft_config["default"]
-    save_adapter(peft_model, directory / INIT_DIR)
+    save_adapter(peft_model, directory / INIT_DIR, str((base_entry / BASE_DIR).resolve()))
     return {"base_entry": base_entry.name, "init": f"adapter {source}", "compression": compress_args.describe(),
             "adapter_calib_tokens": 0, "layers": [], "init_seconds": {}, "from_adapter": os.path.abspath(source),
             "lora": {"r": config.r, "alpha": config.lora_alpha}, "build_seconds": time.perf_counter() - start}

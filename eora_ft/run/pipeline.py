@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from eora_ft.run.artifacts import (
     base_directory,
@@ -53,7 +53,7 @@ from eora_ft.train.distributed import all_cores_while_others_wait, describe_stat
 from eora_ft.eval.scoring import perplexity
 from eora_ft.train.handoff import Handoff
 from eora_ft.init import check_rank
-from eora_ft.utils.model_checks import check_finite_weights, check_model_directory, check_tokenizer
+from eora_ft.utils.model_checks import check_finite_weights, check_model_directory, check_positions, check_tokenizer
 from eora_ft.adapters.peft_bridge import save_adapter
 from eora_ft.utils.placement import placed_for_inference
 from eora_ft.run.report import write_model_card, write_results
@@ -76,9 +76,31 @@ def require_source(path_or_id: str | None, what: str, hub_ok: bool = True) -> st
     )
 
 
+def check_output_dir(path: str | os.PathLike | None, what: str) -> None:
+    """Fail before any work when ``path`` cannot become a directory this process writes: an existing file, a
+    file where a parent directory should be, or a read-only parent. Nothing is created here."""
+    if path is None:
+        return
+    target = Path(os.path.expanduser(path))
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{what} {os.fspath(path)!r} is an existing file; give a directory path (created if "
+                                 "missing)")
+    ancestor = target
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{what} {os.fspath(path)!r} lies under {os.fspath(ancestor)!r}, which is a file; "
+                                 "give a directory path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"{what} {os.fspath(path)!r}: {os.fspath(ancestor)!r} is not writable by this user; "
+                              "give a directory you can write")
+
+
 def load_tokenizer(model_args: EoraModelConfig):
     """The model's tokenizer (hub id or local dir), with EOS as padding when it has no pad token."""
     path = require_source(model_args.model_name_or_path, "model_name_or_path")
+    if os.path.exists(path):  # the files a local checkpoint needs, before a tokenizer fails on their absence
+        check_model_directory(path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision)
     check_tokenizer(tokenizer, model_args.model_name_or_path)
     if tokenizer.pad_token is None:
@@ -91,10 +113,8 @@ def load_model(model_args: EoraModelConfig):
 
     Checked before anything runs on them: a local directory's files (config, weights, intact safetensors),
     the tokenizer's EOS, and every weight finite."""
+    tokenizer = load_tokenizer(model_args)  # checks a local directory's files first
     path = require_source(model_args.model_name_or_path, "model_name_or_path")
-    if os.path.isdir(path):
-        check_model_directory(path)
-    tokenizer = load_tokenizer(model_args)
     dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation,
@@ -146,6 +166,11 @@ def validate_sources(task_args: TaskArguments, compress_args: CompressionArgumen
                 raise ValueError(f"{what} includes {text.path!r}, a perplexity text: fitting to the evaluation "
                                  "text would leak it into the metric; use another file or split (the bundled C4 "
                                  "calibration and held-out files are disjoint)")
+    train_files = {os.path.realpath(f) for f in local_files(task_args.dataset_name or "")}
+    if task_args.eval_dataset_name and train_files & {os.path.realpath(f) for f in local_files(task_args.eval_dataset_name)}:
+        raise ValueError(f"eval_dataset_name {task_args.eval_dataset_name!r} is (or holds) the training data "
+                         f"dataset_name {task_args.dataset_name!r}: its scores would measure memorisation; give a "
+                         "held-out file (for ARC: the -Dev or -Test file)")
 
 
 def run_config(task_args: TaskArguments, compress_args: CompressionArguments, init_args: AdapterInitArguments,
@@ -175,6 +200,8 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                          f"{training_args.packing_strategy!r}); without them each document is cut to max_length")
     validate_sources(task_args, compress_args, init_args)
     cache_root = Path(compress_args.cache_dir) if compress_args.cache_dir else default_cache_dir()
+    check_output_dir(training_args.output_dir, "output_dir")
+    check_output_dir(cache_root, "cache_dir")
     handoff = Handoff.start(state, cache_root, training_args.main_process_timeout)
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -189,6 +216,13 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                             name=task_args.dataset_config or task.hub_name, limit=task_args.train_limit)
     train_dataset = task.sft_dataset(train_items)
     tokenizer = load_tokenizer(model_args)
+    if main:
+        check_positions(AutoConfig.from_pretrained(resolve_path(model_args.model_name_or_path),
+                                                   revision=model_args.model_revision),
+                        {"calib_seq_len": None if compress_args.compress_method == UNCOMPRESSED
+                         else compress_args.calib_seq_len,
+                         "ppl_window": task_args.ppl_window if task_args.ppl_dataset else None,
+                         "max_length": training_args.max_length})
     eval_source = task_args.eval_dataset_name or task_args.dataset_name
     eval_items = task.load(resolve_path(eval_source), split=task_args.dataset_test_split,
                            name=task_args.dataset_config or task.hub_name, limit=task_args.eval_limit)
@@ -364,7 +398,8 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
         base_entry, base_built = ensure_entry(cache_root, base_key, compress)
         entry, init_built = ensure_entry(cache_root, init_key, lambda tmp: build_init(
             tmp, base_entry, original, tokenizer, adapter_calib, model_args, compress_args, init_args,
-            training_args.seed, progress, execution_device=execution, activations_device=activations))
+            training_args.seed, progress, execution_device=execution, activations_device=activations,
+            entry=cache_root / init_key))
     built = {"base": "built" if base_built else "hit", "init": "built" if init_built else "hit",
              "calib_tokens": read_meta(base_entry)["calib_tokens"]}
     return entry, built, dtype

@@ -33,16 +33,25 @@ def log_config(objects) -> None:
         logger.info("config:\n%s", _config_text(objects))
 
 
-def recipe_main(argv: list[str] | None, default_config: Path | None, recipe: str) -> dict:
-    """Run one recipe. With no arguments, ``default_config`` runs; ``--task`` must be one of ``recipe``'s tasks."""
+def parse_recipe(argv: list[str] | None, default_config: Path | None, recipe: str) -> tuple:
+    """The five recipe dataclasses for ``argv`` (default ``sys.argv[1:]``). With no arguments ``default_config``
+    is parsed exactly as ``--config default_config`` would be (when it exists); ``--task`` must be one of
+    ``recipe``'s tasks."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv and default_config is not None and Path(default_config).exists():
-        argv = ["--config", str(default_config)]
-    task_args, compress_args, init_args, training_args, model_args = parse_recipe_args(argv)
-    allowed = sorted(name for name, task in TASKS.items() if task.recipe == recipe)
-    if task_args.task not in allowed:
-        raise ValueError(f"recipes/{recipe}.py runs task {' or '.join(allowed)}; got task={task_args.task!r} "
-                         f"(recipes/{TASKS[task_args.task].recipe}.py runs that one)")
+    if not argv and default_config is not None and Path(default_config).is_file():
+        argv = ["--config", str(default_config)]  # an installed package has no recipes/configs: the field defaults
+    parsed = parse_recipe_args(argv)
+    task = parsed[0].task
+    allowed = sorted(name for name, entry in TASKS.items() if entry.recipe == recipe)
+    if task not in allowed:
+        raise ValueError(f"recipes/{recipe}.py runs task {' or '.join(allowed)}; got task={task!r} "
+                         f"(recipes/{TASKS[task].recipe}.py runs that one)")
+    return parsed
+
+
+def recipe_main(argv: list[str] | None, default_config: Path | None, recipe: str) -> dict:
+    """Run one recipe (:func:`parse_recipe`), log its config, print the results table."""
+    task_args, compress_args, init_args, training_args, model_args = parse_recipe(argv, default_config, recipe)
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     log_config((task_args, compress_args, init_args, model_args, training_args))
     results = run(task_args, compress_args, init_args, training_args, model_args)

@@ -15,23 +15,70 @@ import torch
 from torch import nn
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 _FINITE_CHUNK = 1 << 24  # elements per reduction: bounded temporaries whatever the tensor's size
 
 
 def check_model_directory(directory: str | os.PathLike) -> None:
-    """A local checkpoint directory must hold ``config.json``, weights, and safetensors files whose header
-    and length agree (a truncated download or a file overwritten by something else fails here, by name)."""
+    """A local checkpoint of an *uncompressed* model: ``config.json``, weights, a tokenizer, and safetensors files
+    whose header and length agree (a truncated download or a file overwritten by something else fails here,
+    by name). A PEFT adapter directory or an already compressed checkpoint is refused with what to pass instead."""
     directory = Path(directory)
+    if directory.is_file():
+        raise NotADirectoryError(f"model directory {directory} is a file; give the directory that holds config.json, "
+                                 "the weights and the tokenizer files (or a hub id)")
     if not (directory / "config.json").is_file():
+        if (directory / "adapter_config.json").is_file():
+            raise ValueError(f"model directory {directory} is a PEFT adapter, not a model: give its base model here "
+                             "and the adapter as init_from_adapter (recipes) or --adapter (eora-ft eval)")
         raise FileNotFoundError(f"model directory {directory} has no config.json: give a directory written by "
                                 "save_pretrained (config.json + weights + tokenizer files) or a hub id")
+    compressed = _compression_of(directory)
+    if compressed:
+        raise ValueError(f"model directory {directory} is already compressed ({compressed}): give the uncompressed "
+                         "model it was made from; a compressed checkpoint is read by eora-ft init / eval "
+                         "--compressed_model")
     weights = sorted(p for pattern in WEIGHT_PATTERNS for p in directory.glob(pattern))
     if not weights:
         raise FileNotFoundError(f"model directory {directory} has no weights: expected model.safetensors (or "
                                 "sharded model-*.safetensors with model.safetensors.index.json, or pytorch_model.bin)")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES) and not any(directory.glob("*.tiktoken")):
+        raise FileNotFoundError(f"model directory {directory} has no tokenizer: expected one of {list(TOKENIZER_FILES)} "
+                                "next to config.json (tokenizer.save_pretrained(directory) writes them)")
     for path in weights:
         if path.suffix == ".safetensors":
             check_safetensors_file(path)
+
+
+def _compression_of(directory: Path) -> str | None:
+    """What compressed the checkpoint in ``directory`` (eora_ft, GPTQ, compressed-tensors...), or None."""
+    if (directory / "compression_config.json").is_file():
+        return "eora_ft's compression_config.json"
+    try:
+        quant = json.loads((directory / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None  # from_pretrained reports an unreadable config.json with its own words
+    if isinstance(quant, dict):
+        return f"quantization_config with quant_method {quant.get('quant_method', '?')!r}"
+    return None
+
+
+def check_positions(config, lengths: dict[str, int | None]) -> list[str]:
+    """Warn (``UserWarning``) for each ``{knob: tokens}`` longer than the model's position range
+    (``max_position_embeddings`` or its older names): RoPE models degrade past it, models with learned
+    positions index out of range. Returns the warnings given."""
+    import warnings
+
+    limit = next((getattr(config, name) for name in POSITION_LIMITS if isinstance(getattr(config, name, None), int)),
+                 None)
+    given = []
+    for knob, tokens in lengths.items():
+        if limit is not None and tokens is not None and tokens > limit:
+            given.append(f"{knob}={tokens} is longer than the model's {limit} positions (max_position_embeddings): "
+                         f"its statistics or losses come from positions it was not trained on; use {knob} <= {limit}")
+            warnings.warn(given[-1], UserWarning, stacklevel=2)
+    return given
 
 
 def check_safetensors_file(path: str | os.PathLike) -> None:

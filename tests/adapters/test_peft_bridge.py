@@ -130,14 +130,14 @@ def test_save_adapter_replaces_only_an_adapter_directory(compressed, tmp_path):
 
     peft_model = _peft(compressed)
     target = tmp_path / "adapter"
-    save_adapter(peft_model, target)
-    save_adapter(peft_model, target)  # a previous adapter is replaced whole
+    save_adapter(peft_model, target, "base")
+    save_adapter(peft_model, target, "base")  # a previous adapter is replaced whole
     assert (target / "adapter_model.safetensors").exists()
     precious = tmp_path / "notes"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="refusing to replace"):
-        save_adapter(peft_model, precious)
+        save_adapter(peft_model, precious, "base")
     assert (precious / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "notes"]  # no temp dirs left behind
 
@@ -159,7 +159,7 @@ def test_all_linear_adapts_every_compressed_linear_and_saves_their_names(nano_mo
                                   lora_config(4, 8, 0.0, model_args.lora_target_modules))
     adapted = {n.removesuffix(".lora_A") for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
     assert len(adapted) == len(result.factors) == 28  # PEFT's own all-linear would find no nn.Linear here
-    save_adapter(peft_model, tmp_path / "adapter")
+    save_adapter(peft_model, tmp_path / "adapter", str(tmp_path / "base"))
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"]
     assert sorted(saved) == sorted(LINEARS) and "lm_head" not in saved
 

@@ -194,3 +194,35 @@ def test_subcommand_reads_a_config_file_and_rejects_unknown_keys(tmp_path):
     bad.write_text("compress_method: rtn\ngroupsize: 64\noutput_dir: out\n")
     with pytest.raises(ValueError, match="groupsize"):
         compress.parse(["--config", str(bad)])
+
+
+def test_init_takes_every_initialisation_knob_of_the_recipes():
+    import dataclasses
+
+    from eora_ft.cli import init
+    from eora_ft.config import AdapterInitArguments
+
+    assert set(init.INIT_FIELDS) == {f.name for f in dataclasses.fields(AdapterInitArguments)}
+    assert {"calib_task_dataset", "calib_task_format"} <= set(init.CALIBRATION_FIELDS)  # the adapter calibration's task half
+
+
+def test_init_runs_the_beyond_eora_options(compressed_dir, tmp_path, capsys):
+    """Rank budget, refinement, compensated capture and the adapter calibration's own size and task half reach
+    the layer-wise pass (issue #32: they were refused as unknown flags)."""
+    out = tmp_path / "adapter"
+    assert main(["init", "--compressed_model", str(compressed_dir), "--lora_r", "4", "--rank_allocation", "budget",
+                 "--refine_steps", "3", "--capture", "compensated", "--adapter_calib_num_samples", "3",
+                 "--calib_task_dataset", "eora_ft/assets/data/arc/ARC-Challenge/ARC-Challenge-Train.jsonl",
+                 "--adapter_calib_task_fraction", "0.34", *SMALL, "--output_dir", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["calibration_tokens"] == 3 * 64
+    assert printed["rank_budget"]["spent"] <= printed["rank_budget"]["budget"]
+    assert set(printed["refine"]) == {"loss_first", "loss_last"}
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rank_pattern"], "a budget gives linears their own ranks"
+
+
+def test_an_unknown_flag_is_named_with_the_closest_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"eora-ft init: unknown argument\(s\) 'refine_stpes' \(closest: refine_steps"):
+        main(["init", "--compressed_model", "c", "--output_dir", str(tmp_path / "a"), "--refine_stpes", "200"])
+    assert not (tmp_path / "a").exists()

@@ -69,3 +69,22 @@ def test_a_compressed_model_without_a_tokenizer_uses_its_originals_and_a_wrong_o
     with pytest.raises(SystemExit, match=r"has \d+ tokens but the model has vocab_size=\d+"):
         main(args)
     assert not out.exists()
+
+
+def test_a_perplexity_text_without_a_suffix_is_text_and_a_bad_one_is_named_before_loading(tmp_path, monkeypatch):
+    """`--data wikitext2=/data/heldout` reads the file as UTF-8 text (issue #32); a binary one is refused by name
+    before any model is loaded."""
+    import json
+
+    text = tmp_path / "heldout"
+    text.write_text("A held-out paragraph of plain text for the nano model.\n\nAnother one, a bit longer.\n")
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model_name_or_path", NANO, "--tasks", "wikitext2", "--data", f"wikitext2={text}",
+                 "--ppl_window", "16", "--output_file", str(out)]) == 0
+    assert json.loads(out.read_text())["metrics"]["wikitext2/ppl"] > 1
+    binary = tmp_path / "heldout.bin"
+    binary.write_bytes(b"\x00\x01\x02binary")
+    monkeypatch.setattr("eora_ft.cli.eval._load", lambda *a: pytest.fail("the model was loaded before the check"))
+    with pytest.raises(ValueError, match=r"--data wikitext2 .*heldout\.bin, line 1: holds NUL bytes"):
+        main(["eval", "--model_name_or_path", NANO, "--tasks", "wikitext2", "--data", f"wikitext2={binary}",
+              "--output_file", str(tmp_path / "r2.json")])

@@ -51,3 +51,31 @@ def test_calibrating_on_a_perplexity_text_is_refused_before_work():
                               eval_dataset_name=BUNDLED_PATHS["enwiki_heldout"])
     with pytest.raises(ValueError, match="dataset_name includes .*wiki_49"):  # training on it leaks it too
         validate_sources(text_task, CompressionArguments())
+
+
+@pytest.mark.parametrize("name", ["heldout", "notes.md", "corpus.text"])
+def test_a_text_file_with_any_suffix_but_json_is_text(tmp_path, name):
+    """`--data wikitext2=/data/heldout`, `ppl_dataset: mytext`: a UTF-8 file that is not .json/.jsonl is plain text
+    (issue #32: it was refused with a message about our internals), for perplexity and calibration alike."""
+    from eora_ft.data.calibration import _documents
+
+    path = tmp_path / name
+    path.write_text("First paragraph, with words.\n\nSecond paragraph.\n", encoding="utf-8")
+    (text,) = heldout_texts(str(path))
+    assert text.read() == path.read_text() and text.metric[0] == f"{name.split('.')[0]}/ppl"  # named after its stem
+    assert _documents(str(path)) == ["First paragraph, with words.", "Second paragraph.\n"]
+    calib = tmp_path / f"calib-{name}"
+    calib.write_text("Calibration text, another file.\n", encoding="utf-8")
+    validate_sources(TaskArguments(ppl_dataset=str(path)), CompressionArguments(calib_dataset=str(calib)))
+
+
+def test_a_file_that_is_neither_text_nor_json_says_what_is_accepted(tmp_path):
+    path = tmp_path / "heldout.bin"
+    path.write_bytes(b"PAR1\x00\x15\x04" + bytes(range(128, 256)))  # parquet's magic, then binary
+    with pytest.raises(ValueError, match=r"heldout\.bin, line 1: holds NUL bytes: it is a binary file, not text; "
+                                         r"accepted: UTF-8 text \(any suffix but \.json/\.jsonl"):
+        validate_sources(TaskArguments(ppl_dataset=str(path)), CompressionArguments())
+    latin = tmp_path / "latin1"
+    latin.write_bytes(b"caf\xe9\n")
+    with pytest.raises(ValueError, match=r"byte 0xe9 at column 4 is not UTF-8; save the file as UTF-8; accepted"):
+        corpus_text(str(latin))

@@ -61,6 +61,6 @@ def test_read_text(tmp_path, monkeypatch):
     text = read_text(WIKI_REL)
     assert text.lstrip("\n").startswith(" = Robert Boulter = ")
     assert "\r" not in text
-    with pytest.raises(FileNotFoundError, match=r"'missing\.txt'.*\.txt file"):
+    with pytest.raises(FileNotFoundError, match=r"'missing\.txt'.*a local UTF-8 text file"):
         read_text("missing.txt")
     assert not os.path.exists("missing.txt")

@@ -5,6 +5,7 @@ in data formatting, masking, initialisation or the adapter math moves them well 
 """
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +58,17 @@ def test_two_step_run(tmp_path):
         named = json.loads((out / adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
         assert named == str((out / "base").resolve())
     assert (out / "base" / "compression_config.json").exists()  # 2-bit asymmetric: eora_ft's own format
+    # load_pretrained rebuilds the model the run meant: the cache entry's compressed base with the adapter on top
+    import torch
+
+    from eora_ft.adapters.peft_bridge import load_adapter, load_pretrained
+    from eora_ft.compress.io import load_compressed
+    from eora_ft.run.artifacts import base_directory
+
+    ids = torch.randint(1, 8192, (2, 16), generator=torch.Generator().manual_seed(0))
+    reference = load_adapter(load_compressed(base_directory(Path(summary["init entry"]))), out / "adapter")
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(out / "adapter")(input_ids=ids).logits, reference(input_ids=ids).logits)
     assert summary["adapter base"] == f"{(out / 'base').resolve()} (eora_ft)"
     assert "| finetuned |" in (out / "results.md").read_text()
 

@@ -62,7 +62,7 @@ def test_one_base_serves_several_adapters_and_loftq_brings_its_own(setting, tmp_
         key = cache_key(init_key_parts(base_key, model_args, init_args, adapter_calib, 0))
         entries[init], built = ensure_entry(tmp_path, key, lambda tmp: build_init(
             tmp, base_entry, lambda: copy.deepcopy(model), tokenizer, adapter_calib, model_args, compress_args,
-            init_args, 0, progress=False))
+            init_args, 0, progress=False, entry=tmp_path / key))
         assert built
     assert builds == ["base"]  # the second adapter found the compressed base
     assert base_directory(entries["eora"]) == tmp_path / base_key / "base"
@@ -86,9 +86,10 @@ def test_uncompressed_ceiling_starts_as_the_original_model(setting, tmp_path):
     base_entry, _ = ensure_entry(tmp_path, base_key, lambda tmp: build_base(tmp, model, tokenizer, None, model_args,
                                                                             none))
     init_args = AdapterInitArguments(init_method="qlora")
-    entry, _ = ensure_entry(tmp_path, cache_key(init_key_parts(base_key, model_args, init_args, None, 0)),
-                            lambda tmp: build_init(tmp, base_entry, lambda: copy.deepcopy(model), tokenizer, None,
-                                                   model_args, none, init_args, 0))
+    key = cache_key(init_key_parts(base_key, model_args, init_args, None, 0))
+    entry, _ = ensure_entry(tmp_path, key, lambda tmp: build_init(tmp, base_entry, lambda: copy.deepcopy(model),
+                                                                  tokenizer, None, model_args, none, init_args, 0,
+                                                                  entry=tmp_path / key))
     assert base_directory(entry) is None and not (base_entry / "base").exists()
     lora = load_artifacts(entry, torch.float32, "cpu")
     ids = torch.arange(16).reshape(1, 16)
@@ -133,7 +134,7 @@ def test_init_from_an_existing_adapter_keeps_its_factors_and_scaling(setting, tm
     key = cache_key(init_key_parts(base_key, model_args, init_args, None, seed=0))
     entry, _ = ensure_entry(tmp_path / "cache", key, lambda tmp: build_init(
         tmp, base_entry, lambda: pytest.fail("an existing adapter needs no uncompressed model"), tokenizer, None,
-        model_args, compress_args, init_args, 0, progress=False))
+        model_args, compress_args, init_args, 0, progress=False, entry=tmp_path / "cache" / key))
     peft_model = load_artifacts(entry, torch.float32, "cpu")
     path = "model.layers.1.mlp.down_proj"
     module = peft_model.base_model.model.get_submodule(path)
@@ -163,7 +164,8 @@ def test_an_adapter_for_another_base_is_refused_by_name(setting, tmp_path):
     save_file(tensors, str(weights))
     init_args = AdapterInitArguments(init_from_adapter=str(tmp_path / "other"))
     with pytest.raises(ValueError, match=r"has shape \(8, 512\) but .*down_proj is a 768 -> 256 linear"):
-        build_init(tmp_path / "init", base_entry, None, tokenizer, None, model_args, compress_args, init_args, 0)
+        build_init(tmp_path / "init", base_entry, None, tokenizer, None, model_args, compress_args, init_args, 0,
+                   entry=tmp_path / "init")
 
 
 def _rtn4_entry(setting, tmp_path, sym: bool, init_method: str):
@@ -177,7 +179,7 @@ def _rtn4_entry(setting, tmp_path, sym: bool, init_method: str):
     key = cache_key(init_key_parts(base_key, model_args, init_args, adapter_calib, seed=0))
     entry, _ = ensure_entry(tmp_path / "cache", key, lambda tmp: build_init(
         tmp, base_entry, lambda: copy.deepcopy(model), tokenizer, adapter_calib, model_args, compress_args, init_args, 0,
-        progress=False))
+        progress=False, entry=tmp_path / "cache" / key))
     return base_entry, entry
 
 
@@ -247,7 +249,7 @@ def test_a_rank_budget_spends_the_uniform_parameters_where_the_error_drops_most(
         key = cache_key(init_key_parts(base_key, model_args, init_args, adapter_calib, seed=0))
         entry, _ = ensure_entry(tmp_path / "cache", key, lambda tmp: build_init(
             tmp, base_entry, lambda: copy.deepcopy(model), tokenizer, adapter_calib, model_args, compress_args,
-            init_args, 0, progress=False))
+            init_args, 0, progress=False, entry=tmp_path / "cache" / key))
         metas[allocation] = (json.loads((entry / "meta.json").read_text()), load_artifacts(entry, torch.float32, "cpu"))
     (uniform, uniform_model), (budget, budget_model) = metas["uniform"], metas["budget"]
     report = budget["rank_budget"]
@@ -279,7 +281,7 @@ def test_refine_steps_run_with_the_init_and_are_cached_with_it(setting, tmp_path
     assert keys[2] == keys[0] and keys[3] != keys[1]  # refine_target matters only while refine_steps > 0
     entry, _ = ensure_entry(tmp_path / "cache", keys[1], lambda tmp: build_init(
         tmp, base_entry, lambda: copy.deepcopy(model), tokenizer, adapter_calib, model_args, compress_args, refined, 0,
-        progress=False))
+        progress=False, entry=tmp_path / "cache" / keys[1]))
     report = json.loads((entry / "meta.json").read_text())["refine"]
     assert report["steps"] == 20 and report["loss_last"] < report["loss_first"]
     assert len(report["losses"]) == 2  # every 10th step is kept in the entry's metadata
