@@ -461,7 +461,7 @@ def parse_strictly(parser: TrlParser, args: list[str] | None, prog: str) -> tupl
             close = difflib.get_close_matches(name.replace("-", "_"), valid, n=3, cutoff=0.6)
             described.append(f"{name!r}" + (f" (closest: {', '.join(close)})" if close else ""))
         raise ValueError(f"{prog}: unknown argument(s) {'; '.join(described)}: no flag or config key has that name "
-                         f"(`{prog} --help` lists them)")
+                         "(--help lists the valid ones)")
     return tuple(parsed)
 
 

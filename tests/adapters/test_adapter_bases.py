@@ -24,6 +24,7 @@ from eora_ft.compress.io import load_compressed
 ROOT = Path(__file__).resolve().parents[2]
 NANO = ROOT / "eora_ft" / "assets" / "models" / "nano-llama-5m"
 SMALL = ["--calib_num_samples", "2", "--calib_seq_len", "64"]
+TARGETS = ["q_proj", "down_proj"]  # two linears per layer: every writer's path, at a third of the work
 IDS = torch.randint(1, 8192, (2, 24), generator=torch.Generator().manual_seed(7))
 # (file, function) of every save_adapter call, each exercised below or in tests/recipes/test_arc_e2e.py
 WRITERS = {("eora_ft/cli/init.py", "init_command"), ("eora_ft/run/artifacts.py", "build_init"),
@@ -63,7 +64,7 @@ def compressed(tmp_path_factory) -> Path:
 def test_eora_ft_init_names_the_compressed_base(compressed, tmp_path, method):
     out = tmp_path / f"init-{method}"
     assert main(["init", "--compressed_model", str(compressed), "--init_method", method, "--lora_r", "4",
-                 "--loftq_iters", "2", *SMALL, "--output_dir", str(out)]) == 0
+                 "--loftq_iters", "2", "--lora_target_modules", *TARGETS, *SMALL, "--output_dir", str(out)]) == 0
     base = out / "base" if method == "loftq" else compressed
     _assert_loads_as(out, base, load_adapter(load_compressed(base), out))
     assert not list(tmp_path.glob(".*")), "the rewritten base was moved into the adapter, nothing left beside it"
@@ -71,8 +72,8 @@ def test_eora_ft_init_names_the_compressed_base(compressed, tmp_path, method):
 
 def test_eora_ft_init_from_an_existing_adapter_names_the_base_it_was_checked_against(compressed, tmp_path):
     source = tmp_path / "source"
-    assert main(["init", "--compressed_model", str(compressed), "--lora_r", "4", *SMALL,
-                 "--output_dir", str(source)]) == 0
+    assert main(["init", "--compressed_model", str(compressed), "--lora_r", "4", "--lora_target_modules", *TARGETS,
+                 *SMALL, "--output_dir", str(source)]) == 0
     (source / "adapter_config.json").write_text(json.dumps(
         json.loads((source / "adapter_config.json").read_text()) | {"base_model_name_or_path": "someone/else"}))
     out = tmp_path / "copied"
@@ -92,7 +93,7 @@ def entries(nano_model_and_tokenizer, tmp_path_factory):
 
     model, tokenizer = nano_model_and_tokenizer
     root = tmp_path_factory.mktemp("cache")
-    model_args = EoraModelConfig(model_name_or_path=str(NANO), lora_r=4, lora_alpha=8)
+    model_args = EoraModelConfig(model_name_or_path=str(NANO), lora_r=4, lora_alpha=8, lora_target_modules=TARGETS)
     generator = torch.Generator().manual_seed(0)
     calib, adapter_calib = (torch.randint(0, 8192, (4, 64), generator=generator) for _ in range(2))
 
