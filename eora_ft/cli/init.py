@@ -81,6 +81,8 @@ def init_command(argv: list[str]) -> int:
     from eora_ft.adapters.peft_bridge import load_adapter, save_adapter
     from eora_ft.compress.io import load_compressed, recorded_options, save_compressed
     from eora_ft.data import mixed_calibration, resolve_path
+    from eora_ft.data.file_checks import check_data_file
+    from eora_ft.data.sources import local_files
     from eora_ft.data.task_text import task_texts
     from eora_ft.run.initial_adapter import initial_adapter
     from eora_ft.run.pipeline import check_output_dir, load_model, require_source
@@ -89,11 +91,13 @@ def init_command(argv: list[str]) -> int:
     init_args, calibration, lora, paths = parse(argv)
     method, rank = init_args.init_method, lora.lora_r
     check_output_dir(paths.output_dir, "output_dir")
-    for what in ("calib_dataset", "calib_task_dataset"):
-        require_source(getattr(calibration, what), what)
-    if init_args.adapter_calib_dataset:
-        for part in init_args.adapter_calib_dataset.split(","):
-            require_source(part.strip(), "adapter_calib_dataset")
+    sources = [("calib_dataset", part, "text") for part in calibration.calib_dataset.split(",")]
+    sources += [("adapter_calib_dataset", part, "text") for part in (init_args.adapter_calib_dataset or "").split(",")]
+    sources += [("calib_task_dataset", calibration.calib_task_dataset or "", calibration.calib_task_format)]
+    for what, source, schema in sources:  # every data file checked before either model loads
+        if source.strip():
+            for file in local_files(require_source(source.strip(), what)):
+                check_data_file(file, what, schema)
     compressed_dir = Path(require_source(paths.compressed_model, "compressed_model", hub_ok=False)).resolve()
     compressed = load_compressed(compressed_dir)
     meta = compressed.compression_config

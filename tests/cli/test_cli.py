@@ -226,3 +226,13 @@ def test_an_unknown_flag_is_named_with_the_closest_valid_ones(tmp_path):
     with pytest.raises(ValueError, match=r"eora-ft init: unknown argument\(s\) 'refine_stpes' \(closest: refine_steps"):
         main(["init", "--compressed_model", "c", "--output_dir", str(tmp_path / "a"), "--refine_stpes", "200"])
     assert not (tmp_path / "a").exists()
+
+
+def test_init_checks_its_data_files_before_loading_any_model(tmp_path, monkeypatch):
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "cut')
+    monkeypatch.setattr("eora_ft.compress.io.load_compressed", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(ValueError, match=r"adapter_calib_dataset .*calib\.jsonl, line 2: not valid JSON"):
+        main(["init", "--compressed_model", str(tmp_path), "--adapter_calib_dataset", str(bad),
+              "--output_dir", str(tmp_path / "a")])
+    assert not (tmp_path / "a").exists()
