@@ -342,10 +342,14 @@ def report_integrations(value) -> str | list[str]:
     as every transformers release in our range takes it: ``"none"``, ``"all"`` or a list of integration names.
     Unknown or uninstalled integrations are refused here, before any work (the Trainer would refuse them only
     after compression)."""
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
 
     given = [value] if value is None or isinstance(value, str) else list(value)
-    names = [part.strip().lower() for item in given if item is not None for part in str(item).split(",") if part.strip()]
+    parts = [part.strip().lower() for item in given if item is not None for part in str(item).split(",")]
+    names = [part for part in parts if part]
     if not names or names == ["none"]:
         return "none"
     if names == ["all"]:
@@ -414,8 +418,8 @@ class EoraModelConfig(ModelConfig):
 
     model_name_or_path: str | None = field(default=DEFAULT_MODEL, metadata={"help": "Hub id or local directory."})
     # declared here, not inherited: TRL's default moved from None to "float32" (1.x), and a run's numbers follow it
-    dtype: str = field(default="float32", metadata={"help": f"dtype the model is loaded in: one of {list(MODEL_DTYPES)} "
-                                                            "(auto: the checkpoint's own)."})
+    dtype: str = field(default="float32", metadata={
+        "help": f"dtype the model is loaded in: one of {list(MODEL_DTYPES)} (auto: the checkpoint's own)."})
     lora_target_modules: list[str] | None = field(
         default_factory=lambda: list(LLAMA_LINEARS),
         metadata={"help": "Linear names to compress and adapt, or all-linear (every linear of the decoder layers)."}

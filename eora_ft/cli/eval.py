@@ -116,9 +116,7 @@ def _load(model_args: EoraModelConfig, targets: EvalTargets, device: str):
 
 def eval_command(argv: list[str]) -> int:
     """Parse, check every name and path, load, evaluate each task, write results.json atomically."""
-    from eora_ft.data.file_checks import check_data_file
-    from eora_ft.data.sources import local_files
-    from eora_ft.run.pipeline import require_source
+    from eora_ft.run.pipeline import check_sources
     from eora_ft.utils.atomic import atomic_write_text
     from eora_ft.utils.model_checks import check_positions
     from eora_ft.utils.placement import placed_for_inference
@@ -132,10 +130,8 @@ def eval_command(argv: list[str]) -> int:
     for task, path in {**data, **pools}.items():
         if task not in names:
             raise SystemExit(f"--data/--fewshot_data names task {task!r}, which is not in --tasks {names}")
-    for task, path in {**data, **pools}.items():  # every file checked before the model loads
-        schema = "text" if task in BUNDLED_PATHS else get_task(task).schema
-        for file in local_files(require_source(path, f"--data {task}")):
-            check_data_file(file, f"--data {task}", schema)
+    check_sources([(path, f"--data {task}", "text" if task in BUNDLED_PATHS else get_task(task).schema)
+                   for task, path in {**data, **pools}.items()])  # every file checked before the model loads
     output = Path(targets.output_file)
     if output.is_dir():
         raise SystemExit(f"--output_file {targets.output_file!r} is a directory; give a file name such as results.json")

@@ -81,23 +81,18 @@ def init_command(argv: list[str]) -> int:
     from eora_ft.adapters.peft_bridge import load_adapter, save_adapter
     from eora_ft.compress.io import load_compressed, recorded_options, save_compressed
     from eora_ft.data import mixed_calibration, resolve_path
-    from eora_ft.data.file_checks import check_data_file
-    from eora_ft.data.sources import local_files
     from eora_ft.data.task_text import task_texts
     from eora_ft.run.initial_adapter import initial_adapter
-    from eora_ft.run.pipeline import check_output_dir, load_model, require_source
+    from eora_ft.run.pipeline import check_output_dir, check_sources, load_model, require_source
     from eora_ft.utils.model_checks import check_positions
 
     init_args, calibration, lora, paths = parse(argv)
     method, rank = init_args.init_method, lora.lora_r
     check_output_dir(paths.output_dir, "output_dir")
-    sources = [("calib_dataset", part, "text") for part in calibration.calib_dataset.split(",")]
-    sources += [("adapter_calib_dataset", part, "text") for part in (init_args.adapter_calib_dataset or "").split(",")]
-    sources += [("calib_task_dataset", calibration.calib_task_dataset or "", calibration.calib_task_format)]
-    for what, source, schema in sources:  # every data file checked before either model loads
-        if source.strip():
-            for file in local_files(require_source(source.strip(), what)):
-                check_data_file(file, what, schema)
+    adapter_calib = (init_args.adapter_calib_dataset or "").split(",")
+    check_sources([(part, "calib_dataset", "text") for part in calibration.calib_dataset.split(",")]  # before any load
+                  + [(part, "adapter_calib_dataset", "text") for part in adapter_calib]
+                  + [(calibration.calib_task_dataset, "calib_task_dataset", calibration.calib_task_format)])
     compressed_dir = Path(require_source(paths.compressed_model, "compressed_model", hub_ok=False)).resolve()
     compressed = load_compressed(compressed_dir)
     meta = compressed.compression_config

@@ -138,6 +138,15 @@ def check_model_against_config(model: torch.nn.Module, targets: list[str] | None
                              "use a divisor or -1 (per channel)")
 
 
+def check_sources(sources: list[tuple[str | None, str, str | None]]) -> None:
+    """``[(path or hub id, the argument it came from, record schema)]``: each local file must exist and pass
+    :func:`eora_ft.data.file_checks.check_data_file` (named by argument, file and line); None is skipped."""
+    for source, what, schema in sources:
+        if source and source.strip():
+            for file in local_files(require_source(source.strip(), what)):
+                check_data_file(file, what, schema)
+
+
 def validate_sources(task_args: TaskArguments, compress_args: CompressionArguments,
                      init_args: AdapterInitArguments | None = None) -> None:
     """Fail before any work on a data path that is missing, empty, not UTF-8 or not well-formed JSON Lines
@@ -153,10 +162,7 @@ def validate_sources(task_args: TaskArguments, compress_args: CompressionArgumen
                *[(text.path, "ppl_dataset", "text") for text in texts],
                (compress_args.calib_task_dataset, "calib_task_dataset", compress_args.calib_task_format),
                *[(path, what, "text") for what, path in calib]]
-    for source, what, schema in sources:
-        require_source(source.strip() if source else source, what)
-        for file in local_files(source) if source else []:
-            check_data_file(file, what, schema)
+    check_sources(sources)
     # every text a run fits to: the compressor's and the initializer's calibration, and the training data
     fitted = calib + [("dataset_name", part.strip()) for part in (task_args.dataset_name or "").split(",")
                       if part.strip()]
@@ -167,7 +173,8 @@ def validate_sources(task_args: TaskArguments, compress_args: CompressionArgumen
                                  "text would leak it into the metric; use another file or split (the bundled C4 "
                                  "calibration and held-out files are disjoint)")
     train_files = {os.path.realpath(f) for f in local_files(task_args.dataset_name or "")}
-    if task_args.eval_dataset_name and train_files & {os.path.realpath(f) for f in local_files(task_args.eval_dataset_name)}:
+    eval_files = {os.path.realpath(f) for f in local_files(task_args.eval_dataset_name or "")}
+    if train_files & eval_files:
         raise ValueError(f"eval_dataset_name {task_args.eval_dataset_name!r} is (or holds) the training data "
                          f"dataset_name {task_args.dataset_name!r}: its scores would measure memorisation; give a "
                          "held-out file (for ARC: the -Dev or -Test file)")

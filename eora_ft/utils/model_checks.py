@@ -44,8 +44,9 @@ def check_model_directory(directory: str | os.PathLike) -> None:
         raise FileNotFoundError(f"model directory {directory} has no weights: expected model.safetensors (or "
                                 "sharded model-*.safetensors with model.safetensors.index.json, or pytorch_model.bin)")
     if not any((directory / name).is_file() for name in TOKENIZER_FILES) and not any(directory.glob("*.tiktoken")):
-        raise FileNotFoundError(f"model directory {directory} has no tokenizer: expected one of {list(TOKENIZER_FILES)} "
-                                "next to config.json (tokenizer.save_pretrained(directory) writes them)")
+        raise FileNotFoundError(f"model directory {directory} has no tokenizer: expected one of "
+                                f"{list(TOKENIZER_FILES)} next to config.json (tokenizer.save_pretrained(directory) "
+                                "writes them)")
     for path in weights:
         if path.suffix == ".safetensors":
             check_safetensors_file(path)

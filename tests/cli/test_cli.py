@@ -203,7 +203,8 @@ def test_init_takes_every_initialisation_knob_of_the_recipes():
     from eora_ft.config import AdapterInitArguments
 
     assert set(init.INIT_FIELDS) == {f.name for f in dataclasses.fields(AdapterInitArguments)}
-    assert {"calib_task_dataset", "calib_task_format"} <= set(init.CALIBRATION_FIELDS)  # the adapter calibration's task half
+    # the adapter calibration's task half
+    assert {"calib_task_dataset", "calib_task_format"} <= set(init.CALIBRATION_FIELDS)
 
 
 def test_init_runs_the_beyond_eora_options(compressed_dir, tmp_path, capsys):
