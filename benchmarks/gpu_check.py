@@ -1,4 +1,4 @@
-"""Everything the CPU sessions cannot measure, in one command for a machine with one NVIDIA GPU (< 8 minutes).
+"""Everything the CPU sessions cannot measure, in one command for a machine with one NVIDIA GPU (< 10 minutes).
 
     python benchmarks/gpu_check.py --out gpu_check.json      # on the GPU machine, after `pip install --no-deps -e .`
     python benchmarks/gpu_check.py --dry-run                  # anywhere: tiny sizes on the CPU (a CI test runs it)
@@ -10,7 +10,11 @@
    (M >= 4096: fwd+bwd within 1.10x of bf16 and 1.2x faster than NF4; M <= 16: int4 fwd 2.5x faster than bf16);
 3. ``crossover``: the fused small-M forward against dequantize + matmul at M = 1 .. 64 per shape, and the
    value for ``kernels/configs.py:SMALL_M_MAX_TOKENS`` on this GPU;
-4. ``model``: two Llama-3-8B-shaped decoder layers (random bf16 weights, the model on the CPU): GPTQ 4-bit
+4. ``fixes``: the kernel fixes of issue #34 (``benchmarks/kernel_checks.py``): launches inside the data's
+   device guard (and on ``cuda:1`` with ``cuda:0`` current, given two GPUs), the pure-torch fallback
+   where Triton cannot run against Triton's results, the 2:4 rebuild old vs new, fused forward/backward
+   at ranks 16, 128, 512 against the unfused path, the autotuned dequantization against 64 x 64 tiles;
+5. ``model``: two Llama-3-8B-shaped decoder layers (random bf16 weights, the model on the CPU): GPTQ 4-bit
    g128 + EoRA r16 layer by layer on the GPU, 20 bf16 training steps of the adapters, evaluation loss;
    time and peak GPU memory per stage.
 
@@ -28,7 +32,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+if __name__ == "__main__" and "--dry-run" in sys.argv[1:]:
+    # no GPU: Triton's kernels run in its interpreter, which is chosen when triton is first imported (any
+    # import below may pull it in), else its first launch fails with "0 active drivers"
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -203,8 +212,8 @@ def run_model(dry_run: bool, device: str, steps: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (no GPU needed)")
-    parser.add_argument("--parts", nargs="+", default=["tests", "kernels", "crossover", "model"],
-                        choices=["tests", "kernels", "crossover", "model"])
+    parser.add_argument("--parts", nargs="+", default=["tests", "kernels", "crossover", "fixes", "model"],
+                        choices=["tests", "kernels", "crossover", "fixes", "model"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default=None, help="JSON file for every number")
@@ -229,6 +238,11 @@ def main() -> int:
         report["kernels"] = run_kernels(args.dry_run, device, 2 if args.dry_run else args.repeats)
     if "crossover" in args.parts:
         report["crossover"] = run_crossover(args.dry_run, device, 2 if args.dry_run else args.repeats)
+    if "fixes" in args.parts:
+        from kernel_checks import run_checks
+
+        report["fixes"] = run_checks(args.dry_run, device, 2 if args.dry_run else args.repeats)
+        print(json.dumps({"fixes": report["fixes"]}, default=str), flush=True)
     if "model" in args.parts:
         report["model"] = run_model(args.dry_run, device, steps)
     report["seconds"] = round(time.perf_counter() - begin, 1)
@@ -248,6 +262,10 @@ def main() -> int:
         if device == "cuda":
             crossover = min(row["fused_wins_up_to"] for row in report["crossover"].values())
             print(f"\nset SMALL_M_MAX_TOKENS[{torch.cuda.get_device_capability()}] = {crossover} in kernels/configs.py")
+    if "fixes" in report:
+        from kernel_checks import checks_table
+
+        print("\n" + checks_table(report["fixes"]))
     if "model" in report:
         print("\n| stage | seconds | peak GPU GiB | notes |\n|---|---|---|---|")
         for name, row in report["model"].items():
@@ -257,6 +275,10 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
     failed_tests = report.get("tests", {}).get("returncode") not in (None, 0)
+    if "fixes" in report:
+        from kernel_checks import all_ok
+
+        failed_tests = failed_tests or not all_ok(report["fixes"])
     return 1 if failed_tests else 0
 
 

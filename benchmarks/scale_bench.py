@@ -127,8 +127,8 @@ def memory_plan(shape: str, tokens: int, batch_tokens: int, dtype_bytes: int = 2
 
     Accelerator: one decoder layer in the model dtype, every calibration activation of a layer (inputs
     and outputs, model dtype), and the larger of (a) the widest input's compressor working set: its fp64
-    ``X^T X`` plus the two ``K x K`` fp64 matrices of the Hessian inversion plus fp32 and fp64 copies of
-    the weight, and (b) one calibration batch through the layer (MLP intermediates, three of them).
+    ``X^T X`` plus the one ``K x K`` fp64 matrix the Hessian chain works in (in place) plus fp32 and fp64
+    copies of the weight, and (b) one calibration batch through the layer (MLP intermediates, three of them).
     Host: the whole model in its dtype (it stays there), plus the activations when kept on the host."""
     hidden, heads, kv_heads, intermediate, layers = SHAPES[shape]
     head_dim = hidden // heads
@@ -136,7 +136,7 @@ def memory_plan(shape: str, tokens: int, batch_tokens: int, dtype_bytes: int = 2
     layer_params = attention + 3 * hidden * intermediate
     model_params = layers * layer_params + 2 * VOCAB[shape] * hidden
     widest = intermediate  # down_proj's input
-    compressor = 3 * widest**2 * 8 + hidden * widest * (4 + 8)
+    compressor = 2 * widest**2 * 8 + hidden * widest * (4 + 8)  # X^T X + the in-place Hessian chain (obs.py)
     forward = 3 * batch_tokens * intermediate * dtype_bytes
     activations = 2 * tokens * hidden * dtype_bytes
     layer = layer_params * dtype_bytes
@@ -157,6 +157,86 @@ def print_plan(tokens: int, batch_tokens: int) -> None:
         print(f"| {shape} bf16, {tokens} calibration tokens | {plan['accelerator']:.1f} | "
               f"{plan['accelerator_activations_on_host']:.1f} | {plan['host']:.0f} (+{plan['activations']:.1f}) | "
               f"{plan['layer']:.2f} / {plan['activations']:.2f} / {plan['working_set']:.2f} |")
+    print_host_plan(tokens)
+    print_training_plan()
+    print_refine_plan(tokens, batch_tokens)
+
+
+def host_plan(shape: str, tokens: int, bits: int = 4, group_size: int = 128, rank: int = 16) -> dict[str, float]:
+    """GB of host memory at the main process's peak of a cold-cache recipe run (compress, then initialise), before
+    and after issue #34: the dense bf16 model, its packed copy, one packed layer, the initial adapter's fp32
+    factors and the calibration activations when kept on the host (``calib_activations_device: cpu``).
+    Before: the dense model was reloaded while the packed one was still referenced, and the initial adapter
+    was factored with the whole packed base loaded beside the dense model. Now the packed copy is released
+    before the reload and read one layer at a time (:class:`eora_ft.compress.packed_reader.PackedLinears`).
+    safetensors >= 0.8 writes from the tensors' own memory (``_flatten_as_ptr``): saving adds nothing."""
+    from eora_ft.train.memory_plan import llama_sizes
+
+    hidden, heads, kv_heads, intermediate, layers = SHAPES[shape]
+    sizes = llama_sizes(hidden, kv_heads * hidden // heads, intermediate, layers, VOCAB[shape], bits, group_size, rank)
+    dense = memory_plan(shape, tokens, tokens)["host"]
+    packed, factors = sizes.base_bytes / 1e9, 4 * sizes.trainable / 1e9
+    packed_layer = (packed - 2 * VOCAB[shape] * hidden * 2 / 1e9) / layers
+    activations = 2 * tokens * hidden * 2 / 1e9
+    return {"dense": dense, "packed": packed, "before": dense + packed + factors,
+            "after": dense + packed_layer + factors, "after_activations_on_host": dense + packed_layer + factors
+            + activations, "target": 1.1 * dense}
+
+
+def print_host_plan(tokens: int) -> None:
+    print("\n| model (GPTQ 4-bit g128, EoRA r16) | dense bf16 GB | packed GB | host peak before GB | host peak now GB | "
+          "now, activations on host GB | target (1.1 x dense) GB |\n|---|---|---|---|---|---|---|")
+    for shape in ("8b", "70b"):
+        plan = host_plan(shape, tokens)
+        print(f"| {shape} | {plan['dense']:.0f} | {plan['packed']:.1f} | {plan['before']:.0f} | {plan['after']:.0f} | "
+              f"{plan['after_activations_on_host']:.0f} | {plan['target']:.0f} |")
+
+
+def print_training_plan(tokens_per_gpu: int = 4 * 1024) -> None:
+    """Per-GPU memory of fine-tuning by process layout (:mod:`eora_ft.train.memory_plan`), GPTQ 4-bit g128, LoRA on
+    every decoder linear, gradient checkpointing, ``tokens_per_gpu`` tokens per micro-batch."""
+    from eora_ft.train.memory_plan import LAYOUTS, llama_sizes, training_memory
+
+    print(f"\n| model, rank | GPUs | " + " | ".join(f"{layout} GB" for layout in LAYOUTS)
+          + f" | of which base / activations GB |\n|---|---|---|---|---|---|")
+    for shape in ("8b", "70b"):
+        hidden, heads, kv_heads, intermediate, layers = SHAPES[shape]
+        for rank in (16, 128):
+            sizes = llama_sizes(hidden, kv_heads * hidden // heads, intermediate, layers, VOCAB[shape], 4, 128, rank)
+            for gpus in (1, 8):
+                plans = [training_memory(sizes, layout, gpus, tokens_per_gpu) for layout in LAYOUTS]
+                print(f"| {shape}, r{rank} | {gpus} | " + " | ".join(f"{p['total']:.1f}" for p in plans)
+                      + f" | {plans[0]['base']:.1f} / {plans[0]['activations']:.1f} |")
+
+
+def refine_plan(shape: str, samples: int = 128, seq_len: int = 2048, batch_tokens: int = 8 * 2048,
+                dtype_bytes: int = 2) -> dict[str, float]:
+    """GB of the refinement (:mod:`eora_ft.init.refine`, one step of ``batch_tokens``): activations saved for the
+    backward pass, and the teacher on the host for ``samples`` x ``seq_len`` calibration tokens.
+
+    A Llama decoder layer with LoRA on every linear saves, per token (model dtype): the two norms' inputs and
+    outputs (4 H: LoRA's A needs its input), q and k after rotary embeddings and v (H + 2 kv), the attention
+    output (H: o_proj's LoRA input), gate, SiLU(gate), up and their product (4 I: down_proj's LoRA input), about
+    7 H + 2 kv + 4 I. With checkpointing a layer keeps its input (H) and one layer at a time is recomputed whole.
+    Teacher: ``final`` fp32 ``[samples, seq, H]``; ``layers`` ``[samples, layers, seq, H]`` in the model dtype."""
+    hidden, heads, kv_heads, intermediate, layers = SHAPES[shape]
+    kv = kv_heads * hidden // heads
+    per_layer = batch_tokens * (7 * hidden + 2 * kv + 4 * intermediate) * dtype_bytes / 1e9
+    layer_input = batch_tokens * hidden * dtype_bytes / 1e9
+    return {"per_layer": per_layer, "saved": layers * per_layer,
+            "saved_checkpointed": layers * layer_input + per_layer,
+            "teacher_final": samples * seq_len * hidden * 4 / 1e9,
+            "teacher_layers": samples * layers * seq_len * hidden * dtype_bytes / 1e9}
+
+
+def print_refine_plan(tokens: int, batch_tokens: int, seq_len: int = 2048) -> None:
+    print(f"\n| refinement, bf16, {batch_tokens} tokens a step | saved activations per layer GB | all layers GB | "
+          f"with checkpointing GB | teacher final GB (fp32) | teacher layers GB (bf16; file= maps it) |"
+          "\n|---|---|---|---|---|---|")
+    for shape in ("8b", "70b"):
+        plan = refine_plan(shape, tokens // seq_len, seq_len, batch_tokens)
+        print(f"| {shape} | {plan['per_layer']:.1f} | {plan['saved']:.0f} | {plan['saved_checkpointed']:.1f} | "
+              f"{plan['teacher_final']:.1f} | {plan['teacher_layers']:.0f} |")
 
 
 def main() -> None:

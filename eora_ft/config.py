@@ -26,6 +26,7 @@ from eora_ft.init.sequential import CAPTURE_MODES
 from eora_ft.data.heldout import DEFAULT_PPL_DATASETS, heldout_texts
 from eora_ft.data.task_text import TASK_TEXT_FORMATS
 from eora_ft.train.distributed import configure_cpu_process_state
+from eora_ft.utils.dtypes import MODEL_DTYPES
 from eora_ft.init import INITIALIZERS
 from eora_ft.init.eora import EIGEN_MODES
 from eora_ft.init.rank_budget import NORMALISATIONS, SVD_ORDERED
@@ -38,7 +39,6 @@ DEFAULT_MODEL = f"{_ASSETS}/models/nano-llama-5m"
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ACTIVATION_PLACES = ("execution", "cpu")
 UNCOMPRESSED = "none"  # compress_method of the ceiling: LoRA on the uncompressed model
-MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def check_range(owner, name: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -286,6 +286,10 @@ class AdapterInitArguments:
                           "or every decoder layer's output (num_layers times the teacher memory)."})
     refine_learning_rate: float = field(
         default=1e-3, metadata={"help": "Learning rate of refine_steps (1e-3 beat 1e-4 on the nano model: BENCHMARKS.md)."})
+    refine_micro_batch_size: int | None = field(
+        default=None, metadata={"help": "Rows per refinement forward/backward (None: the whole calib_batch_size batch; "
+                                        "halved automatically when a step runs out of memory). The step's gradient is "
+                                        "the whole batch's either way."})
     init_from_adapter: str | None = field(
         default=None,
         metadata={"help": "Start from this existing PEFT LoRA adapter directory (e.g. a GPTQModel EoRA adapter made "
@@ -305,6 +309,7 @@ class AdapterInitArguments:
         check_range(self, "eora_alt_iters", 0)
         check_range(self, "refine_steps", 0)
         check_range(self, "refine_learning_rate", 0, low_open=True)
+        check_range(self, "refine_micro_batch_size", 1, optional=True)
         check_refine_target(self.refine_target)
         if self.loftq_iters < 1:
             raise ValueError(f"loftq_iters={self.loftq_iters} must be >= 1")
@@ -417,9 +422,10 @@ class EoraModelConfig(ModelConfig):
     """TRL's ModelConfig defaulting to the bundled nano model and the Llama projection names."""
 
     model_name_or_path: str | None = field(default=DEFAULT_MODEL, metadata={"help": "Hub id or local directory."})
-    # declared here, not inherited: TRL's default moved from None to "float32" (1.x), and a run's numbers follow it
-    dtype: str = field(default="float32", metadata={
-        "help": f"dtype the model is loaded in: one of {list(MODEL_DTYPES)} (auto: the checkpoint's own)."})
+    # declared here, not inherited: TRL's default is "float32" (282 GB of host memory for a 70B model)
+    dtype: str = field(default="auto", metadata={
+        "help": f"dtype the model is loaded in: one of {list(MODEL_DTYPES)} (auto: the checkpoint's own on an "
+                "accelerator, float32 on a CPU)."})
     lora_target_modules: list[str] | None = field(
         default_factory=lambda: list(LLAMA_LINEARS),
         metadata={"help": "Linear names to compress and adapt, or all-linear (every linear of the decoder layers)."}

@@ -6,7 +6,8 @@ shared memory, and ``nvdisasm`` the SASS, in which the dot instruction shows: ``
 warp-group MMA), ``HMMA`` (tensor-core MMA), or ``FFMA`` only (no tensor cores: fp32 IEEE dots).
 
 Every case that the code can launch on a GPU is listed by :func:`cases`: each kernel x activation
-dtype x bit width x block configuration of :mod:`.configs`, with the K tile inside one quantization
+dtype x bit width x block configuration of :mod:`.configs` (the fused ones also at every LoRA rank of
+:data:`BUDGET_RANKS`), with the K tile inside one quantization
 group (the GPU launchers only choose such configurations; the gathered-scales variant runs under the
 interpreter's tests). Arguments get the hints a real launch gets (16-byte-aligned pointers; N, K and
 the group size divisible by 16).
@@ -46,11 +47,14 @@ class Case:
     dtype: str
     bits: int
     blocks: Blocks
+    rank: int = 16  # the LoRA rank R (fused kernels): a runtime loop bound, specialised on R % 16 == 0
 
     @property
     def label(self) -> str:
         b = self.blocks
-        return f"{self.kernel} {self.dtype} int{self.bits} {b.block_m}x{b.block_n}x{b.block_k} w{b.num_warps}s{b.num_stages}"
+        rank = f" r{self.rank}" if self.kernel != "dequantize" else ""
+        return (f"{self.kernel} {self.dtype} int{self.bits} {b.block_m}x{b.block_n}x{b.block_k} "
+                f"w{b.num_warps}s{b.num_stages}{rank}")
 
 
 @dataclass
@@ -66,11 +70,22 @@ class Build:
     instructions: dict[str, int]
 
 
+# Ranks rank_allocation: budget can give a linear (any up to rank_max_factor * lora_r, e.g. 4 x 128 = 512):
+# the fused kernels loop over R in chunks of their tile width, so R enters the build only through Triton's
+# specialisation of R % 16 == 0 (200 is not a multiple of 16); each is compiled to check it.
+BUDGET_RANKS = (16, 64, 128, 200, 256, 512)
+
+
 def cases() -> list[Case]:
-    """Every build the code can launch."""
+    """Every build the code can launch: every kernel x dtype x bit width x block configuration at rank 16,
+    and every rank of :data:`BUDGET_RANKS` for every fused configuration at 4 bits (the bit width only
+    changes the weight tile, not the LoRA slab)."""
+    fused = ("fused_forward", "fused_grad_input")
     out = [Case("dequantize", dtype, bits, blocks) for dtype in DTYPES for bits in SUPPORTED_BITS for blocks in DEQUANT]
-    out += [Case(kernel, dtype, bits, blocks) for kernel in ("fused_forward", "fused_grad_input")
+    out += [Case(kernel, dtype, bits, blocks) for kernel in fused
             for dtype, torch_dtype in DTYPES.items() for bits in SUPPORTED_BITS for blocks in fused_configs(torch_dtype)]
+    out += [Case(kernel, dtype, 4, blocks, rank) for kernel in fused for dtype, torch_dtype in DTYPES.items()
+            for blocks in fused_configs(torch_dtype) for rank in BUDGET_RANKS if rank != 16]
     return out
 
 
@@ -89,16 +104,16 @@ def _source(case: Case) -> ASTSource:
         signature = {"x_ptr": f"*{t}", "qweight_ptr": "*i32", "scales_ptr": f"*{t}", "zeros_ptr": "*u8", "u_ptr": f"*{t}",
                      "b_ptr": f"*{t}", "bias_ptr": f"*{t}", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
                      "R": "i32", "group_size": "i32", "SPLIT": "i32"}
-        constants = {"HAS_BIAS": True, "BITS": case.bits, "IEEE": case.dtype == "fp32", "ONE_GROUP": True, **b.meta(),
-                     "BLOCK_R": 16}
+        constants = {"HAS_BIAS": True, "BITS": case.bits, "IEEE": case.dtype == "fp32", "ONE_GROUP": True, **b.meta()}
     else:
         fn = fused._fused_grad_input_kernel
         signature = {"dy_ptr": f"*{t}", "qweight_ptr": "*i32", "scales_ptr": f"*{t}", "zeros_ptr": "*u8", "g_ptr": f"*{t}",
                      "a_ptr": f"*{t}", "dx_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
                      "group_size": "i32", "SPLIT": "i32"}
-        constants = {"BITS": case.bits, "IEEE": case.dtype == "fp32", "ONE_GROUP": True, **b.meta(), "BLOCK_R": 16}
+        constants = {"BITS": case.bits, "IEEE": case.dtype == "fp32", "ONE_GROUP": True, **b.meta()}
     signature.update({name: "constexpr" for name in constants})
-    divisible = [name for name, kind in signature.items() if kind.startswith("*") or name in ("N", "K", "group_size")]
+    divisible = [name for name, kind in signature.items() if kind.startswith("*") or name in ("N", "K", "group_size")
+                 or (name == "R" and case.rank % 16 == 0)]
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     return ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
 

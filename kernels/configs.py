@@ -47,9 +47,20 @@ FUSED_FP32 = (
     Blocks(16, 64, 32, num_warps=8, num_stages=2),
 )
 SPLITS = (1, 2, 4, 8)
-# Dequantization into the large-M path's scratch buffer (a copy, memory-bound): a 64-input tile, or 32
-# when the group size is 32, so that a tile never spans two groups.
-DEQUANT = (Blocks(0, 64, 64, num_warps=4, num_stages=1), Blocks(0, 64, 32, num_warps=4, num_stages=1))
+# Dequantization into the large-M path's scratch buffer (a copy, memory-bound), autotuned on a GPU per
+# shape, bit width and dtype among the tiles that lie inside one quantization group. The interpreter runs
+# the first entry, or the second when the group size is 32 (a 64-input tile would span two groups).
+# Wider K tiles write longer contiguous runs of the [N, K] output; wider N tiles read longer runs of codes.
+# At most 32 weights per thread: 64 (128 x 64 with 4 warps) spills on sm_80 for fp32 (kernels/aot.py).
+DEQUANT = (
+    Blocks(0, 64, 64, num_warps=4, num_stages=1),
+    Blocks(0, 64, 32, num_warps=4, num_stages=1),
+    Blocks(0, 128, 32, num_warps=4, num_stages=1),
+    Blocks(0, 32, 128, num_warps=4, num_stages=1),
+    Blocks(0, 128, 64, num_warps=8, num_stages=1),
+    Blocks(0, 64, 128, num_warps=8, num_stages=1),
+    Blocks(0, 256, 32, num_warps=8, num_stages=1),
+)
 
 
 def fused_configs(dtype: torch.dtype) -> tuple[Blocks, ...]:

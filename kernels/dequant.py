@@ -3,17 +3,21 @@
 ``W[n, k] = scales[g, n] * (q[k, n] - zeros[g, n])``, ``g = k // group_size``; codes packed along K
 in int32 words (2/4/8-bit), 3-bit planar (a 2-bit plane then a 1-bit plane). Pruned 2:4 entries hold
 the zero point, so they dequantize to exactly 0 with no mask. Writes into ``out`` when given (a
-reused scratch buffer on the training path).
+reused scratch buffer on the training path). Tiles are autotuned on a GPU (:data:`.configs.DEQUANT`).
 
 Import only where Triton can run: on a GPU, or on CPU with ``TRITON_INTERPRET=1`` set before import.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+from .configs import DEQUANT
+from .launch import launch
 from .packing import SUPPORTED_BITS
 
 
@@ -79,22 +83,56 @@ def _dequant_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, group_siz
     tl.store(out_ptr + offs_n[None, :] * K + offs_k[:, None], weight.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+_TUNED: list = []
+
+
+def _autotuned():
+    """:func:`_dequant_kernel` autotuned over :data:`.configs.DEQUANT`, keyed on the shape, group size and bit
+    width (and the output dtype, which the autotuner adds), among tiles inside one quantization group."""
+    configs = [triton.Config({"BLOCK_K": b.block_k, "BLOCK_N": b.block_n}, num_warps=b.num_warps,
+                             num_stages=b.num_stages) for b in DEQUANT]
+
+    def inside_groups(configs, named_args, **_):
+        kept = [c for c in configs if one_group(named_args["group_size"], c.kwargs["BLOCK_K"])]
+        return kept or configs
+
+    with_groups = triton.heuristics({"ONE_GROUP": lambda args: one_group(args["group_size"], args["BLOCK_K"])})(
+        _dequant_kernel)
+    return triton.autotune(configs=configs, key=["N", "K", "group_size", "BITS"],
+                           prune_configs_by={"early_config_prune": inside_groups})(with_groups)
+
+
 def dequantize_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
                       in_features: int, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None,
-                      block_k: int | None = None, block_n: int = 64) -> torch.Tensor:
+                      block_k: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """Dense ``[N, K]`` weight in ``dtype`` (or into ``out``) from int32 ``qweight`` ``[K*bits/32, N]``,
-    ``scales`` ``[G, N]`` and ``zeros`` ``[G, N]``; same result as :func:`kernels.reference.dequantize`."""
+    ``scales`` ``[G, N]`` and ``zeros`` ``[G, N]`` (all on one device); same result as
+    :func:`kernels.reference.dequantize`. Tiles: ``block_k`` x ``block_n`` when given (either pins both);
+    otherwise autotuned on a GPU (:data:`.configs.DEQUANT`) and the first fitting entry under the interpreter.
+    Raises :class:`.launch.TritonUnavailable` where Triton cannot run (see :mod:`.fallback`)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits} is not supported; valid: {SUPPORTED_BITS}")
     n = qweight.shape[1]
     group = in_features if group_size == -1 else group_size
-    if block_k is None:  # a tile inside one group: one row of scales and zero points per tile
-        block_k = 64 if one_group(group, 64) else 32
     if out is None:
         out = torch.empty(n, in_features, dtype=dtype, device=qweight.device)
     elif out.shape != (n, in_features) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous [{n}, {in_features}] buffer, got {tuple(out.shape)}")
+    args = (qweight.contiguous(), scales.contiguous(), zeros.contiguous(), out, n, in_features, group)
+    if block_k is None and block_n is None and not _interpreted():
+        if not _TUNED:
+            _TUNED.append(_autotuned())
+        grid = lambda meta: (triton.cdiv(in_features, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        launch(_TUNED[0], grid, qweight, *args, BITS=bits)
+        return out
+    if block_k is None:  # a tile inside one group: one row of scales and zero points per tile
+        block_k = DEQUANT[0].block_k if one_group(group, DEQUANT[0].block_k) else DEQUANT[1].block_k
+    block_n = block_n or DEQUANT[0].block_n
     grid = (triton.cdiv(in_features, block_k), triton.cdiv(n, block_n))
-    _dequant_kernel[grid](qweight.contiguous(), scales.contiguous(), zeros.contiguous(), out, n, in_features, group,
-                          BITS=bits, BLOCK_K=block_k, BLOCK_N=block_n, ONE_GROUP=one_group(group, block_k))
+    launch(_dequant_kernel, grid, qweight, *args, BITS=bits, BLOCK_K=block_k, BLOCK_N=block_n,
+           ONE_GROUP=one_group(group, block_k))
     return out

@@ -1,7 +1,9 @@
 """Small-M fused kernels: dequantize inside the K loop, the LoRA term as one extra K slab.
 
 Forward  ``y[M, N] = x W_c^T + (s x A^T) B^T (+ bias)``: the dense ``W_c`` is never written out; the
-LoRA term is the slab ``[s U | B^T]`` with ``U = x A^T`` (``[M, r]``, computed first, tiny).
+LoRA term is the slab ``[s U | B^T]`` with ``U = x A^T`` (``[M, r]``, computed first, tiny), reduced in
+chunks of the K tile's width, so any rank (the budget allocation's go up to 4 x lora_r, e.g. 512)
+compiles to the same registers as the K loop.
 Twin     ``dX[M, K] = dY W_c + (s dY B) A``: the same tiles transposed, looping over N.
 For generation and evaluation (M up to a few dozen tokens); training uses dequantize + matmul.
 
@@ -26,6 +28,7 @@ import triton.language as tl
 
 from .configs import SPLITS, fused_configs
 from .dequant import _weight_tile, one_group
+from .launch import launch
 
 
 @triton.jit
@@ -38,8 +41,7 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _fused_forward_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, u_ptr, b_ptr, bias_ptr, y_ptr,
                           M, N, K, R, group_size, SPLIT, HAS_BIAS: tl.constexpr, BITS: tl.constexpr, IEEE: tl.constexpr,
-                          ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_R: tl.constexpr):
+                          ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(2)
@@ -54,12 +56,14 @@ def _fused_forward_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, u_ptr, b_pt
         w = _weight_tile(qweight_ptr, scales_ptr, zeros_ptr, k0, offs_n, N, K, group_size, BITS, BLOCK_K, ONE_GROUP)
         acc += _dot(x, w.to(dtype), IEEE)
     if split == 0:  # the LoRA slab (s U) [M, r] x B^T [r, N], and the bias, once
-        offs_r = tl.arange(0, BLOCK_R)
-        u = tl.load(u_ptr + offs_m[:, None] * R + offs_r[None, :],
-                    mask=(offs_m < M)[:, None] & (offs_r < R)[None, :], other=0)
-        b_t = tl.load(b_ptr + offs_n[None, :] * R + offs_r[:, None],
-                      mask=(offs_r < R)[:, None] & (offs_n < N)[None, :], other=0)
-        acc += _dot(u.to(dtype), b_t.to(dtype), IEEE)
+        # r in chunks of BLOCK_K: the weight tile's shape, so any rank costs the registers of the K loop
+        for r0 in range(0, R, BLOCK_K):
+            offs_r = r0 + tl.arange(0, BLOCK_K)
+            u = tl.load(u_ptr + offs_m[:, None] * R + offs_r[None, :],
+                        mask=(offs_m < M)[:, None] & (offs_r < R)[None, :], other=0)
+            b_t = tl.load(b_ptr + offs_n[None, :] * R + offs_r[:, None],
+                          mask=(offs_r < R)[:, None] & (offs_n < N)[None, :], other=0)
+            acc += _dot(u.to(dtype), b_t.to(dtype), IEEE)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)[None, :]
     tl.atomic_add(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
@@ -70,7 +74,7 @@ def _fused_forward_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, u_ptr, b_pt
 def _fused_grad_input_kernel(dy_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_ptr, a_ptr, dx_ptr,
                              M, N, K, R, group_size, SPLIT, BITS: tl.constexpr, IEEE: tl.constexpr,
                              ONE_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                             BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     split = tl.program_id(2)
@@ -86,19 +90,15 @@ def _fused_grad_input_kernel(dy_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_ptr, 
                            BITS, BLOCK_K, ONE_GROUP)  # [BK, BN]
         acc += _dot(dy, tl.trans(w_t.to(dtype)), IEEE)
     if split == 0:  # slab: (s dY B) [M, r] x A [r, K], once
-        offs_r = tl.arange(0, BLOCK_R)
-        g = tl.load(g_ptr + offs_m[:, None] * R + offs_r[None, :],
-                    mask=(offs_m < M)[:, None] & (offs_r < R)[None, :], other=0)
-        a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :],
-                    mask=(offs_r < R)[:, None] & (offs_k < K)[None, :], other=0)
-        acc += _dot(g.to(dtype), a.to(dtype), IEEE)
+        for r0 in range(0, R, BLOCK_N):  # r in chunks of BLOCK_N, the reduced width of the N loop
+            offs_r = r0 + tl.arange(0, BLOCK_N)
+            g = tl.load(g_ptr + offs_m[:, None] * R + offs_r[None, :],
+                        mask=(offs_m < M)[:, None] & (offs_r < R)[None, :], other=0)
+            a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :],
+                        mask=(offs_r < R)[:, None] & (offs_k < K)[None, :], other=0)
+            acc += _dot(g.to(dtype), a.to(dtype), IEEE)
     tl.atomic_add(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc,
                   mask=(offs_m < M)[:, None] & (offs_k < K)[None, :], sem="relaxed")
-
-
-def block_r(rank: int) -> int:
-    """The LoRA slab's width: the rank rounded up to a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(rank))
 
 
 def _interpreted() -> bool:
@@ -132,13 +132,13 @@ def _launch(kernel, grid_for, args: tuple, constants: dict, split: int | None, d
         if (kernel, dtype) not in _TUNED:
             _TUNED[kernel, dtype] = _autotuned(kernel, dtype)
         grid = lambda meta: grid_for(meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"], meta["SPLIT"])  # noqa: E731
-        _TUNED[kernel, dtype][grid](*args, **constants)
+        launch(_TUNED[kernel, dtype], grid, args[0], *args, **constants)
         return
     blocks = fused_configs(dtype)[0]
     split = split or 1
-    kernel[grid_for(blocks.block_m, blocks.block_n, blocks.block_k, split)](
-        *args, SPLIT=split, ONE_GROUP=one_group(args[-1], blocks.block_k), **constants, **blocks.meta(),
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    launch(kernel, grid_for(blocks.block_m, blocks.block_n, blocks.block_k, split), args[0],
+           *args, SPLIT=split, ONE_GROUP=one_group(args[-1], blocks.block_k), **constants, **blocks.meta(),
+           num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
 def fused_forward(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size: int, lora_a: torch.Tensor,
@@ -161,7 +161,7 @@ def fused_forward(x: torch.Tensor, qweight, scales, zeros, bits: int, group_size
 
     _launch(_fused_forward_kernel, grid,
             (x, qweight, scales, zeros, u, lora_b.contiguous(), bias if bias is not None else x, y, m, n, k, rank, group),
-            {"HAS_BIAS": bias is not None, "BITS": bits, "IEEE": x.dtype == torch.float32, "BLOCK_R": block_r(rank)},
+            {"HAS_BIAS": bias is not None, "BITS": bits, "IEEE": x.dtype == torch.float32},
             split, x.dtype)
     return y.to(x.dtype)
 
@@ -182,5 +182,5 @@ def fused_grad_input(grad_y: torch.Tensor, qweight, scales, zeros, bits: int, gr
 
     _launch(_fused_grad_input_kernel, grid,
             (grad_y, qweight, scales, zeros, g, lora_a.contiguous(), dx, m, n, in_features, rank, group),
-            {"BITS": bits, "IEEE": grad_y.dtype == torch.float32, "BLOCK_R": block_r(rank)}, split, grad_y.dtype)
+            {"BITS": bits, "IEEE": grad_y.dtype == torch.float32}, split, grad_y.dtype)
     return dx.to(grad_y.dtype)

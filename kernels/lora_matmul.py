@@ -10,7 +10,9 @@ of the matmul, the forward's ``W_c`` is kept for the backward while the host has
 
 Small-M (generation, evaluation) path, on a GPU or when forced: the fused Triton kernels of
 :mod:`.fused` (dequantize inside the K loop, LoRA as an extra K slab) for ``y`` and for ``dX``. The
-switch point is a table per GPU architecture (:func:`.configs.small_m_max_tokens`).
+switch point is a table per GPU architecture (:func:`.configs.small_m_max_tokens`). Where Triton cannot
+run (:mod:`.launch`: no C compiler, no driver), the fused path falls back to the large-M one, with one
+warning per process.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Callable
 import psutil
 import torch
 
+from . import launch
 from .configs import small_m_max_tokens
 
 
@@ -52,9 +55,22 @@ def keep_weight_for_backward(weight: torch.Tensor) -> bool:
 
 
 def _use_fused(packed: Packed | None, tokens: int, force: bool) -> bool:
-    if packed is None:
+    if packed is None or launch.unavailable() is not None:
         return False
     return force or (packed.qweight.is_cuda and tokens <= small_m_max_tokens(packed.qweight.device))
+
+
+FUSED_FALLBACK_COST = ("small-M (generation, evaluation) layers dequantize the whole weight and run a dense matmul "
+                       "instead of one fused kernel: slower, and one dense N x K weight per layer in flight")
+
+
+def _fused(name: str):
+    """``fused_forward`` or ``fused_grad_input``; :class:`.launch.TritonUnavailable` where Triton is missing."""
+    try:
+        from . import fused
+    except ImportError as err:
+        raise launch.record_failure(err) from err
+    return getattr(fused, name)
 
 
 class PackedLoraMatmul(torch.autograd.Function):
@@ -73,14 +89,17 @@ class PackedLoraMatmul(torch.autograd.Function):
         # own layer does; under autocast packed_lora_linear has already cast everything to the autocast dtype
         u = x.to(lora_a.dtype) @ lora_a.t()  # [..., r]
         ctx.fused = _use_fused(packed, tokens, force_fused)
+        kept = None
         if ctx.fused:
-            from .fused import fused_forward
-
             p = packed
-            y = fused_forward(x.reshape(tokens, -1), p.qweight, p.scales, p.zeros, p.bits, p.group_size, lora_a, lora_b,
-                              scaling, bias, u=u.reshape(tokens, -1)).reshape(*x.shape[:-1], -1)
-            kept = None
-        else:
+            try:
+                y = _fused("fused_forward")(x.reshape(tokens, -1), p.qweight, p.scales, p.zeros, p.bits, p.group_size,
+                                            lora_a, lora_b, scaling, bias, u=u.reshape(tokens, -1))
+                y = y.reshape(*x.shape[:-1], -1)
+            except launch.TritonUnavailable:  # no C compiler or driver for Triton: the dequantize + matmul path
+                launch.warn_fallback("the fused small-M LoRA kernels (and dequantization)", FUSED_FALLBACK_COST)
+                ctx.fused = False
+        if not ctx.fused:
             weight = weight_fn(x.dtype)
             y = x @ weight.t()
             if bias is not None:
@@ -100,12 +119,13 @@ class PackedLoraMatmul(torch.autograd.Function):
         g = grad_y2.to(lora_b.dtype) @ lora_b  # [M, r] in the adapter dtype: the one extra read of dY
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0] and ctx.fused:
-            from .fused import fused_grad_input
-
             p = ctx.packed
-            grad_x = fused_grad_input(grad_y2, p.qweight, p.scales, p.zeros, p.bits, p.group_size, p.in_features,
-                                      lora_a, lora_b, s).reshape(x.shape).to(x.dtype)
-        elif ctx.needs_input_grad[0]:
+            try:
+                grad_x = _fused("fused_grad_input")(grad_y2, p.qweight, p.scales, p.zeros, p.bits, p.group_size,
+                                                    p.in_features, lora_a, lora_b, s).reshape(x.shape).to(x.dtype)
+            except launch.TritonUnavailable:
+                launch.warn_fallback("the fused small-M LoRA kernels (and dequantization)", FUSED_FALLBACK_COST)
+        if ctx.needs_input_grad[0] and grad_x is None:
             weight = ctx.weight_fn(grad_y.dtype) if kept is None else kept.to(grad_y.dtype)
             grad_x = (grad_y2 @ weight + (s * (g @ lora_a)).to(grad_y.dtype)).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[2]:

@@ -391,6 +391,8 @@ CASES: list[BadInput] = [
              parse("--rank_allocation", "budget", "--init_method", "qlora")),
     BadInput("`refine_learning_rate: 0`", CONFIG, (r"refine_learning_rate=0\.0 is out of range", r"\(0, inf\)"),
              parse("--refine_learning_rate", "0")),
+    BadInput("`refine_micro_batch_size: 0`", CONFIG, (r"refine_micro_batch_size=0 is out of range",),
+             parse("--refine_micro_batch_size", "0")),
     BadInput("`refine_target: hidden`", CONFIG, (r"refine_target='hidden' is unknown", r"\['final', 'layers'\]"),
              parse("--refine_target", "hidden")),
     BadInput("`rank_allocation: greedy`", CONFIG, (r"rank_allocation='greedy' is unknown", "budget"),

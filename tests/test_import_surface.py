@@ -95,3 +95,32 @@ def test_eora_ft_runs_without_the_optional_bitsandbytes():
                                "else:\n    raise AssertionError('nf4 accepted without bitsandbytes')")
     failed = _failures(snippets, prelude="import sys\nsys.modules['bitsandbytes'] = None  # its import now raises")
     assert not failed, "\n".join(f"{name}:\n{trace}" for name, trace in failed.items())
+
+
+def _triton_modules() -> set[str]:
+    """The modules that import Triton at their top: Triton kernels, which only a CUDA tensor reaches."""
+    found = {f"eora_ft.kernels.{path.stem}" for path in (ROOT / "kernels").glob("*.py")
+             if "\nimport triton" in path.read_text() or "\nfrom triton" in path.read_text()}
+    assert found, "no Triton kernel found in kernels/"
+    return found
+
+
+def test_eora_ft_runs_on_a_cpu_without_triton():
+    """Triton is not a dependency (a CUDA build of torch brings its own): every module but the Triton kernels
+    imports without it, and a compressed model computes, and its adapters train, on the CPU."""
+    snippets = {name: f"import {name}" for name in _eora_ft_modules() if name not in _triton_modules()}
+    snippets["forward and backward"] = (
+        "import torch\nfrom eora_ft.compress import make_compressor\n"
+        "from eora_ft.adapters.peft_bridge import build_lora_model, lora_config\n"
+        "from eora_ft.init.sequential import compress_model\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "torch.manual_seed(0)\n"
+        "cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,"
+        " num_attention_heads=2, num_key_value_heads=1)\n"
+        "model = LlamaForCausalLM(cfg)\nids = torch.randint(0, 64, (2, 16))\n"
+        "compress_model(model, ids, make_compressor('rtn', bits=4, group_size=32), [], progress=False)\n"
+        "peft = build_lora_model(model, None, lora_config(4, 8, 0.0, None))\n"
+        "peft(input_ids=ids, labels=ids).loss.backward()\n"
+        "assert all(p.grad is not None for p in peft.parameters() if p.requires_grad)")
+    failed = _failures(snippets, prelude="import sys\nsys.modules['triton'] = None  # its import now raises")
+    assert not failed, "\n".join(f"{name}:\n{trace}" for name, trace in failed.items())

@@ -99,7 +99,8 @@ def compress_command(argv: list[str]) -> int:
     targets = model_args.lora_target_modules
     require_source(options.calib_dataset, "calib_dataset")
     check_output_dir(output.output_dir, "output_dir")
-    tokenizer, model = load_model(model_args)
+    execution, activations = options.placement(default_device())  # the model stays on the CPU
+    tokenizer, model = load_model(model_args, execution)
     check_model_against_config(model, targets, options)
     check_positions(model.config, {"calib_seq_len": options.calib_seq_len})
     if output.format == "gptq":  # the layout packs 32 codes per run along K and N: check before compressing
@@ -109,7 +110,6 @@ def compress_command(argv: list[str]) -> int:
                                  f"{name} is {linear.out_features}x{linear.in_features}: use format='eora_ft'")
     calib = calibration_tokens(tokenizer, resolve_path(options.calib_dataset), options.calib_num_samples,
                                options.calib_seq_len, seed=options.calib_seed)
-    execution, activations = options.placement(default_device())  # the model stays on the CPU
     result = compress_model(model, calib, make_compressor(method, **options.compressor_options()),
                             target_modules=targets, batch_size=options.calib_batch_size,
                             true_sequential=options.true_sequential, progress=True,

@@ -90,9 +90,9 @@ def _load(model_args: EoraModelConfig, targets: EvalTargets, device: str):
     from eora_ft.adapters.peft_bridge import load_adapter
     from eora_ft.compress.formats import import_model
 
-    # "auto" keeps a checkpoint's own dtype; a compressed checkpoint dequantizes to fp32 then
-    dtype = torch.float32 if model_args.dtype == "auto" and targets.compressed_model else (
-        "auto" if model_args.dtype == "auto" else getattr(torch, model_args.dtype))
+    from eora_ft.utils.dtypes import model_dtype
+
+    dtype = model_dtype(model_args.dtype, targets.compressed_model or model_args.model_name_or_path, device)
     if targets.compressed_model:  # small: read straight onto the device
         model = import_model(targets.compressed_model, dtype=dtype, device=device)
         own = any((Path(targets.compressed_model) / name).is_file() for name in TOKENIZER_FILES)

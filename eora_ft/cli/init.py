@@ -79,7 +79,8 @@ def init_command(argv: list[str]) -> int:
     The adapter's ``adapter_config.json`` names the compressed model it corrects (``--compressed_model``, or
     ``<output_dir>/base`` when the initializer rewrote the base), never the uncompressed one."""
     from eora_ft.adapters.peft_bridge import load_adapter, save_adapter
-    from eora_ft.compress.io import load_compressed, recorded_options, save_compressed
+    from eora_ft.compress.io import load_compressed, read_compression_config, recorded_options, save_compressed
+    from eora_ft.compress.packed_reader import compressed_linears
     from eora_ft.data import mixed_calibration, resolve_path
     from eora_ft.data.task_text import task_texts
     from eora_ft.run.initial_adapter import initial_adapter
@@ -94,27 +95,30 @@ def init_command(argv: list[str]) -> int:
                   + [(part, "adapter_calib_dataset", "text") for part in adapter_calib]
                   + [(calibration.calib_task_dataset, "calib_task_dataset", calibration.calib_task_format)])
     compressed_dir = Path(require_source(paths.compressed_model, "compressed_model", hub_ok=False)).resolve()
-    compressed = load_compressed(compressed_dir)
-    meta = compressed.compression_config
+    meta, _ = read_compression_config(compressed_dir)
     targets = lora.lora_target_modules  # None: every compressed linear (all-linear)
-    modules = {path: m for path, m in compressed.named_modules()
-               if hasattr(m, "dequantize") and (targets is None or path.split(".")[-1] in targets)}
-    if not modules:
+    specs = {path: spec for path, spec in meta["modules"].items()
+             if targets is None or path.split(".")[-1] in targets}
+    if not specs:
         raise ValueError(f"no compressed layer named {targets} in {paths.compressed_model}")
     if init_args.init_from_adapter:  # an existing adapter, checked against this base and re-saved naming it
-        adapter = load_adapter(compressed, os.path.expanduser(init_args.init_from_adapter), is_trainable=True)
+        adapter = load_adapter(load_compressed(compressed_dir), os.path.expanduser(init_args.init_from_adapter),
+                               is_trainable=True)
         save_adapter(adapter, paths.output_dir, str(compressed_dir))
         print(json.dumps({"output": paths.output_dir, "from_adapter": init_args.init_from_adapter,
                           "base": str(compressed_dir)}))
         return 0
-    for path, module in modules.items():
-        check_rank(rank, module.in_features, module.out_features, path)
+    for path, spec in specs.items():
+        check_rank(rank, spec["in_features"], spec["out_features"], path)
     original_path = paths.original_model or meta.get("model")
     if not original_path:
         raise ValueError(f"{paths.compressed_model} does not record its original model: pass --original_model")
     # the original stays on the CPU in `dtype` (bf16 halves a 70B model's host memory); W - W_c is taken in fp32
-    tokenizer, original = load_model(EoraModelConfig(model_name_or_path=original_path, dtype=lora.dtype))
+    execution, activations = calibration.placement(default_device())
+    tokenizer, original = load_model(EoraModelConfig(model_name_or_path=original_path, dtype=lora.dtype), execution)
     check_positions(original.config, {"calib_seq_len": calibration.calib_seq_len})
+    # read one layer at a time as the driver reaches it, in the original's dtype, never the whole packed model
+    modules = compressed_linears(compressed_dir, next(original.parameters()).dtype, targets)
     task_text = (task_texts(calibration.calib_task_format, resolve_path(calibration.calib_task_dataset))
                  if calibration.calib_task_dataset else [])
     task_fraction = init_args.adapter_calib_task_fraction if task_text else 0.0
@@ -134,7 +138,6 @@ def init_command(argv: list[str]) -> int:
         save_compressed(model, rewritten, {**meta, "rewritten_by": method, **init_args.options().get(method, {})},
                         tokenizer)
 
-    execution, activations = calibration.placement(default_device())
     # The original model runs layer by layer with the compressed linears swapped in, with the statistics scheme
     # the compressed model was made with (one pass per layer when it recorded none, the default): the factors are
     # those of compressing and initialising at once.
@@ -143,7 +146,7 @@ def init_command(argv: list[str]) -> int:
                               true_sequential=bool(meta.get("true_sequential", False)),
                               calib_seed=calibration.calib_seed, save_rewritten_base=save_rewritten_base,
                               execution_device=execution, activations_device=activations)
-    del compressed, modules
+    del modules
     base = output / "base" if initial.base_replaced else compressed_dir
     save_adapter(initial.peft_model, output, str(base), move_in={"base": rewritten} if initial.base_replaced else None)
     rows = initial.meta["layers"]

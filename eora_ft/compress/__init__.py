@@ -2,7 +2,8 @@
 compressor reads, and the checkpoint formats (eora_ft, GPTQ, compressed-tensors).
 
 A compressor is constructed from its options and exposes ``compress(weight [N, K], stats) ->
-QuantizedWeight`` plus ``needs_stats``. The layer-by-layer driver that feeds it
+QuantizedWeight`` plus ``needs_stats`` (whether it reads the activation statistics: the driver accumulates
+no ``X^T X`` for a data-free compressor unless an initializer needs it). The layer-by-layer driver that feeds it
 (:func:`eora_ft.init.sequential.compress_model`) lives one stage up because the same pass also factors
 every initializer's correction. May import ``eora_ft.utils``, ``eora_ft.data`` and ``eora_ft.kernels``.
 """
@@ -36,6 +37,12 @@ USES_BITS = {"rtn", "gptq", "gptq+sparsegpt"}
 USES_SPARSITY = {"sparsegpt", "wanda", "gptq+sparsegpt"}
 
 
+def needs_statistics(compressor) -> bool:
+    """Whether ``compressor`` reads a linear's activation statistics (its ``needs_stats``; an object that does not
+    say is assumed to)."""
+    return bool(getattr(compressor, "needs_stats", True))
+
+
 def make_compressor(method: str, **options):
     """Instantiate the compressor registered as ``method`` (see :data:`COMPRESSORS`)."""
     if method not in COMPRESSORS:
@@ -50,4 +57,5 @@ def make_compressor(method: str, **options):
 __all__ = [
     "COMPRESSORS", "NF4", "USES_BITS", "USES_SPARSITY", "ActivationStats", "CompressedLinear", "GPTQ", "PruneSpec",
     "QuantSpec", "QuantizedWeight", "RTN", "SparseGPT", "SparseWeight", "StatsCollector", "Wanda", "make_compressor",
+    "needs_statistics",
 ]

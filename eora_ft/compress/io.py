@@ -196,6 +196,30 @@ def _upgrade_v1_layer(path: str, spec: dict, state: dict[str, torch.Tensor]) -> 
     return spec
 
 
+def compressed_shell(spec: dict, dtype: torch.dtype) -> CompressedLinear:
+    """A :class:`CompressedLinear` of a ``modules`` entry (format 2) with its buffers on the meta device, for
+    ``load_state_dict(assign=True)``."""
+    shell = CompressedLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
+                             bias=spec["bias"], kept=spec["kept"], dtype=dtype, device="meta")
+    if spec.get("act_order"):
+        shell.perm = torch.zeros(spec["in_features"], dtype=torch.int64, device="meta")
+    return shell
+
+
+def read_compression_config(directory: Path) -> tuple[dict, int]:
+    """``(compression_config.json, its format version)`` of a :func:`save_compressed` directory, checked."""
+    _require(directory, [CONFIG, WEIGHTS, COMPRESSION_CONFIG], "compressed-model directory (save_compressed output)")
+    meta = json.loads((directory / COMPRESSION_CONFIG).read_text())
+    modules = meta.get("modules") if isinstance(meta, dict) else None
+    if not isinstance(modules, dict):
+        raise ValueError(f"{directory / COMPRESSION_CONFIG} has no 'modules' table: not written by save_compressed")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{directory} has format_version {version!r}, newer than this eora_ft reads "
+                         f"(up to {FORMAT_VERSION}): upgrade eora_ft")
+    return meta, version
+
+
 def _finish(model: nn.Module, directory: Path, meta: dict) -> nn.Module:
     if (directory / "generation_config.json").exists() and getattr(model, "can_generate", lambda: False)():
         model.generation_config = GenerationConfig.from_pretrained(directory)
@@ -218,15 +242,8 @@ def load_compressed(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
     ``attn_implementation`` (``sdpa``, ``flash_attention_2``, ...; None = transformers' default) as in
     ``from_pretrained``."""
     directory = Path(directory)
-    _require(directory, [CONFIG, WEIGHTS, COMPRESSION_CONFIG], "compressed-model directory (save_compressed output)")
-    meta = json.loads((directory / COMPRESSION_CONFIG).read_text())
-    modules = meta.get("modules") if isinstance(meta, dict) else None
-    if not isinstance(modules, dict):
-        raise ValueError(f"{directory / COMPRESSION_CONFIG} has no 'modules' table: not written by save_compressed")
-    version = meta.get("format_version", 1)
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{directory} has format_version {version!r}, newer than this eora_ft reads "
-                         f"(up to {FORMAT_VERSION}): upgrade eora_ft")
+    meta, version = read_compression_config(directory)
+    modules = meta["modules"]
     device = torch.device(device)
     model = _build_model(AutoConfig.from_pretrained(directory), dtype, attn_implementation)
     # safetensors names devices "cpu" or "cuda:N" ("cpu:0", as accelerate reports it, is refused)
@@ -242,11 +259,7 @@ def load_compressed(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
             continue
         if version == 1:
             spec = _upgrade_v1_layer(path, spec, state)
-        shell = CompressedLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
-                                 bias=spec["bias"], kept=spec["kept"], dtype=dtype, device="meta")
-        if spec.get("act_order"):
-            shell.perm = torch.zeros(spec["in_features"], dtype=torch.int64, device="meta")
-        set_module(model, path, shell)
+        set_module(model, path, compressed_shell(spec, dtype))
     nf4_paths = [path for path, spec in modules.items() if spec.get("kind") == "nf4"]
     _load_state(model, state, directory / WEIGHTS, skip=nf4_paths)
     return _finish(model.to(device), directory, meta)

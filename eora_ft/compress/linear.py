@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eora_ft.kernels.packing import pack_codes, pack_mask, unpack_mask
+from eora_ft.kernels.packing import pack_codes, pack_mask
 from eora_ft.kernels.cpu_dequant import dequantize
+from eora_ft.kernels.sparse24 import is_two_four, masked_dense, two_four_dense
 
 from .result import QuantizedWeight, SparseWeight
 
@@ -171,17 +172,28 @@ class CompressedLinear(nn.Module):
         the device's shared scratch buffer (:mod:`eora_ft.kernels.scratch`) instead of a new tensor."""
         dtype = dtype or self.compute_dtype
         if self.bits is None:
-            weight = torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.values.device)
-            return weight.masked_scatter_(unpack_mask(self.keep_bits, self.in_features), self.values.to(dtype))
-        if self.qweight.is_cuda:  # the Triton kernel; the reference below is its specification
-            from eora_ft.kernels.dequant import dequantize_triton
+            rebuild = two_four_dense if self._is_two_four() else masked_dense
+            return rebuild(self.values, self.keep_bits, self.out_features, self.in_features, dtype)
+        if self.qweight.is_cuda:  # the Triton kernel (the reference where Triton cannot run: one warning)
+            from eora_ft.kernels.fallback import dequantize as gpu_dequantize
             from eora_ft.kernels.scratch import scratch
 
             out = scratch(self.out_features, self.in_features, dtype, self.qweight.device) if transient else None
-            return dequantize_triton(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                                     self.in_features, dtype=dtype, out=out)
+            return gpu_dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                  self.in_features, dtype=dtype, out=out)
         return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
                           dtype=dtype)
+
+    def _is_two_four(self) -> bool:
+        """Whether the pruned-only mask keeps exactly 2 of every 4 inputs; checked once per mask contents
+        (keyed on the buffer and its version counter, which every in-place write such as
+        ``load_state_dict`` bumps), since the check itself reads the whole mask and syncs a GPU."""
+        key = (self.keep_bits.data_ptr(), self.keep_bits._version, self.values.numel())
+        cached = getattr(self, "_two_four_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, is_two_four(self.keep_bits, self.in_features, self.values.numel()))
+            self._two_four_cache = cached
+        return cached[1]
 
     def transient_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """:meth:`dequantize` for a caller that consumes the result at once and keeps no reference (the

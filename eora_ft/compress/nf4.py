@@ -68,7 +68,7 @@ class NF4Weight:
 
 
 class NF4:
-    """bitsandbytes NF4 quantizer (data-free; the statistics are still collected for the initializers)."""
+    """bitsandbytes NF4 quantizer (data-free; statistics are collected only for the initializers that read them)."""
 
     needs_stats = False
 

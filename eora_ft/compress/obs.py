@@ -8,6 +8,10 @@ Precision, as the published implementations (IST-DASLab/gptq, sparsegpt; GPTQMod
 in fp32. The upper Cholesky factor of the damped inverse Hessian is computed in fp64 and rounded to
 fp32 once: for ``J`` the reversal permutation and ``J H J = L L^T``, it is ``J L^-1 J`` (one Cholesky and
 one triangular inverse, half the work of Cholesky -> inverse -> Cholesky; the two agree to 1e-15).
+
+Memory: every step of that chain (permutation, Cholesky, inverse) runs in the Hessian's own memory, so the
+layer's statistics and that one working copy are the only ``K x K`` fp64 matrices alive (2 x 6.6 GB at
+K = 28672, a 70B down_proj); the sweep rounds the factor to fp32 one block of rows at a time.
 """
 
 from __future__ import annotations
@@ -39,9 +43,15 @@ def _working_copy(weight: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
     return w
 
 
+TRIANGULAR_BLOCK = 512  # columns of L^-1 per step of the blocked in-place inverse: two [K, 512] fp64 temporaries
+PERMUTE_BLOCK = 512  # rows / columns moved at a time by the in-place permutation: one [K, 512] fp64 temporary
+
+
 def _inverse_lower(lower: torch.Tensor) -> torch.Tensor:
-    """``L^-1`` of a lower-triangular fp64 ``L`` ``[K, K]`` (LAPACK ``trtri`` on a CPU, in ``L``'s own memory: a
-    third of the work of a triangular solve against the identity, and no second ``K x K`` matrix)."""
+    """``L^-1`` of a lower-triangular fp64 ``L`` ``[K, K]`` (zeros above the diagonal) in ``L``'s own memory.
+
+    On a CPU, LAPACK ``trtri`` (a third of the work of a triangular solve against the identity); elsewhere the
+    same blocked algorithm in torch (:func:`_inverse_lower_blocked_`): no second ``K x K`` matrix either way."""
     if lower.device.type == "cpu":
         import scipy.linalg.lapack
 
@@ -49,22 +59,80 @@ def _inverse_lower(lower: torch.Tensor) -> torch.Tensor:
         # LAPACK works in place only on a Fortran-ordered array: L itself when torch returned it column-major
         # (its Cholesky does), else its transpose, which is upper triangular
         as_lower = array.flags.f_contiguous
-        inverse, info = scipy.linalg.lapack.dtrtri(array if as_lower else array.T, lower=int(as_lower),
-                                                   overwrite_c=1)
+        target = array if as_lower else array.T
+        inverse, info = scipy.linalg.lapack.dtrtri(target, lower=int(as_lower), overwrite_c=1)
         if info:
             raise FloatingPointError(f"triangular inverse failed (LAPACK info {info})")
-        result = torch.from_numpy(inverse)
-        return result if as_lower else result.t()
-    identity = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
-    return torch.linalg.solve_triangular(lower, identity, upper=False)
+        if inverse.ctypes.data != target.ctypes.data:  # scipy copied after all: keep the in-place contract
+            target[...] = inverse
+        return lower
+    return _inverse_lower_blocked_(lower)
 
 
-def _cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
+def _inverse_lower_blocked_(lower: torch.Tensor, block: int | None = None) -> torch.Tensor:
+    """``L^-1`` in place, by block columns from the last (LAPACK ``trtri``'s blocked order): with
+    ``L = [[D, 0], [P, T]]`` and ``T`` already inverted in place, ``L^-1 = [[D^-1, 0], [-T^-1 P D^-1, T^-1]]``.
+    Any device; temporaries ``[K, block]``. ``lower`` must hold zeros above its diagonal (torch's Cholesky
+    writes them), since ``T^-1 P`` is a dense product."""
+    k, block = lower.shape[0], block or TRIANGULAR_BLOCK
+    for start in reversed(range(0, k, block)):
+        stop = min(start + block, k)
+        diagonal = lower[start:stop, start:stop]
+        identity = torch.eye(stop - start, dtype=lower.dtype, device=lower.device)
+        diagonal_inverse = torch.linalg.solve_triangular(diagonal, identity, upper=False)
+        if stop < k:
+            panel = lower[stop:, start:stop]
+            panel.copy_(lower[stop:, stop:] @ panel @ diagonal_inverse).neg_()
+        diagonal.copy_(diagonal_inverse)
+    return lower
+
+
+def _permute_symmetric_(h: torch.Tensor, order: torch.Tensor, block: int | None = None) -> None:
+    """``h[order][:, order]`` written into ``h`` ``[K, K]`` itself: rows are gathered one block of columns at a
+    time, then columns one block of rows at a time (each block's gather touches no other block)."""
+    k, block = h.shape[0], block or PERMUTE_BLOCK
+    for start in range(0, k, block):
+        columns = h[:, start:start + block]
+        columns.copy_(columns.index_select(0, order))
+    for start in range(0, k, block):
+        rows = h[start:start + block]
+        rows.copy_(rows.index_select(1, order))
+
+
+def _mirror_lower_(h: torch.Tensor, block: int | None = None) -> None:
+    """Copy the lower triangle of ``h`` ``[K, K]`` onto its upper one, in place. Seen column-major (``h.t()``,
+    what LAPACK factors in place), the lower triangle LAPACK reads is then ``h``'s own lower triangle: the
+    values a row-major Cholesky of ``h`` reads, even where round-off left ``X^T X`` not exactly symmetric."""
+    k, block = h.shape[0], block or PERMUTE_BLOCK
+    for start in range(0, k, block):
+        stop = min(start + block, k)
+        square = h[start:stop, start:stop]
+        below = torch.ones(stop - start, stop - start, dtype=torch.bool, device=h.device).tril_()
+        square.copy_(torch.where(below, square, square.t()))
+        h[start:stop, stop:] = h[stop:, start:stop].t()
+
+
+def _upper_inverse_factor(h: torch.Tensor, order: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Overwrite the fp64 Hessian ``h`` ``[K, K]`` (row-major) with ``L^-1``, ``J P^T H P J = L L^T``, ``P`` the
+    visiting order and ``J`` the reversal (``order`` = the visiting order reversed), and return ``L^-1`` as a
+    column-major view of ``h``'s memory. ``J L^-1 J`` is the upper Cholesky factor of ``(P^T H P)^-1``
+    (:func:`_inverse_rows` reads it). No second ``K x K`` matrix is ever allocated."""
+    _permute_symmetric_(h, order)
+    _mirror_lower_(h)
+    lower = h.t()  # column-major: LAPACK / cuSOLVER factor it in place
     try:
-        return torch.linalg.cholesky(h)
+        torch.linalg.cholesky(lower, out=lower)
     except torch.linalg.LinAlgError as err:
         raise FloatingPointError(f"Hessian is not positive definite even with damp_percent={damp_percent}; "
                                  "raise damp_percent or use more calibration tokens") from err
+    return _inverse_lower(lower)
+
+
+def _inverse_rows(lower_inverse: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop``, columns ``start:``, of the fp32 upper factor ``J L^-1 J`` ``[stop - start, K - start]``
+    (``lower_inverse`` = ``L^-1`` ``[K, K]`` fp64): one block at a time, never a fp32 copy of the whole."""
+    k = lower_inverse.shape[0]
+    return lower_inverse[k - stop:k - start, :k - start].flip((0, 1)).to(torch.float32)
 
 
 def obs_sweep(
@@ -92,8 +160,8 @@ def obs_sweep(
     if prune is not None and prune.structured and k % prune.m:
         raise ValueError(f"in_features={k} is not a multiple of m={prune.m} for {prune} sparsity")
     h = hessian.to(dtype=torch.float64, device=weight.device)
-    if h is hessian and not overwrite_hessian:
-        h = h.clone()
+    if (h is hessian and not overwrite_hessian) or not h.is_contiguous():  # row-major: its transpose is factored
+        h = h.clone(memory_format=torch.contiguous_format)
     del hessian
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -107,17 +175,12 @@ def obs_sweep(
         static = torch.stack([s for s, _ in grids]), torch.stack([z for _, z in grids])
         del unvisited
         perm = torch.argsort(torch.diag(h), descending=True)
-    # The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in fp64. Each step replaces the
-    # previous matrix: two K x K fp64 matrices alive at a time (1.6 GB each at K = 14336); the working
-    # copy of the weight is made only after it. The reversal J and the act-order permutation are one
-    # gather per axis (rows, then columns: never three copies at once).
+    # The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in fp64, in h's own memory: the caller's
+    # statistics and h are the only K x K matrices alive (13 GB at K = 28672, a 70B down_proj); the sweep
+    # reads it a block of rows at a time in fp32. The working copy of the weight is made only after it.
     h.diagonal().add_(damp_percent * torch.mean(torch.diag(h)))
     reverse = perm.flip(0) if perm is not None else torch.arange(k - 1, -1, -1, device=h.device)
-    h = h.index_select(0, reverse)
-    h = h.index_select(1, reverse)
-    h = _cholesky(h, damp_percent)
-    h = _inverse_lower(h).to(torch.float32)  # L^-1, then J L^-1 J below
-    hinv = h.flip((0, 1))
+    lower_inverse = _upper_inverse_factor(h, reverse, damp_percent)
     del h
     w = _working_copy(weight, dead)
     if perm is not None:
@@ -138,7 +201,8 @@ def obs_sweep(
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         codes1 = torch.empty_like(w1) if quant is not None else None  # the block's codes, stored as uint8 once
-        hinv1 = hinv[i1:i2, i1:i2]
+        hinv_rows = _inverse_rows(lower_inverse, i1, i2)  # [i2 - i1, K - i1]: the rows of the upper factor
+        hinv1 = hinv_rows[:, :i2 - i1]
         pivots = torch.diag(hinv1).tolist() if hinv1.device.type == "cpu" else torch.diag(hinv1)
         if prune is not None and not prune.structured:
             # SparseGPT's adaptive mask: the block's lowest w^2 / [H^-1]_jj^2, uniform sparsity per block
@@ -172,7 +236,7 @@ def obs_sweep(
         w[:, i1:i2] = w1
         if codes is not None:
             codes[:, i1:i2] = codes1.to(torch.uint8)
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        w[:, i2:] -= err1 @ hinv_rows[:, i2 - i1:]
 
     if perm is not None:  # back to the original column order
         inverse = torch.argsort(perm)

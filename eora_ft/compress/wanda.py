@@ -20,7 +20,7 @@ class Wanda:
     def compress(self, weight: torch.Tensor, stats: ActivationStats) -> SparseWeight:
         """Prune ``weight`` ``[N, K]`` with the input second moments ``diag(X^T X) / n`` ``[K]``."""
         w = weight.detach().to(torch.float32)
-        metric = w.abs() * torch.diag(stats.covariance()).sqrt().to(w.dtype).unsqueeze(0)
+        metric = w.abs() * stats.second_moments().sqrt().to(device=w.device, dtype=w.dtype).unsqueeze(0)
         if self.prune.structured:
             mask = nm_mask(metric, self.prune.n, self.prune.m)
         else:

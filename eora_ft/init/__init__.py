@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from eora_ft.compress import needs_statistics
 from eora_ft.compress.stats import ActivationStats
 
 from .act_diag import act_diag_factors
@@ -75,6 +76,9 @@ INITIALIZERS: dict[str, Initializer] = {
 SEEDED_INITS = frozenset({"qlora"})
 # the initializers that re-compress W and may bring their own base (.base): they need weight= and compressor=
 REBASING_INITS = frozenset({"loftq", "eora_alt"})
+# the initializers that read the activation statistics themselves (the others get stats=None when nothing else
+# needs them: no fp64 X^T X is accumulated for RTN/NF4 with qlora, svd or loftq)
+STATISTICS_INITS = frozenset({"eora", "eora_alt", "act_diag"})
 
 
 def get_initializer(name: str) -> Initializer:
@@ -84,6 +88,14 @@ def get_initializer(name: str) -> Initializer:
     return INITIALIZERS[name]
 
 
+def init_needs_statistics(name: str, compressor) -> bool:
+    """Whether the initializer ``name`` reads a linear's activation statistics: itself (:data:`STATISTICS_INITS`)
+    or through the run's ``compressor``, which a rebasing initializer re-runs (LoftQ over GPTQ)."""
+    get_initializer(name)  # an unknown name is an error here too
+    rebased_with_data = name in REBASING_INITS and compressor is not None and needs_statistics(compressor)
+    return name in STATISTICS_INITS or rebased_with_data
+
+
 def check_rank(rank: int, in_features: int, out_features: int, layer: str = "layer") -> None:
     """Raise unless ``1 <= rank <= min(in_features, out_features)``."""
     limit = min(in_features, out_features)
@@ -91,5 +103,6 @@ def check_rank(rank: int, in_features: int, out_features: int, layer: str = "lay
         raise ValueError(f"rank={rank} is invalid for {layer} ({out_features}x{in_features}); valid: 1..{limit}")
 
 
-__all__ = ["INITIALIZERS", "REBASING_INITS", "SEEDED_INITS", "LowRankFactors", "act_diag_factors", "check_rank", "eora_alt_factors", "eora_factors", "fake_quantize_rows",
+__all__ = ["INITIALIZERS", "REBASING_INITS", "SEEDED_INITS", "STATISTICS_INITS", "init_needs_statistics",
+           "LowRankFactors", "act_diag_factors", "check_rank", "eora_alt_factors", "eora_factors", "fake_quantize_rows",
            "loftq_factors", "get_initializer", "qlora_factors", "svd_factors"]

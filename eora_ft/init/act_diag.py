@@ -2,7 +2,9 @@
 
 The ablation between plain SVD (no data) and EoRA (full covariance): minimises
 ``||(dW - B A) D||_F`` with ``D = diag(sqrt(diag(C)))``. Solved with EoRA's inverse-free split on
-the diagonal covariance, so inputs that never fire (``E[x^2] = 0``) cannot blow ``A`` up.
+the diagonal covariance, so inputs that never fire (``E[x^2] = 0``) cannot blow ``A`` up. A diagonal
+covariance is its own eigendecomposition (eigenvectors: the identity), so nothing ``K x K`` is formed:
+the diagonal is read through a view and ``dW Q L^1/2`` is ``dW`` with its columns scaled.
 """
 
 from __future__ import annotations
@@ -11,12 +13,20 @@ import torch
 
 from eora_ft.compress.stats import ActivationStats
 
-from .eora import eora_factors
 from .factors import LowRankFactors
+from .spectral import gram_rtol, split_left, top_left_singular
+
+RTOL = 1e-10  # EoRA's default: singular values below this fraction of the largest count as dead
 
 
 def act_diag_factors(delta_w: torch.Tensor, stats: ActivationStats | torch.Tensor, rank: int) -> LowRankFactors:
-    """Factors of ``delta_w`` ``[N, K]`` under the diagonal of the input covariance ``[K, K]``."""
-    cov = stats.covariance() if isinstance(stats, ActivationStats) else stats.to(torch.float64)
-    second_moments = torch.diag(cov)  # a diagonal covariance is its own eigendecomposition: no O(K^3) eigh
-    return eora_factors(delta_w, (second_moments, torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)), rank)
+    """Factors ``A`` ``[rank, K]``, ``B`` ``[N, rank]`` (fp32) of ``delta_w`` ``[N, K]`` under the diagonal of the
+    input covariance (``stats``, or the covariance ``[K, K]`` itself), computed on the statistics' device in fp64.
+    Equal to :func:`eora_ft.init.eora.eora_factors` given ``(diag(C), I)`` as the eigendecomposition."""
+    if isinstance(stats, ActivationStats):
+        second_moments = stats.second_moments()
+    else:
+        second_moments = stats.diagonal().to(torch.float64)
+    dw = delta_w.to(torch.float64).to(second_moments.device)
+    whitened = dw * second_moments.clamp_min(0.0).sqrt()  # dW Q L^1/2 with Q = I
+    return split_left(dw, *top_left_singular(whitened, rank), rank, gram_rtol(RTOL, min(whitened.shape)))

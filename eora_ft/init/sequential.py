@@ -10,6 +10,11 @@ Only one decoder layer is ever on the execution device (GPTQModel's and llm-comp
 model stays where it was loaded (the CPU for a 70B model), each layer moves to the accelerator with
 its calibration activations, is compressed there, and moves back packed. Peak accelerator memory is
 one layer, its activations and its statistics, whatever the model's size.
+
+Statistics are collected only when something reads them: a compressor with ``needs_stats``, an initializer
+in :data:`~eora_ft.init.STATISTICS_INITS` (or a rebasing one over such a compressor), ``keep_stats`` or
+``output_errors``. RTN or NF4 with qlora or svd runs no calibration forward and accumulates no fp64 ``X^T X``
+(about 15 minutes of fp64 GEMMs at 70B); its report rows then carry no output errors.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from eora_ft.compress import needs_statistics
 from eora_ft.compress.linear import set_module
 from eora_ft.compress.stats import ActivationStats, StatisticsComplete, StatsCollector
 
-from . import get_initializer
+from . import get_initializer, init_needs_statistics
 from .accounting import OutputError, SequentialResult
 from .factors import LowRankFactors
 
@@ -190,6 +196,7 @@ def compress_model(
     execution_device: torch.device | str | None = None,
     activations_device: torch.device | str | None = None,
     precompressed: dict[str, nn.Module] | None = None,
+    output_errors: bool | None = None,
 ) -> SequentialResult:
     """Compress every target linear of ``model`` in place and factor each init's correction.
 
@@ -214,6 +221,9 @@ def compress_model(
             device; ``"cpu"`` for long calibration sets on a small accelerator).
         precompressed: ``{module_path: module}`` linears already compressed (a saved compressed model):
             used as ``W_c`` instead of calling the compressor, e.g. to initialise adapters afterwards.
+        output_errors: report each linear's relative output error (rows' ``rel_out_err/*``, ``error_curves``,
+            ``output_energies``: what a rank budget allocates from). None: when the statistics are collected
+            anyway; True: collect them for the report alone; False: never.
     Returns the factors on each layer's home device (fp32).
     """
     if capture not in CAPTURE_MODES:
@@ -225,18 +235,26 @@ def compress_model(
     if compressor is None and precompressed is None:
         raise ValueError("compress_model needs a compressor, or precompressed modules for every target linear")
     initializers = {name: get_initializer(name) for name in init_methods}
+    prefix, layers = find_decoder_layers(model)
+    paths = [f"{prefix}.{index}.{name}" for index, layer in enumerate(layers)
+             for name in target_linears(layer, target_modules)]
+    compressor_runs = any(path not in (precompressed or {}) for path in paths)
+    collect = (bool(keep_stats or output_errors)
+               or (compressor_runs and needs_statistics(compressor))
+               or any(init_needs_statistics(name, compressor) for name in init_methods))
     generator = torch.Generator().manual_seed(seed)  # CPU: the same draws whichever device compresses
     execution_device = torch.device(execution_device) if execution_device is not None else None
     activations_device = torch.device(activations_device) if activations_device is not None else execution_device
     start = time.perf_counter()
-    prefix, layers = find_decoder_layers(model)
     result = SequentialResult(calib_tokens=int(calib_ids.numel()))
     was_training = model.training
     model.eval()
-    inputs = _capture_layer_inputs(model, layers[0], calib_ids, batch_size, activations_device)
-    _require_finite(inputs, "the input of decoder layer 0 (the embeddings)")
+    inputs = []  # without statistics no activation is ever computed: the linears are compressed from weights alone
+    if collect:
+        inputs = _capture_layer_inputs(model, layers[0], calib_ids, batch_size, activations_device)
+        _require_finite(inputs, "the input of decoder layer 0 (the embeddings)")
     context = _LinearContext(compressor, initializers, rank, init_options or {}, generator, result, factor_bits,
-                             base_from, keep_stats, precompressed or {})
+                             base_from, keep_stats, precompressed or {}, output_errors is not False)
 
     for index, layer in enumerate(tqdm(layers, desc=f"compress ({type(compressor).__name__})", disable=not progress)):
         home = _layer_home(layer)
@@ -246,19 +264,22 @@ def compress_model(
         linears = target_linears(layer, target_modules)
         if not linears:
             raise no_linears_error(layer, target_modules, f"decoder layer {index}")
-        with result.timed("statistics"):
-            collector = _collect(layer, inputs, linears, first_stage_only=true_sequential, run_on=run_on)
-        unreached = sorted(set(linears) - set(collector.stats))
-        if unreached:
-            raise ValueError(f"decoder layer {index}: no calibration activations reached {unreached}; "
-                             "they would stay uncompressed (a branch the calibration inputs never take?)")
-        stages = _stages_of(collector.stats)
-        # under true-sequential the later stages are re-collected from the partly compressed layer
-        stats = {name: collector.stats[name] for name in (stages[0] if true_sequential else collector.stats)}
-        energies = {name: collector.output_energy[name] for name in stats}
-        del collector
+        if collect:
+            with result.timed("statistics"):
+                collector = _collect(layer, inputs, linears, first_stage_only=true_sequential, run_on=run_on)
+            unreached = sorted(set(linears) - set(collector.stats))
+            if unreached:
+                raise ValueError(f"decoder layer {index}: no calibration activations reached {unreached}; "
+                                 "they would stay uncompressed (a branch the calibration inputs never take?)")
+            stages = _stages_of(collector.stats)
+            # under true-sequential the later stages are re-collected from the partly compressed layer
+            stats = {name: collector.stats[name] for name in (stages[0] if true_sequential else collector.stats)}
+            energies = {name: collector.output_energy[name] for name in stats}
+            del collector
+        else:
+            stages, stats, energies = [list(linears)], dict.fromkeys(linears), dict.fromkeys(linears)
         for stage_index, stage in enumerate(stages):
-            if true_sequential and stage_index:
+            if collect and true_sequential and stage_index:
                 with result.timed("statistics"):
                     stage_collector = _collect(layer, inputs, {name: linears[name] for name in stage}, run_on=run_on)
                 stats.update(stage_collector.stats)
@@ -272,9 +293,10 @@ def compress_model(
                 if capture == "compensated":
                     factors = result.factors[path][init_methods[0]]
                     set_module(layer, name, _Compensated(layer.get_submodule(name), factors))
-        with result.timed("layer_outputs"):
-            inputs = _run_layer(layer, inputs, run_on=run_on, store_on=activations_device)
-            _require_finite(inputs, f"the output of decoder layer {index}")
+        if collect:
+            with result.timed("layer_outputs"):
+                inputs = _run_layer(layer, inputs, run_on=run_on, store_on=activations_device)
+                _require_finite(inputs, f"the output of decoder layer {index}")
         if capture == "compensated":
             for name, module in list(layer.named_modules()):
                 if isinstance(module, _Compensated):
@@ -331,11 +353,13 @@ class _LinearContext:
     base_from: str | None
     keep_stats: bool
     precompressed: dict[str, nn.Module]
+    output_errors: bool  # report output errors whenever the statistics are there
 
 
-def _compress_linear(layer, name, linear, stats: ActivationStats, weight_energy: float, ctx: _LinearContext,
-                     path: str, home: torch.device) -> dict:
-    """Compress one linear, factor every init's correction, swap the module in; returns its report row.
+def _compress_linear(layer, name, linear, stats: ActivationStats | None, weight_energy: float | None,
+                     ctx: _LinearContext, path: str, home: torch.device) -> dict:
+    """Compress one linear, factor every init's correction, swap the module in; returns its report row (its
+    output errors only when ``stats`` were collected and ``ctx.output_errors``).
 
     Factors are stored on ``home`` (the layer's own device) and an init's own base (LoftQ's ``Q_T``) is
     packed at once and not kept: nothing per layer outlives the layer but its factors and its row."""
@@ -347,10 +371,12 @@ def _compress_linear(layer, name, linear, stats: ActivationStats, weight_energy:
         else:
             compressed = ctx.compressor.compress(weight, stats).to_module(linear.bias, linear.weight.dtype)
         delta = weight - compressed.dequantize(torch.float32)  # what the stored module really computes
-    with result.timed("errors"):
-        errors = OutputError(delta, weight, stats.xtx, weight_energy)
-    row = {"layer": path, "tokens": stats.tokens, "rel_out_err/compressed": errors.of()}
-    result.output_energies[path] = errors.weight_term
+    row, errors = {"layer": path}, None
+    if stats is not None and ctx.output_errors:
+        with result.timed("errors"):
+            errors = OutputError(delta, weight, stats.xtx, weight_energy)
+        row |= {"tokens": stats.tokens, "rel_out_err/compressed": errors.of()}
+        result.output_energies[path] = errors.weight_term
     result.factors[path] = {}
     if ctx.keep_stats:
         result.stats[path], result.deltas[path] = stats, delta
@@ -364,14 +390,16 @@ def _compress_linear(layer, name, linear, stats: ActivationStats, weight_energy:
         own_errors = errors
         if factors.base is not None:  # LoftQ: the correction belongs to its own base Q_T
             own_base = factors.base.to_module(linear.bias, linear.weight.dtype)
-            own_errors = OutputError(weight - own_base.dequantize(torch.float32), weight, stats.xtx, weight_energy)
+            if errors is not None:
+                own_errors = OutputError(weight - own_base.dequantize(torch.float32), weight, stats.xtx, weight_energy)
             if init_name == ctx.base_from:
                 compressed, result.base_replaced = own_base, True
             factors.base = None  # packed above (or unused): its int64 codes must not pile up over the layers
-        with result.timed("errors"):
-            curve = own_errors.curve(factors.a, factors.b)
-        row[f"rel_out_err/{init_name}"] = curve[-1]
-        result.error_curves.setdefault(path, {})[init_name] = curve
+        if own_errors is not None:
+            with result.timed("errors"):
+                curve = own_errors.curve(factors.a, factors.b)
+            row[f"rel_out_err/{init_name}"] = curve[-1]
+            result.error_curves.setdefault(path, {})[init_name] = curve
         row[f"effective_rank/{init_name}"] = factors.effective_rank
         result.factors[path][init_name] = factors.to(home)
     set_module(layer, name, compressed)

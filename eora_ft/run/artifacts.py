@@ -29,6 +29,7 @@ from torch import nn
 from eora_ft.run.cache import META, model_fingerprint, read_meta, tensor_fingerprint
 from eora_ft.compress import make_compressor
 from eora_ft.compress.io import load_compressed, save_compressed
+from eora_ft.compress.packed_reader import compressed_linears
 from eora_ft.init.sequential import compress_model
 from eora_ft.config import UNCOMPRESSED, AdapterInitArguments, CompressionArguments, EoraModelConfig
 from eora_ft.data.sources import resolve_path
@@ -137,10 +138,9 @@ def build_init(directory: Path, base_entry: Path, original: Callable[[], nn.Modu
         save_adapter(build_lora_model(model, None, config), directory / INIT_DIR,
                      _uncompressed(base_entry)["model"])
         return meta | {"adapter_calib_tokens": 0, "layers": [], "init_seconds": {}}
-    packed = load_compressed(base_entry / BASE_DIR, dtype=next(model.parameters()).dtype)
-    targets = model_args.lora_target_modules
-    modules = {path: module for path, module in packed.named_modules()
-               if hasattr(module, "dequantize") and (targets is None or path.split(".")[-1] in targets)}
+    # read layer by layer as the driver reaches it: the whole packed base beside the uncompressed model would
+    # add 35 GB to a 4-bit 70B run's 141 GB host peak
+    modules = compressed_linears(base_entry / BASE_DIR, next(model.parameters()).dtype, model_args.lora_target_modules)
 
     def save_rewritten_base(rebased: nn.Module) -> None:  # LoftQ's Q_T: the adapter belongs to it, not the entry's
         save_compressed(rebased, directory / BASE_DIR, {**_compression_config(compress_args),
@@ -152,7 +152,7 @@ def build_init(directory: Path, base_entry: Path, original: Callable[[], nn.Modu
                               true_sequential=compress_args.true_sequential, calib_seed=compress_args.calib_seed,
                               save_rewritten_base=save_rewritten_base, execution_device=execution_device,
                               activations_device=activations_device, progress=progress)
-    del packed, modules
+    del modules
     base = (entry if initial.base_replaced else base_entry) / BASE_DIR
     save_adapter(initial.peft_model, directory / INIT_DIR, str(base.resolve()))
     return meta | initial.meta | {"build_seconds": time.perf_counter() - start}

@@ -24,6 +24,9 @@ from eora_ft.init.sequential import compress_model, find_decoder_layers, target_
 from eora_ft.utils.placement import fits_on
 
 
+HOST_SHARE = 0.5  # of the host's available memory the refinement's teacher may take (the models need the rest)
+
+
 @dataclass
 class InitialAdapter:
     """``peft_model``: the model (compressed linears, LoRA factors loaded) on the CPU; ``base_replaced``: the
@@ -54,6 +57,7 @@ def initial_adapter(model: nn.Module, compressed: dict[str, nn.Module], compress
     if init_args.refine_steps:  # the uncompressed model's hidden states, before it is compressed in place
         from eora_ft.init.refine import teacher_hidden_states
 
+        check_teacher_fits(model, adapter_calib, init_args.refine_target)
         teacher = teacher_hidden_states(model, adapter_calib, batch_size, execution_device or "cpu",
                                         init_args.refine_target)
     targets = model_args.lora_target_modules
@@ -65,7 +69,9 @@ def initial_adapter(model: nn.Module, compressed: dict[str, nn.Module], compress
                             target_modules=targets, batch_size=batch_size, seed=seed, true_sequential=true_sequential,
                             factor_bits=init_args.factor_bits, capture=init_args.capture, base_from=method,
                             progress=progress, execution_device=execution_device,
-                            activations_device=activations_device, precompressed=compressed)
+                            activations_device=activations_device, precompressed=compressed,
+                            # the budget spends ranks by each linear's output-error curve, whatever the init
+                            output_errors=True if init_args.rank_allocation == "budget" else None)
     if result.base_replaced:
         save_rewritten_base(model)
     factors = {path: per_init[method] for path, per_init in result.factors.items()}
@@ -92,9 +98,32 @@ def _refine(peft_model: PeftModel, adapter_calib: torch.Tensor, teacher: torch.T
                          "set refine_steps: 0 or use a larger device")
     peft_model.to(device)
     report = refine_adapters(peft_model, adapter_calib, teacher, init_args.refine_steps,
-                             init_args.refine_learning_rate, batch_size, seed)
+                             init_args.refine_learning_rate, batch_size, seed,
+                             micro_batch_size=init_args.refine_micro_batch_size)
     peft_model.to("cpu")
     return {k: v for k, v in report.items() if k != "losses"} | {"losses": report["losses"][::10]}
+
+
+def teacher_bytes(model: nn.Module, adapter_calib: torch.Tensor, target: str) -> int:
+    """Host bytes of the refinement's teacher (:func:`eora_ft.init.refine.teacher_hidden_states`): fp32 final hidden
+    states, or every layer's in the model's dtype."""
+    config, dtype = model.config, next(model.parameters()).dtype
+    states = adapter_calib.numel() * config.hidden_size
+    return states * 4 if target == "final" else states * config.num_hidden_layers * dtype.itemsize
+
+
+def check_teacher_fits(model: nn.Module, adapter_calib: torch.Tensor, target: str) -> None:
+    """Refuse, before any work, a teacher larger than :data:`HOST_SHARE` of the host's available memory (``layers``
+    at 70B: 344 GB for 128 x 2048 calibration tokens), naming what would fit."""
+    import psutil
+
+    need, available = teacher_bytes(model, adapter_calib, target), psutil.virtual_memory().available
+    if need > HOST_SHARE * available:
+        final = teacher_bytes(model, adapter_calib, "final")
+        raise ValueError(f"refine_target={target!r} keeps {need / 1e9:.1f} GB of teacher hidden states on the host "
+                         f"({adapter_calib.shape[0]} windows of {adapter_calib.shape[1]} tokens), more than "
+                         f"{HOST_SHARE:.0%} of the {available / 1e9:.1f} GB available: use refine_target: final "
+                         f"({final / 1e9:.1f} GB), fewer adapter_calib_num_samples, or refine_steps: 0")
 
 
 def max_budget_rank(model: nn.Module, targets: list[str] | None, lora_r: int, factor: int) -> int:

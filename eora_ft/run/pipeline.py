@@ -13,6 +13,7 @@ moves one decoder layer at a time to this rank's accelerator. Recipes parse thei
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -51,11 +52,15 @@ from eora_ft.data.sources import _looks_like_hub_id, local_files
 from eora_ft.data.task_text import task_texts
 from eora_ft.train.distributed import all_cores_while_others_wait, describe_state, full_model_init, gather_trainable
 from eora_ft.eval.scoring import perplexity
+from eora_ft.train.checkpoints import agree_on_resume
 from eora_ft.train.handoff import Handoff
+from eora_ft.train.launch import refuse_data_parallel
+from eora_ft.train.memory_plan import check_run_memory
 from eora_ft.init import check_rank
 from eora_ft.utils.model_checks import check_finite_weights, check_model_directory, check_positions, check_tokenizer
 from eora_ft.adapters.peft_bridge import save_adapter
-from eora_ft.utils.placement import placed_for_inference
+from eora_ft.utils.dtypes import model_dtype
+from eora_ft.utils.placement import default_device, placed_for_inference, placement, streaming_note
 from eora_ft.run.report import write_model_card, write_results
 from eora_ft.eval.tasks import get_task
 from eora_ft.train.trainer import divergence, release_training_state, train_adapters, training_summary
@@ -108,14 +113,17 @@ def load_tokenizer(model_args: EoraModelConfig):
     return tokenizer
 
 
-def load_model(model_args: EoraModelConfig):
-    """Tokenizer and causal LM via ``from_pretrained`` (hub id, or local dir; works with HF_HUB_OFFLINE=1).
+def load_model(model_args: EoraModelConfig, device: torch.device | str | None = None):
+    """Tokenizer and causal LM via ``from_pretrained`` (hub id, or local dir; works with HF_HUB_OFFLINE=1), on the
+    CPU, in ``model_args.dtype`` resolved for ``device``, where it will compute (default: this process's
+    accelerator, else the CPU; :func:`eora_ft.utils.dtypes.model_dtype`).
 
     Checked before anything runs on them: a local directory's files (config, weights, intact safetensors),
     the tokenizer's EOS, and every weight finite."""
     tokenizer = load_tokenizer(model_args)  # checks a local directory's files first
     path = require_source(model_args.model_name_or_path, "model_name_or_path")
-    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    dtype = model_dtype(model_args.dtype, path, default_device() if device is None else device,
+                        revision=model_args.model_revision)
     model = AutoModelForCausalLM.from_pretrained(
         path, revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation,
     )
@@ -194,6 +202,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         training_args: EoraSFTConfig, model_args: EoraModelConfig) -> dict:
     """Run the whole recipe and return the results dict (also written to ``output_dir``; empty on ranks
     other than the main one)."""
+    refuse_data_parallel(use_cpu=training_args.use_cpu)  # `python recipe.py` on a multi-GPU host: before any work
     state = PartialState()
     main = state.is_main_process
     progress = main and not training_args.disable_tqdm
@@ -210,6 +219,9 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     check_output_dir(training_args.output_dir, "output_dir")
     check_output_dir(cache_root, "cache_dir")
     handoff = Handoff.start(state, cache_root, training_args.main_process_timeout)
+    # an output_dir some nodes cannot see is refused here, before compression (the Trainer decides again)
+    agree_on_resume(state, training_args.output_dir, training_args.save_on_each_node,
+                    saves_checkpoints=training_args.save_strategy != "no")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -282,6 +294,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
 
     # The eval loss curve (when eval_strategy is set) uses the evaluation items in the training format.
     eval_dataset = task.sft_dataset(eval_items) if training_args.eval_strategy != "no" else None
+    check_run_memory(peft_model, training_args, state.num_processes, state.device, model_args.lora_r)
     trainer = train_adapters(peft_model, tokenizer, train_dataset, training_args, eval_dataset)
     trained = gather_trainable(peft_model)  # a collective: every rank is here straight from training
     lap("train")
@@ -357,10 +370,15 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
     (keyed by its base, the initializer and the adapter calibration). Returns ``(init entry, what was built
     or found, dtype)``; fills ``stages["base"]``."""
     with full_model_init():
-        tokenizer, model = load_model(model_args)
+        tokenizer, model = load_model(model_args, state.device)
     check_model_against_config(model, model_args.lora_target_modules, compress_args, model_args.lora_r)
     lap("load")
-    if task_args.eval_base:
+    if task_args.eval_base and placement(model, state.device)[0] == "streamed":
+        # every forward would copy the whole model over PCIe: a 70B GSM8K evaluation outlasts main_process_timeout
+        logger.warning("not evaluating the uncompressed model (eval_base): %s. Evaluate it on its own with "
+                       "`eora-ft eval --model_name_or_path %s` on a node whose GPUs hold it, or set eval_base: false",
+                       streaming_note(model, state.device), model_args.model_name_or_path)
+    elif task_args.eval_base:
         with placed_for_inference(model, state.device):
             stages["base"] = evaluate(model)
     lap("eval_base")
@@ -389,8 +407,11 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
     def original():
         nonlocal model
         if consumed:
+            # the compressed copy goes before the dense model is read again: a 4-bit 70B would hold both (176 GB)
+            model = None
+            gc.collect()
             with full_model_init():
-                model = load_model(model_args)[1]
+                model = load_model(model_args, state.device)[1]
         return model
 
     def compress(tmp: Path) -> dict:

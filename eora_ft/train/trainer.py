@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import math
-import os
 
 import datasets
 import torch
+from accelerate import PartialState
 from torch import nn
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
 from eora_ft.adapters.peft_bridge import trainable_summary
+from eora_ft.train.adapter_trainer import AdapterSFTTrainer
+from eora_ft.train.checkpoints import agree_on_resume, last_complete_checkpoint  # noqa: F401 (re-exported)
+from eora_ft.train.launch import find_unused_parameters, refuse_data_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -23,37 +26,32 @@ def train_adapters(model: nn.Module, tokenizer, train_dataset: datasets.Dataset,
     """Run SFT on a prompt/completion dataset (loss on the completion only) and return the trainer.
 
     ``model`` is a PEFT model whose only trainable parameters are LoRA factors (checked before the
-    first step). A rerun with the same ``output_dir`` resumes from its last checkpoint.
+    first step). A rerun with the same ``output_dir`` resumes from its last checkpoint, the same one on
+    every rank (:func:`~eora_ft.train.checkpoints.agree_on_resume`; an ``output_dir`` some ranks cannot
+    see is refused unless ``save_on_each_node``). Checkpoints hold the adapters, optimizer, scheduler and
+    RNG/trainer state, never the packed base. ``args.ddp_find_unused_parameters`` left unset (None)
+    becomes False for the Trainer unless the model has mixture-of-experts layers (``args`` is not changed).
     """
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer)
+    if args.n_gpu > 1:  # the recipes refuse this before loading anything; a caller of this function may not
+        refuse_data_parallel(use_cpu=args.use_cpu)
+    if args.ddp_find_unused_parameters is None:  # read when the Trainer builds its Accelerator, just below
+        # on a copy: the caller's args are the run's recorded config (compare --resume matches it)
+        args = copy.copy(args)
+        args.ddp_find_unused_parameters = find_unused_parameters(model)
+    # decided before the Trainer exists: a refusal here costs nothing, and every rank refuses together
+    resume = agree_on_resume(PartialState(), args.output_dir, args.save_on_each_node,
+                             saves_checkpoints=args.save_strategy != "no")
+    trainer = AdapterSFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                processing_class=tokenizer)
     counts = trainable_summary(trainer.model)
     logger.info("trainable parameters: %d of %d (%.3f%%): LoRA adapters only",
                 counts["trainable"], counts["total"], 100 * counts["trainable"] / counts["total"])
-    logger.info("training backend: %s", training_backend(trainer))
-    last = last_complete_checkpoint(args.output_dir)
-    if last:
-        logger.info("resuming from %s", last)
-    trainer.train(resume_from_checkpoint=last)
+    logger.info("training backend: %s (ddp_find_unused_parameters=%s)", training_backend(trainer),
+                args.ddp_find_unused_parameters)
+    if resume:
+        logger.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest ``checkpoint-N`` in ``output_dir`` that was written to the end, or None.
-
-    The Trainer writes a checkpoint in place, ``trainer_state.json`` last; a run killed while saving
-    leaves a directory without it, which resuming from would crash on (or silently restart).
-    """
-    if not os.path.isdir(output_dir):
-        return None
-    steps = sorted((int(name.split("-")[-1]), name) for name in os.listdir(output_dir)
-                   if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and name.split("-")[-1].isdigit())
-    for _, name in reversed(steps):
-        path = os.path.join(output_dir, name)
-        if os.path.isfile(os.path.join(path, "trainer_state.json")):
-            return path
-        logger.warning("skipping %s: incomplete (no trainer_state.json; the run stopped while saving it)", path)
-    return None
 
 
 def loss_history(trainer: SFTTrainer, key: str = "loss") -> list[dict]:

@@ -100,3 +100,22 @@ def test_nm_needs_in_features_multiple_of_m():
     stats.add_batch(x[:, :92])
     with pytest.raises(ValueError, match="multiple of m=8"):
         make_compressor("sparsegpt", sparsity="4:8").compress(w[:, :92], stats)
+
+
+def test_pruned_only_layers_tell_two_four_from_unstructured_and_rebuild_bit_for_bit():
+    """Issue #34 item 12: an exact 2:4 layer is recognised (on a GPU it then takes the one-pass nibble kernel);
+    its weight equals masked_scatter_'s bit for bit; an unstructured one keeps the general path; a reloaded
+    mask is checked again."""
+    from eora_ft.kernels.sparse24 import masked_dense
+
+    w, x, stats = _toy(8)
+    two_four = CompressedLinear.from_sparse(make_compressor("wanda", sparsity="2:4").compress(w, stats))
+    unstructured = CompressedLinear.from_sparse(make_compressor("wanda", sparsity="0.5").compress(w, stats))
+    assert two_four._is_two_four() and not unstructured._is_two_four()
+    for layer, result in ((two_four, two_four), (unstructured, unstructured)):
+        want = masked_dense(layer.values, layer.keep_bits, 32, 128, torch.float32)
+        assert torch.equal(layer.dequantize().view(torch.int32), want.view(torch.int32))
+        assert torch.equal(layer(x[:4]), x[:4] @ want.t())
+    two_four.load_state_dict(unstructured.state_dict())  # same sizes (half kept), no longer 2:4
+    assert not two_four._is_two_four()
+    assert torch.equal(two_four.dequantize(), unstructured.dequantize())

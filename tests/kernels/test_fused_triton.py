@@ -125,3 +125,30 @@ def test_compiled_bf16_fused_kernels(bits):
     want_dx = grad_y.float() @ weight + (grad_y.float() @ b.float()) @ a.float()
     assert torch.allclose(fused_grad_input(grad_y, qweight, scales, zeros, bits, 128, 4096, a, b, 1.0).float(), want_dx,
                           atol=5e-2, rtol=5e-2)
+
+
+# rank_allocation: budget picks any rank up to rank_max_factor * lora_r (e.g. 512): the LoRA slab loops over
+# the rank in chunks of the tile width, so ranks above one chunk (64 in the fp32 configs' 32-wide tiles: 3
+# and 7 chunks) and not a power of two must give the same results as a small one
+@pytest.mark.parametrize("rank", [80, 200])
+def test_ranks_wider_than_one_chunk(rank):
+    from eora_ft.kernels.fused import fused_forward, fused_grad_input
+
+    dtype = torch.float32
+    qweight, scales, zeros, a, b = _layer(4, 128, 64, 32, rank, dtype, seed=rank)
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(3, 128, generator=gen).to(DEVICE)
+    weight = dequantize(qweight, scales, zeros, 4, 32, 128, dtype=torch.float32)
+    want = _forward_spec(x, weight, a, b, 0.5, None, dtype)
+    got = fused_forward(x, qweight, scales, zeros, 4, 32, a, b, 0.5, split=1)
+    magnitude = x.abs() @ weight.abs().t() + (x.abs() @ a.abs().t()) @ b.abs().t() + 1.0
+    assert torch.all((got - want).abs() <= _tolerance(want, magnitude, dtype))
+    lora_only = fused_forward(x, qweight, scales, zeros, 4, 32, a, b, 0.5, split=1) - fused_forward(
+        x, qweight, scales, zeros, 4, 32, a, b * 0, 0.5, split=1)
+    assert torch.allclose(lora_only, 0.5 * (x @ a.t()) @ b.t(), atol=1e-4)  # every chunk of the rank counted
+
+    grad_y = torch.randn(3, 64, generator=gen).to(DEVICE)
+    want_dx = _grad_input_spec(grad_y, weight, a, b, 0.5, dtype)
+    got_dx = fused_grad_input(grad_y, qweight, scales, zeros, 4, 32, 128, a, b, 0.5, split=1)
+    magnitude = grad_y.abs() @ weight.abs() + (grad_y.abs() @ b.abs()) @ a.abs() + 1.0
+    assert torch.all((got_dx - want_dx).abs() <= _tolerance(want_dx, magnitude, dtype))
