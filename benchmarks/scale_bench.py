@@ -150,8 +150,8 @@ def memory_plan(shape: str, tokens: int, batch_tokens: int, dtype_bytes: int = 2
 
 
 def print_plan(tokens: int, batch_tokens: int) -> None:
-    print(f"| model | accelerator GB (activations there) | accelerator GB (calib_activations_device: cpu) | "
-          f"host GB | of which one layer / activations / working set |\n|---|---|---|---|---|")
+    print("| model | accelerator GB (activations there) | accelerator GB (calib_activations_device: cpu) | "
+          "host GB | of which one layer / activations / working set |\n|---|---|---|---|---|")
     for shape in ("8b", "70b"):
         plan = memory_plan(shape, tokens, batch_tokens)
         print(f"| {shape} bf16, {tokens} calibration tokens | {plan['accelerator']:.1f} | "
@@ -197,8 +197,8 @@ def print_training_plan(tokens_per_gpu: int = 4 * 1024) -> None:
     every decoder linear, gradient checkpointing, ``tokens_per_gpu`` tokens per micro-batch."""
     from eora_ft.train.memory_plan import LAYOUTS, llama_sizes, training_memory
 
-    print(f"\n| model, rank | GPUs | " + " | ".join(f"{layout} GB" for layout in LAYOUTS)
-          + f" | of which base / activations GB |\n|---|---|---|---|---|---|")
+    print("\n| model, rank | GPUs | " + " | ".join(f"{layout} GB" for layout in LAYOUTS)
+          + " | of which base / activations GB |\n|---|---|---|---|---|---|")
     for shape in ("8b", "70b"):
         hidden, heads, kv_heads, intermediate, layers = SHAPES[shape]
         for rank in (16, 128):
@@ -316,7 +316,7 @@ def main() -> None:
         f"projected_{args.shape}_hours": round(layer_seconds * real_layers / 3600, 2),
     }
     print(json.dumps(summary))
-    print(f"\n| stage | seconds | peak host GB |\n|---|---|---|")
+    print("\n| stage | seconds | peak host GB |\n|---|---|---|")
     for row in rows.values():
         print(f"| {row['stage']} | {row['seconds']} | {row['peak_host_gb']} |")
     print(f"\nper layer: {json.dumps(per_layer)}")

@@ -6,8 +6,8 @@ shared memory, and ``nvdisasm`` the SASS, in which the dot instruction shows: ``
 warp-group MMA), ``HMMA`` (tensor-core MMA), or ``FFMA`` only (no tensor cores: fp32 IEEE dots).
 
 Every case that the code can launch on a GPU is listed by :func:`cases`: each kernel x activation
-dtype x bit width x block configuration of :mod:`.configs` (the fused ones also at every LoRA rank of
-:data:`BUDGET_RANKS`), with the K tile inside one quantization
+dtype x bit width x block configuration of :mod:`.configs` (the fused ones also at each LoRA rank
+specialisation of :data:`RANK_SPECIALISATIONS`), with the K tile inside one quantization
 group (the GPU launchers only choose such configurations; the gathered-scales variant runs under the
 interpreter's tests). Arguments get the hints a real launch gets (16-byte-aligned pointers; N, K and
 the group size divisible by 16).
@@ -70,22 +70,23 @@ class Build:
     instructions: dict[str, int]
 
 
-# Ranks rank_allocation: budget can give a linear (any up to rank_max_factor * lora_r, e.g. 4 x 128 = 512):
-# the fused kernels loop over R in chunks of their tile width, so R enters the build only through Triton's
-# specialisation of R % 16 == 0 (200 is not a multiple of 16); each is compiled to check it.
-BUDGET_RANKS = (16, 64, 128, 200, 256, 512)
+# The fused kernels loop over the rank R in chunks of their tile width: R is a runtime loop bound, which enters a
+# build only through Triton's specialisation of R % 16 == 0. So rank 16 compiles to the same code as every
+# multiple of 16 (64, 128, 256, 512: what rank_allocation: budget gives with rank_max_factor up to 4 x 128), and
+# 200 stands for every other rank.
+RANK_SPECIALISATIONS = (16, 200)
 
 
 def cases() -> list[Case]:
     """Every build the code can launch: every kernel x dtype x bit width x block configuration at rank 16,
-    and every rank of :data:`BUDGET_RANKS` for every fused configuration at 4 bits (the bit width only
-    changes the weight tile, not the LoRA slab)."""
+    and the other rank specialisation of :data:`RANK_SPECIALISATIONS` for every fused configuration at 4 bits
+    (the bit width only changes the weight tile, not the LoRA loop)."""
     fused = ("fused_forward", "fused_grad_input")
     out = [Case("dequantize", dtype, bits, blocks) for dtype in DTYPES for bits in SUPPORTED_BITS for blocks in DEQUANT]
     out += [Case(kernel, dtype, bits, blocks) for kernel in fused
             for dtype, torch_dtype in DTYPES.items() for bits in SUPPORTED_BITS for blocks in fused_configs(torch_dtype)]
     out += [Case(kernel, dtype, 4, blocks, rank) for kernel in fused for dtype, torch_dtype in DTYPES.items()
-            for blocks in fused_configs(torch_dtype) for rank in BUDGET_RANKS if rank != 16]
+            for blocks in fused_configs(torch_dtype) for rank in RANK_SPECIALISATIONS if rank != 16]
     return out
 
 

@@ -74,6 +74,8 @@ def parse(argv: list[str]) -> tuple[CompressionArguments, EoraModelConfig, Compr
 def error_table(rows: list[dict]) -> str:
     """Markdown table of the per-linear relative output errors (and any init's, if present)."""
     columns = [key for key in rows[0] if key.startswith("rel_out_err/")]
+    if not columns:  # a data-free compressor (rtn, nf4): no statistics were collected to measure them with
+        return f"({len(rows)} linears compressed without calibration statistics: no output errors measured)"
     lines = ["| layer | " + " | ".join(c.split("/", 1)[1] for c in columns) + " |", "|---|" + "---|" * len(columns)]
     lines += [f"| {row['layer']} | " + " | ".join(f"{row[c]:.4f}" for c in columns) + " |" for row in rows]
     return "\n".join(lines)
@@ -82,7 +84,7 @@ def error_table(rows: list[dict]) -> str:
 def compress_command(argv: list[str]) -> int:
     """Validate everything, load, calibrate, compress, print the error table, save atomically."""
     from eora_ft.init.sequential import find_decoder_layers, target_linears
-    from eora_ft.run.pipeline import check_model_against_config, check_output_dir, load_model, require_source
+    from eora_ft.run.inputs import check_model_against_config, check_output_dir, load_model, require_source
     from eora_ft.utils.model_checks import check_positions
 
     options, model_args, output = parse(argv)

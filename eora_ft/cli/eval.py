@@ -116,7 +116,7 @@ def _load(model_args: EoraModelConfig, targets: EvalTargets, device: str):
 
 def eval_command(argv: list[str]) -> int:
     """Parse, check every name and path, load, evaluate each task, write results.json atomically."""
-    from eora_ft.run.pipeline import check_sources
+    from eora_ft.run.inputs import check_sources
     from eora_ft.utils.atomic import atomic_write_text
     from eora_ft.utils.model_checks import check_positions
     from eora_ft.utils.placement import placed_for_inference

@@ -84,7 +84,7 @@ def init_command(argv: list[str]) -> int:
     from eora_ft.data import mixed_calibration, resolve_path
     from eora_ft.data.task_text import task_texts
     from eora_ft.run.initial_adapter import initial_adapter
-    from eora_ft.run.pipeline import check_output_dir, check_sources, load_model, require_source
+    from eora_ft.run.inputs import check_output_dir, check_sources, load_model, require_source
     from eora_ft.utils.model_checks import check_positions
 
     init_args, calibration, lora, paths = parse(argv)

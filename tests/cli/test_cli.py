@@ -87,7 +87,7 @@ def test_init_gives_the_factors_of_the_one_pass_recipe_path(compressed_dir, tmp_
     from eora_ft.init.sequential import compress_model
     from eora_ft.config import LLAMA_LINEARS, CompressionArguments, EoraModelConfig
     from eora_ft.data import calibration_tokens, resolve_path
-    from eora_ft.run.pipeline import load_model
+    from eora_ft.run.inputs import load_model
 
     out = tmp_path / "adapter"
     assert main(["init", "--compressed_model", str(compressed_dir), "--init_method", "eora", "--lora_r", "4",

@@ -6,7 +6,7 @@ import pytest
 
 from eora_ft.config import CompressionArguments, TaskArguments
 from eora_ft.data.heldout import BUNDLED_PATHS, DEFAULT_PPL_DATASETS, corpus_text, heldout_texts
-from eora_ft.run.pipeline import validate_sources
+from eora_ft.run.inputs import validate_sources
 
 
 def test_bundled_texts_get_their_own_metric_names_in_order():
