@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 from eora_ft.kernels.packing import pack_mask
+from kernel_bench import _time  # one timer for the kernel benchmarks (benchmarks/ is the script's path)
 from eora_ft.kernels.sparse24 import is_two_four, masked_dense, two_four_dense_torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,20 +33,6 @@ def two_four_layer(n: int, k: int, dtype: torch.dtype, device: str, seed: int = 
     keep = keep.view(n, k)
     values = torch.randn(n * k // 2, generator=g).to(dtype)
     return values.to(device), pack_mask(keep).to(device)
-
-
-def _time(fn, device: str, repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return 1000 * statistics.median(samples)
 
 
 def _peak_mib(fn, device: str) -> float | None:

@@ -134,17 +134,12 @@ def test_pruned_layers_round_trip_smaller_than_dense_and_pruned_quantized_ones_e
     assert torch.allclose(exported_q, layer0.q_proj.dequantize(), rtol=1e-3)  # fp16 scales in the GPTQ layout
 
 
-def test_format_1_directories_with_dense_masks_still_load(tmp_path):
-    model = _tiny_model(bits=4)
-    g = torch.Generator().manual_seed(5)
-    w, mask = torch.randn(128, 64, generator=g), _two_four(128, 64)  # gate_proj: 64 -> 128
-    model.model.layers[1].mlp.gate_proj = SparseWeight(w * mask, mask).to_module(None, torch.float32)
-    out = save_compressed(model, tmp_path / "v2", {})
-    # rewrite it as format 1 wrote it: dense weight + bool mask, "masked" in the module table
+def as_format_1(out, path: str, weight: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Rewrite the saved directory ``out`` as format 1 wrote it: the pruned-only layer ``path`` as a dense
+    ``weight`` + bool ``mask``, "masked" in the module table, no ``kept`` or ``format_version``. Returns the meta."""
     state = load_file(str(out / "model.safetensors"))
-    path = "model.layers.1.mlp.gate_proj"
     state.pop(f"{path}.values"), state.pop(f"{path}.keep_bits")
-    state[f"{path}.weight"], state[f"{path}.mask"] = w * mask, mask
+    state[f"{path}.weight"], state[f"{path}.mask"] = weight, mask
     save_file(state, str(out / "model.safetensors"))
     meta = json.loads((out / "compression_config.json").read_text())
     del meta["format_version"]
@@ -152,6 +147,17 @@ def test_format_1_directories_with_dense_masks_still_load(tmp_path):
         spec["masked"] = name == path
         del spec["kept"]
     (out / "compression_config.json").write_text(json.dumps(meta))
+    return meta
+
+
+def test_format_1_directories_with_dense_masks_still_load(tmp_path):
+    model = _tiny_model(bits=4)
+    g = torch.Generator().manual_seed(5)
+    w, mask = torch.randn(128, 64, generator=g), _two_four(128, 64)  # gate_proj: 64 -> 128
+    model.model.layers[1].mlp.gate_proj = SparseWeight(w * mask, mask).to_module(None, torch.float32)
+    out = save_compressed(model, tmp_path / "v2", {})
+    path = "model.layers.1.mlp.gate_proj"
+    meta = as_format_1(out, path, w * mask, mask)
     loaded = load_compressed(out)
     assert torch.equal(loaded.get_submodule(path).dequantize(), w * mask)
     assert torch.equal(_logits(model, _ids(seed=6)), _logits(loaded, _ids(seed=6)))

@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from eora_ft.compress import SparseWeight
 from eora_ft.compress.io import load_compressed, save_compressed
 from eora_ft.compress.packed_reader import PackedLinears, compressed_linears
 
-from .test_io import _tiny_model, _two_four
+from .test_io import _tiny_model, _two_four, as_format_1
 
 
 def _same_layer(got, want) -> None:
@@ -51,16 +50,7 @@ def test_format_1_layers_and_mismatched_tensors(tmp_path):
     path = "model.layers.1.mlp.gate_proj"
     model.model.layers[1].mlp.gate_proj = SparseWeight(w * mask, mask).to_module(None, torch.float32)
     out = save_compressed(model, tmp_path / "v1", {})
-    state = load_file(str(out / "model.safetensors"))
-    state.pop(f"{path}.values"), state.pop(f"{path}.keep_bits")
-    state[f"{path}.weight"], state[f"{path}.mask"] = w * mask, mask
-    save_file(state, str(out / "model.safetensors"))
-    meta = json.loads((out / "compression_config.json").read_text())
-    del meta["format_version"]
-    for name, spec in meta["modules"].items():
-        spec["masked"] = name == path
-        del spec["kept"]
-    (out / "compression_config.json").write_text(json.dumps(meta))
+    meta = as_format_1(out, path, w * mask, mask)
     assert torch.equal(PackedLinears(out)[path].dequantize(), w * mask)
     meta["format_version"] = 2
     meta["modules"]["model.layers.0.mlp.up_proj"]["in_features"] = 32  # the file's tensors no longer fit
