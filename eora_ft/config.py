@@ -105,6 +105,21 @@ class TaskArguments(ScriptArguments):
     num_fewshot: int = field(default=5, metadata={"help": "GSM8K: solved examples before each question (lm-eval: 5)."})
     max_new_tokens: int = field(default=256, metadata={"help": "GSM8K: generation budget per answer (lm-eval: 256)."})
     eval_base: bool = field(default=True, metadata={"help": "Evaluate the uncompressed model too (the 'base' stage)."})
+    eval_split_fraction: float = field(
+        default=0.1, metadata={"help": "Task sft: when the data has no test split (local files, or a hub dataset without "
+                                       "dataset_test_split) and no eval_dataset_name, this share of the training examples "
+                                       "is held out for evaluation (never trained on)."})
+    eval_split_seed: int = field(default=0, metadata={"help": "Seed of that held-out draw (the same for every training seed)."})
+    lm_eval_tasks: str | None = field(
+        default=None, metadata={"help": "lm-evaluation-harness tasks run on each stage's in-memory model, comma-separated "
+                                        "(mmlu,hellaswag,...; pip install -e '.[eval]'); their metrics join the table."})
+    lm_eval_num_fewshot: int | None = field(
+        default=None, metadata={"help": "Few-shot examples for lm_eval_tasks (None: each task's own default)."})
+    lm_eval_limit: int | None = field(
+        default=None, metadata={"help": "lm_eval_tasks: score only the first N documents of each task (None = all)."})
+    lm_eval_include_path: str | None = field(
+        default=None, metadata={"help": "A directory of extra lm-eval task YAMLs (your own tasks, or local copies of "
+                                        "hub tasks for offline use), added to the harness's registry."})
     divergence_patience: int = field(
         default=3, metadata={"help": "Report a run as diverged when this many consecutive logged training losses "
                                      "stay above the first one (a NaN always counts); 0 = only NaN/inf."})
@@ -120,8 +135,10 @@ class TaskArguments(ScriptArguments):
             raise ValueError(f"ppl_window={self.ppl_window} must be at least 2")
         check_range(self, "eval_batch_size", 1)
         check_range(self, "divergence_patience", 0)
-        for name in ("train_limit", "eval_limit", "ppl_max_windows"):
+        for name in ("train_limit", "eval_limit", "ppl_max_windows", "lm_eval_limit"):
             check_range(self, name, 1, optional=True)
+        check_range(self, "eval_split_fraction", 0, 1, low_open=True, high_open=True)
+        check_range(self, "lm_eval_num_fewshot", 0, optional=True)
         heldout_texts(self.ppl_dataset)  # two texts with one metric name
 
 
@@ -422,6 +439,10 @@ class EoraModelConfig(ModelConfig):
     """TRL's ModelConfig defaulting to the bundled nano model and the Llama projection names."""
 
     model_name_or_path: str | None = field(default=DEFAULT_MODEL, metadata={"help": "Hub id or local directory."})
+    compressed_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "A model someone already compressed (local directory or hub id: a GPTQ checkpoint from GPTQModel or "
+                "AutoGPTQ, v1 or v2, or llm-compressor's compressed-tensors pack-quantized), of model_name_or_path: "
+                "compression is skipped and the initialization is computed from the pair."})
     # declared here, not inherited: TRL's default is "float32" (282 GB of host memory for a 70B model)
     dtype: str = field(default="auto", metadata={
         "help": f"dtype the model is loaded in: one of {list(MODEL_DTYPES)} (auto: the checkpoint's own on an "
