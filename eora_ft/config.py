@@ -79,11 +79,13 @@ class TaskArguments(ScriptArguments):
     """What to train on and evaluate. ``dataset_name`` is a hub id or a local .json/.jsonl file/dir."""
 
     task: str = field(default="arc_challenge",
-                      metadata={"help": "Task: arc_challenge, arc_easy, mathqa, gsm8k, or text (language modeling on "
-                                        "plain text, judged by held-out perplexity)."})
+                      metadata={"help": "Task: arc_challenge, arc_easy, mathqa, gsm8k, text (language modeling on "
+                                        "plain text, judged by held-out perplexity) or sft (your own data in TRL's "
+                                        "dataset types, judged by the held-out loss on its completions)."})
     dataset_name: str | None = field(
         default=f"{_ASSETS}/data/arc/ARC-Challenge/ARC-Challenge-Train.jsonl",
-        metadata={"help": "Training data: hub id (e.g. allenai/ai2_arc) or local .json/.jsonl path."},
+        metadata={"help": "Training data: hub id (e.g. allenai/ai2_arc) or local .json/.jsonl path (task sft: also "
+                          ".parquet/.csv, or a directory of them)."},
     )
     eval_dataset_name: str | None = field(
         default=f"{_ASSETS}/data/arc/ARC-Challenge/ARC-Challenge-Dev.jsonl",

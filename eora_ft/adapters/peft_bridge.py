@@ -164,7 +164,7 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
 
 
 def save_adapter(peft_model: PeftModel, directory: str | Path, base_model_name_or_path: str,
-                 move_in: dict[str, Path] | None = None) -> Path:
+                 move_in: dict[str, Path] | None = None, tokenizer=None) -> Path:
     """``save_pretrained`` into a sibling temp dir, then swap it in whole. An existing ``directory`` is
     replaced only if it is empty or an adapter directory (holds ``adapter_config.json``).
 
@@ -172,13 +172,16 @@ def save_adapter(peft_model: PeftModel, directory: str | Path, base_model_name_o
     ``adapter_config.json`` in place of the model PEFT wrapped. For a compressed base that is the compressed
     checkpoint, never the uncompressed model PEFT saw: a correction for ``W - W_c`` applied on top of ``W``
     would be silently wrong. ``move_in``: ``{name: directory}`` moved into the adapter directory before it is
-    swapped in (a rewritten base that the adapter names as ``<directory>/<name>``)."""
+    swapped in (a rewritten base that the adapter names as ``<directory>/<name>``). ``tokenizer``: saved beside the
+    adapter (a run on conversations: the chat template it was trained with travels with it)."""
     with atomic_directory(directory, lambda d: (d / "adapter_config.json").exists(), "PEFT adapter directory") as tmp:
         peft_model.save_pretrained(tmp)
         config_path = tmp / "adapter_config.json"
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = str(base_model_name_or_path)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         for name, source in (move_in or {}).items():
             os.replace(source, tmp / name)
     return Path(directory)

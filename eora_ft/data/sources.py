@@ -51,11 +51,19 @@ def _missing(path: str, expected: str) -> FileNotFoundError:
     )
 
 
-def local_files(path_or_id: str) -> list[str]:
-    """The local files ``path_or_id`` names (a file, or a directory's .json/.jsonl files); [] for a hub id."""
+_TABLE_SUFFIXES = (".parquet", ".csv")  # read by `datasets` for the sft task's own data
+
+
+def local_files(path_or_id: str | None) -> list[str]:
+    """The local files ``path_or_id`` names (a file, or a directory's .json/.jsonl/.parquet/.csv files); [] for a hub
+    id or None."""
+    if not path_or_id:
+        return []
     resolved = resolve_path(path_or_id)
     if os.path.isdir(resolved):
-        return _json_files(resolved)
+        tables = sorted(str(p) for p in Path(resolved).iterdir() if p.is_file() and p.name.endswith(_TABLE_SUFFIXES))
+        return tables + _json_files(resolved) if not tables else tables + [
+            str(p) for p in sorted(Path(resolved).iterdir()) if p.is_file() and p.name.endswith(_JSON_SUFFIXES)]
     return [resolved] if os.path.isfile(resolved) else []
 
 

@@ -17,6 +17,9 @@ from eora_ft.data.arc import MultipleChoiceItem, arc_prompt, arc_sft_dataset, lo
 from eora_ft.data.gsm8k import gsm8k_sft_dataset, load_gsm8k
 from eora_ft.data.mathqa import load_mathqa
 from eora_ft.data.plain_text import load_plain_text, text_sft_dataset
+from eora_ft.data.sft import load_sft_splits, sft_dataset, tokenize_sft
+from eora_ft.data.sources import resolve_path
+from eora_ft.eval.completion_loss import completion_loss
 from eora_ft.eval.scoring import score_multiple_choice
 from eora_ft.eval.generation import score_gsm8k
 
@@ -39,7 +42,33 @@ class Task:
     bundled_train: str = ""  # offline defaults under eora_ft/assets/data (the few-shot pool for GSM8K)
     bundled_eval: str = ""
     packed: bool = False  # trains on running text: needs TRL's packing (packing_strategy "wrapped")
-    schema: str = "arc"  # the fields each JSON record holds (eora_ft.data.file_checks.RECORD_FIELDS)
+    schema: str | None = "arc"  # the fields each JSON record holds (eora_ft.data.file_checks.RECORD_FIELDS)
+    # your own data: both splits from one call (a held-out share of train when there is no test split), and
+    # tokenized here (input_ids, completion_mask) for training and scoring alike
+    load_splits: Callable[..., tuple] | None = None
+    tokenize: Callable[..., datasets.Dataset] | None = None
+
+    def load_items(self, dataset_name: str, eval_dataset_name: str | None = None, *, dataset_config: str | None = None,
+                   train_split: str = "train", test_split: str = "validation", train_limit: int | None = None,
+                   eval_limit: int | None = None, eval_split_fraction: float = 0.1,
+                   eval_split_seed: int = 0) -> tuple[Sequence, Sequence, str]:
+        """``(training items, evaluation items, where the evaluation items came from)``: ``eval_dataset_name``'s
+        (or ``dataset_name``'s ``test_split``); a task with ``load_splits`` may hold out ``eval_split_fraction`` of
+        the training data instead."""
+        if self.load_splits is not None:
+            return self.load_splits(dataset_name, dataset_config, train_split, test_split, eval_dataset_name,
+                                    eval_split_fraction, eval_split_seed, train_limit, eval_limit)
+        name = dataset_config or self.hub_name
+        train = self.load(resolve_path(dataset_name), split=train_split, name=name, limit=train_limit)
+        held = self.load(resolve_path(eval_dataset_name or dataset_name), split=test_split, name=name, limit=eval_limit)
+        return train, held, eval_dataset_name or f"{dataset_name} split {test_split}"
+
+    def training_dataset(self, items: Sequence, tokenizer, max_length: int | None,
+                         completion_only: bool = True) -> datasets.Dataset:
+        """The items as a TRL dataset (prompt/completion or text), or tokenized (``input_ids``,
+        ``completion_mask``) for a task that tokenizes itself."""
+        dataset = self.sft_dataset(items)
+        return dataset if self.tokenize is None else self.tokenize(dataset, tokenizer, max_length, completion_only)
 
     def evaluate(self, model, tokenizer, items: Sequence, fewshot_pool: Sequence = (), *, batch_size: int = 32,
                  progress: bool = True, max_new_tokens: int = 256, num_fewshot: int = 5) -> dict:
@@ -57,7 +86,8 @@ def _multiple_choice(desc: str) -> Callable[..., dict]:
     return score
 
 
-def _gsm8k(model, tokenizer, items, fewshot_pool, *, batch_size, progress, max_new_tokens, num_fewshot) -> dict:
+def _gsm8k(model, tokenizer, items, fewshot_pool, *, batch_size, progress, max_new_tokens, num_fewshot,
+           **_other) -> dict:
     # Generation batches hold whole few-shot contexts: a quarter of the log-likelihood batch keeps memory flat.
     return score_gsm8k(model, tokenizer, items, fewshot_pool, num_fewshot=num_fewshot, max_new_tokens=max_new_tokens,
                        batch_size=max(1, batch_size // 4), progress=progress)
@@ -66,6 +96,13 @@ def _gsm8k(model, tokenizer, items, fewshot_pool, *, batch_size, progress, max_n
 def _no_task_metrics(model, tokenizer, items, fewshot_pool, **_options) -> dict:
     # plain text is judged by its held-out perplexities (ppl_dataset) and the eval loss curve
     return {}
+
+
+def _completion_loss(model, tokenizer, items, fewshot_pool, *, batch_size, progress, **_options) -> dict:
+    # items: tokenized examples (input_ids, completion_mask), as trained
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return {"eval_loss": completion_loss(model, list(items), batch_size=batch_size, pad_token_id=pad,
+                                         progress=progress)["loss"]}
 
 
 def _mc_metrics(name: str, label: str) -> tuple[tuple[str, str, str], ...]:
@@ -89,6 +126,10 @@ TASKS: dict[str, Task] = {
                   bundled_eval="gsm8k/test_head500.jsonl"),
     "text": Task("text", load_plain_text, text_sft_dataset, _no_task_metrics, (), hub_name=None, recipe="text", packed=True, schema="text",
                  bundled_train="enwiki_train/wiki_00.txt", bundled_eval="enwiki_heldout/wiki_49.txt"),
+    # your own data in any of TRL's dataset types (eora_ft.data.sft), judged by the held-out completion loss
+    "sft": Task("sft", None, sft_dataset, _completion_loss, (("sft/eval_loss", "eval loss (completions)", "loss"),),
+                recipe="sft", schema=None, load_splits=load_sft_splits, tokenize=tokenize_sft,
+                bundled_train="sft/gsm8k_chat.jsonl"),
 }
 
 

@@ -21,6 +21,8 @@ METRICS = [("arc_challenge/acc", "ARC-C acc", "pct"), ("arc_challenge/acc_norm",
 def _cell(value, kind: str) -> str:
     if value is None:
         return "–"
+    if kind == "loss":  # mean cross-entropy in nats: fine-tuning moves it in the second decimal
+        return f"{value:.4f}"
     return f"{100 * value:.2f}" if kind == "pct" else f"{value:.2f}"
 
 
@@ -34,9 +36,18 @@ def results_markdown(results: dict) -> str:
         cells = [_cell(metrics.get(key), kind) for key, _, kind in columns]
         lines.append(f"| {stage} | " + " | ".join(cells) + f" | {STAGE_DESCRIPTIONS.get(stage, '')} |")
     lines.append("")
-    lines.append("Accuracies in %: multiple choice by summed log-likelihood of each choice (acc_norm: divided by "
-                 "the choice's length), GSM8K by exact match of the greedy answer (strict `#### n`, flexible: last "
-                 "number); perplexity over non-overlapping windows.")
+    kinds = {kind for _, _, kind in columns}
+    notes = []
+    if "pct" in kinds:
+        notes.append("Accuracies in %: multiple choice by summed log-likelihood of each choice (acc_norm: divided by "
+                     "the choice's length), GSM8K by exact match of the greedy answer (strict `#### n`, flexible: last "
+                     "number).")
+    if "loss" in kinds:
+        notes.append("Eval loss: mean cross-entropy (nats per token) of the held-out examples' completions / "
+                     "assistant turns, tokenized exactly as trained.")
+    if "ppl" in kinds:
+        notes.append("Perplexity over non-overlapping windows.")
+    lines.append(" ".join(notes))
     if results.get("divergence"):
         lines += ["", f"**Training diverged**: {results['divergence']}. The finetuned row is what the diverged "
                       "adapter gives; lower the learning rate or start from another initialization."]

@@ -8,7 +8,7 @@ import pytest
 from eora_ft.data.file_checks import DataFileError, check_data_file
 
 DATA = Path(__file__).resolve().parents[2] / "eora_ft" / "assets" / "data"
-SCHEMAS = {"arc": "arc", "gsm8k": "gsm8k", "mathqa": "mathqa"}
+SCHEMAS = {"arc": "arc", "gsm8k": "gsm8k", "mathqa": "mathqa", "sft": None}  # sft: any TRL layout
 
 
 @pytest.mark.parametrize("path", sorted(p for p in DATA.rglob("*") if p.suffix in (".json", ".jsonl", ".txt")
@@ -16,7 +16,7 @@ SCHEMAS = {"arc": "arc", "gsm8k": "gsm8k", "mathqa": "mathqa"}
                          ids=lambda p: str(p.relative_to(DATA)))
 def test_every_bundled_data_file_passes(path):
     top = path.relative_to(DATA).parts[0]
-    schema = SCHEMAS.get(top, "text" if path.suffix != ".txt" else None)
+    schema = SCHEMAS[top] if top in SCHEMAS else ("text" if path.suffix != ".txt" else None)
     assert check_data_file(path, "bundled", schema) > 0
 
 

@@ -16,7 +16,8 @@ BUNDLED["text"] = ("enwiki_train/wiki_00.txt", "enwiki_heldout/wiki_49.txt")
 
 
 def test_every_task_has_bundled_data(assets_dir):
-    assert set(TASKS) == set(BUNDLED)
+    assert set(TASKS) == set(BUNDLED) | {"sft"}
+    assert (assets_dir / "data" / TASKS["sft"].bundled_train).is_file()  # sft holds its evaluation share out
     for name, (train, evaluation) in BUNDLED.items():
         assert (TASKS[name].bundled_train, TASKS[name].bundled_eval) == (train, evaluation)
         assert (assets_dir / "data" / train).is_file() and (assets_dir / "data" / evaluation).is_file()
@@ -27,6 +28,15 @@ def test_text_task_trains_on_every_token_and_scores_nothing_of_its_own(assets_di
     documents = task.load(str(assets_dir / "data" / BUNDLED["text"][0]), limit=3)
     assert task.sft_dataset(documents)["text"] == documents  # no prompt: TRL's loss covers every token
     assert task.metrics == () and task.evaluate(None, None, documents) == {}
+
+
+def test_sft_holds_out_a_tenth_of_its_bundled_conversations_and_scores_their_completion_loss(assets_dir):
+    task = get_task("sft")
+    train, held, origin = task.load_items(str(assets_dir / "data" / task.bundled_train))
+    assert (len(train), len(held)) == (900, 100) and "held out (seed 0" in origin
+    as_text = lambda rows: {str(row["messages"]) for row in rows}  # noqa: E731
+    assert not as_text(train) & as_text(held)
+    assert task.metrics == (("sft/eval_loss", "eval loss (completions)", "loss"),)
 
 
 @pytest.mark.parametrize("name", QUESTION_TASKS)
