@@ -8,7 +8,7 @@
     eora-ft eval --model_name_or_path M [--compressed_model DIR] [--adapter DIR]
                  --tasks arc_challenge,enwiki_heldout,wikitext2 --output_file results.json
                                       evaluate (lm-evaluation-harness semantics, offline; eora_ft/cli/eval.py)
-    eora-ft arc|mathqa|gsm8k|text --config FILE.yaml
+    eora-ft arc|mathqa|gsm8k|text|sft --config FILE.yaml
                                       a recipe in this process (same flags as recipes/<task>.py)
 
 compress, init and eval parse the recipe dataclasses' own fields (eora_ft/cli/arguments.py), so a flag
@@ -44,7 +44,7 @@ def _info() -> int:
 
 # recipe -> its default config (the nano model, offline)
 RECIPES = {"arc": "arc_nano_gptq2_eora", "mathqa": "mathqa_nano_gptq3_eora", "gsm8k": "gsm8k_nano_gptq3_eora",
-           "text": "text_nano_gptq2_eora"}
+           "text": "text_nano_gptq2_eora", "sft": "sft_nano_gptq2_eora"}
 
 
 def _recipe(name: str, argv: list[str]) -> int:

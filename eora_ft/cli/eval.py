@@ -4,11 +4,18 @@
         --output_file results.json
     eora-ft eval --compressed_model CACHE_ENTRY/base --adapter runs/x/adapter --tasks arc_challenge,gsm8k \
         --eval_limit 50 --output_file r.json
+    eora-ft eval --model_name_or_path eora_ft/assets/models/nano-llama-5m --tasks arc_challenge,my_task \
+        --lm_eval_include_path my_tasks/ --lm_eval_limit 100 --output_file r.json
 
 The scoring knobs are the recipe fields of the same names (``--eval_limit``, ``--eval_batch_size``,
 ``--num_fewshot``, ``--max_new_tokens``, ``--ppl_window``, ``--ppl_max_windows``, ``--dtype``). Task data
 defaults to the bundled files (``--data arc_challenge=path`` overrides, hub ids work where the hub is
 reachable). Metrics follow lm-evaluation-harness 0.4 (see eora_ft/eval/tasks.py).
+
+Any other name in ``--tasks`` is an lm-evaluation-harness task (``pip install -e ".[eval]"``): lm-eval itself
+runs it on the loaded model (:mod:`eora_ft.eval.harness`), with the recipe fields ``--lm_eval_num_fewshot``,
+``--lm_eval_limit`` and ``--lm_eval_include_path`` (a directory of your own task YAMLs); its metrics
+(``lm_eval/<task>/<metric>``) go into the same table and results file.
 """
 
 from __future__ import annotations
@@ -22,13 +29,17 @@ import torch
 
 from eora_ft.config import EoraModelConfig, TaskArguments
 from eora_ft.data.heldout import BUNDLED_PATHS, heldout_texts
+from eora_ft.eval.harness import check_lm_eval_tasks, harness_evaluate, harness_table_metrics
 from eora_ft.eval.tasks import TASKS, get_task
 
 from .arguments import LegacyFlag, LegacyFlags, dashed, fields_of, parse_command
 
 ASSET_DATA = Path(__file__).resolve().parents[1] / "assets" / "data"
 EXTRA_TASKS = tuple(BUNDLED_PATHS)  # perplexity texts: enwiki_heldout, c4_heldout, wikitext2
-TASK_FIELDS = ["eval_limit", "eval_batch_size", "num_fewshot", "max_new_tokens", "ppl_window", "ppl_max_windows"]
+# your own data is scored inside its recipe, tokenized as it was trained (max_length, chat template)
+RECIPE_ONLY = tuple(name for name, task in TASKS.items() if task.tokenize is not None)
+TASK_FIELDS = ["eval_limit", "eval_batch_size", "num_fewshot", "max_new_tokens", "ppl_window", "ppl_max_windows",
+               "lm_eval_num_fewshot", "lm_eval_limit", "lm_eval_include_path"]
 MODEL_FIELDS = ["model_name_or_path", "dtype"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -37,7 +48,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 class EvalTargets:
     """What only ``eora-ft eval`` has: what to load, which tasks, where the results go."""
 
-    tasks: str = field(metadata={"help": f"Comma-separated, from {sorted(TASKS) + list(EXTRA_TASKS)}."})
+    tasks: str = field(metadata={"help": f"Comma-separated: ours, {sorted(set(TASKS) - set(RECIPE_ONLY)) + list(EXTRA_TASKS)}, and any "
+                                         "lm-evaluation-harness task (mmlu, hellaswag, ...; pip install -e '.[eval]'), "
+                                         "which lm-eval runs on the loaded model."})
     output_file: str = field(metadata={"help": "results.json to write (atomically)."})
     compressed_model: str | None = field(
         default=None, metadata={"help": "A compressed checkpoint to evaluate instead of model_name_or_path: eora_ft's "
@@ -122,14 +135,28 @@ def eval_command(argv: list[str]) -> int:
     from eora_ft.utils.placement import placed_for_inference
 
     scoring, model_args, targets = parse(argv)
-    names = [t.strip() for t in targets.tasks.split(",") if t.strip()]
-    unknown = [n for n in names if n not in TASKS and n not in EXTRA_TASKS]
-    if unknown or not names:
-        raise SystemExit(f"--tasks {targets.tasks!r}: unknown {unknown}; valid: {sorted(TASKS) + list(EXTRA_TASKS)}")
+    names = list(dict.fromkeys(t.strip() for t in targets.tasks.split(",") if t.strip()))
+    ours = sorted(set(TASKS) - set(RECIPE_ONLY)) + list(EXTRA_TASKS)
+    if set(names) & set(RECIPE_ONLY):
+        raise SystemExit(f"--tasks {targets.tasks!r}: {sorted(set(names) & set(RECIPE_ONLY))} scores your own data "
+                         "as it was trained; run recipes/sft.py (its results table has the eval loss per stage)")
+    if not names:
+        raise SystemExit(f"--tasks {targets.tasks!r} names no task; ours: {ours}, or any lm-evaluation-harness task")
+    harness = [n for n in names if n not in ours]  # ours keep our fast path, lm-eval runs the others
+    try:  # lm-eval installed, every other name its task: before the model loads
+        check_lm_eval_tasks(",".join(harness), scoring.lm_eval_include_path, load=False, what=f"--tasks {targets.tasks!r}")
+    except ImportError as error:
+        raise SystemExit(f"--tasks {targets.tasks!r}: {harness} are not ours ({ours}); as lm-evaluation-harness "
+                         f"tasks: {error}") from None
+    except ValueError as error:
+        raise SystemExit(f"{error}. Ours: {ours}") from None
     data, pools = _pairs(targets.data, "--data"), _pairs(targets.fewshot_data, "--fewshot_data")
     for task, path in {**data, **pools}.items():
         if task not in names:
             raise SystemExit(f"--data/--fewshot_data names task {task!r}, which is not in --tasks {names}")
+        if task in harness:
+            raise SystemExit(f"--data/--fewshot_data names lm-eval task {task!r}: its YAML says where its data is "
+                             "(dataset_path: json with data_files for local files), in --lm_eval_include_path")
     check_sources([(path, f"--data {task}", "text" if task in BUNDLED_PATHS else get_task(task).schema)
                    for task, path in {**data, **pools}.items()])  # every file checked before the model loads
     output = Path(targets.output_file)
@@ -141,11 +168,26 @@ def eval_command(argv: list[str]) -> int:
         check_positions(model.config, {"ppl_window": scoring.ppl_window})
     metrics, columns, timings = {}, [], {}
     with placed_for_inference(model, device):
-        _evaluate_all(model, tokenizer, names, data, pools, scoring, metrics, columns, timings)
+        _evaluate_all(model, tokenizer, [n for n in names if n not in harness], data, pools, scoring, metrics,
+                      columns, timings)
+        if harness:
+            start = time.perf_counter()
+            found = harness_evaluate(model, tokenizer, harness, num_fewshot=scoring.lm_eval_num_fewshot,
+                                     limit=scoring.lm_eval_limit, batch_size=scoring.eval_batch_size,
+                                     include_path=scoring.lm_eval_include_path)
+            metrics.update(found)
+            columns += [list(row) for row in harness_table_metrics(found)]
+            timings["lm_eval"] = time.perf_counter() - start
     results = {"model": None if targets.compressed_model else model_args.model_name_or_path,
                "tokenizer": tokenizer.name_or_path,
                "compressed": targets.compressed_model, "adapter": targets.adapter, "limit": scoring.eval_limit,
                "metrics": metrics, "columns": columns, "timings": timings}
+    if harness:
+        from importlib.metadata import version
+
+        results["lm_eval"] = {"tasks": harness, "num_fewshot": scoring.lm_eval_num_fewshot,
+                              "limit": scoring.lm_eval_limit, "include_path": scoring.lm_eval_include_path,
+                              "version": version("lm_eval")}
     atomic_write_text(output, json.dumps(results, indent=2) + "\n")
     print("| metric | value |\n|---|---|")
     for key, label, kind in columns:

@@ -39,7 +39,6 @@ def test_eval_compressed_with_adapter_and_every_task(tmp_path):
 
 
 @pytest.mark.parametrize("flags,match", [
-    (["--tasks", "arc_challenge,squad"], r"unknown \['squad'\]"),
     (["--tasks", "arc_challenge", "--data", "mathqa=x.json"], "names task 'mathqa', which is not in --tasks"),
     (["--tasks", "arc_challenge", "--data", "arc_challenge"], "expected TASK=PATH"),
 ])
@@ -88,3 +87,55 @@ def test_a_perplexity_text_without_a_suffix_is_text_and_a_bad_one_is_named_befor
     with pytest.raises(ValueError, match=r"--data wikitext2 .*heldout\.bin, line 1: holds NUL bytes"):
         main(["eval", "--model_name_or_path", NANO, "--tasks", "wikitext2", "--data", f"wikitext2={binary}",
               "--output_file", str(tmp_path / "r2.json")])
+
+
+def test_an_lm_eval_task_runs_in_the_harness_beside_ours_into_one_results_file(tmp_path, capsys):
+    """A --tasks name that is not ours is an lm-eval task: the harness runs it on the loaded model (here a local
+    copy of its arc_challenge definition, tests/eval/test_harness.py) with the same numbers as our path."""
+    pytest.importorskip("lm_eval")
+    from tests.eval.test_harness import local_task_dir
+
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model_name_or_path", NANO, "--tasks", "arc_challenge,local_arc_challenge",
+                 "--eval_limit", "24", "--lm_eval_limit", "24", "--lm_eval_num_fewshot", "0",
+                 "--lm_eval_include_path", local_task_dir(), "--output_file", str(out)]) == 0
+    results = json.loads(out.read_text())
+    metrics = results["metrics"]
+    assert metrics["lm_eval/local_arc_challenge/n"] == metrics["arc_challenge/n"] == 24
+    for metric in ("acc", "acc_norm"):
+        assert metrics[f"lm_eval/local_arc_challenge/{metric}"] == pytest.approx(metrics[f"arc_challenge/{metric}"],
+                                                                                 abs=1e-12)
+    assert ["lm_eval/local_arc_challenge/acc", "local_arc_challenge acc", "pct"] in results["columns"]
+    assert results["lm_eval"]["tasks"] == ["local_arc_challenge"] and results["lm_eval"]["limit"] == 24
+    assert f"| local_arc_challenge acc | {100 * metrics['arc_challenge/acc']:.2f} |" in capsys.readouterr().out
+
+
+def test_a_name_neither_ours_nor_lm_evals_is_refused_before_loading(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from tests.eval.test_harness import local_task_dir
+
+    monkeypatch.setattr("eora_ft.cli.eval._load", lambda *a: pytest.fail("the model was loaded before the check"))
+    common = ["eval", "--model_name_or_path", NANO, "--lm_eval_include_path", local_task_dir(),
+              "--output_file", str(tmp_path / "r.json")]
+    with pytest.raises(SystemExit, match=r"unknown \['squad'\].*closest squadv2.*Ours: \['arc_challenge'"):
+        main([*common, "--tasks", "arc_challenge,squad"])
+    with pytest.raises(SystemExit, match="names lm-eval task 'local_arc_challenge': its YAML says where its data is"):
+        main([*common, "--tasks", "local_arc_challenge", "--data", "local_arc_challenge=x.json"])
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_an_lm_eval_task_without_lm_eval_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ModuleNotFoundError
+    with pytest.raises(SystemExit, match=r"\['mmlu'\] are not ours .*pip install -e \"\.\[eval\]\""):
+        main(["eval", "--model_name_or_path", NANO, "--tasks", "arc_challenge,mmlu", "--output_file",
+              str(tmp_path / "r.json")])
+
+
+def test_the_sft_task_is_refused_with_where_it_is_scored():
+    from eora_ft.cli.eval import eval_command
+
+    with pytest.raises(SystemExit, match=r"\['sft'\] scores your own data .* run recipes/sft.py"):
+        eval_command(["--model_name_or_path", "eora_ft/assets/models/nano-llama-5m", "--tasks", "sft,wikitext2",
+                      "--output_file", "/tmp/unused.json"])
