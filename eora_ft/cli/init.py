@@ -8,9 +8,13 @@ the calibration and LoRA-shape fields, plus ``--compressed_model``, ``--original
 The computation is a recipe cache entry's (:func:`eora_ft.run.initial_adapter.initial_adapter`): the
 statistics come from the compressed model itself (each layer sees the compressed prefix, the default capture
 mode); the error ``dW = W - W_c`` needs the original weights, read from the model the compressed directory
-records (or ``--original_model``). Both models stay on the CPU; one decoder layer at a time runs on
-``--execution_device`` (the GPU when there is one). LoftQ and eora_alt also rewrite the base: it is saved
-next to the adapter in ``base/``. The adapter's ``adapter_config.json`` names the base it corrects.
+records (or ``--original_model``). A checkpoint another tool compressed (GPTQ v1/v2, compressed-tensors; a
+directory or a hub id) needs ``--original_model``: the two are checked against each other first
+(:func:`eora_ft.run.precompressed.check_pair`), then it is imported once into a temporary copy in eora_ft's
+format, and the adapter names the checkpoint as given. Both models stay on the CPU; one decoder layer at a
+time runs on ``--execution_device`` (the GPU when there is one). LoftQ and eora_alt also rewrite the base:
+it is saved next to the adapter in ``base/`` (refused for another tool's checkpoint, whose adapter must
+belong to it). The adapter's ``adapter_config.json`` names the base it corrects.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
 
 from eora_ft.compress import make_compressor
 from eora_ft.config import AdapterInitArguments, CompressionArguments, EoraModelConfig
@@ -44,7 +51,10 @@ class InitPaths:
     """What only ``eora-ft init`` has: the compressed model it starts from and where the adapter goes."""
 
     compressed_model: str = field(metadata={"help": "Directory written by `eora-ft compress` (or a recipe's cache "
-                                                    "entry base/)."})
+                                                    "entry base/), or a checkpoint another tool compressed (GPTQ from "
+                                                    "GPTQModel or AutoGPTQ, v1 or v2; compressed-tensors "
+                                                    "pack-quantized from llm-compressor; a local directory or a hub "
+                                                    "id), which needs --original_model."})
     output_dir: str = field(metadata={"help": "Adapter directory to write (replaced atomically)."})
     original_model: str | None = field(
         default=None, metadata={"help": "The uncompressed model (hub id or directory); None = the one "
@@ -84,7 +94,8 @@ def init_command(argv: list[str]) -> int:
     from eora_ft.data import mixed_calibration, resolve_path
     from eora_ft.data.task_text import task_texts
     from eora_ft.run.initial_adapter import initial_adapter
-    from eora_ft.run.inputs import check_output_dir, check_sources, load_model, require_source
+    from eora_ft.run.inputs import check_output_dir, check_sources, load_model
+    from eora_ft.run.precompressed import build_imported_base, check_init_method, check_pair, resolve_checkpoint
     from eora_ft.utils.model_checks import check_positions
 
     init_args, calibration, lora, paths = parse(argv)
@@ -94,9 +105,22 @@ def init_command(argv: list[str]) -> int:
     check_sources([(part, "calib_dataset", "text") for part in calibration.calib_dataset.split(",")]  # before any load
                   + [(part, "adapter_calib_dataset", "text") for part in adapter_calib]
                   + [(calibration.calib_task_dataset, "calib_task_dataset", calibration.calib_task_format)])
-    compressed_dir = Path(require_source(paths.compressed_model, "compressed_model", hub_ok=False)).resolve()
-    meta, _ = read_compression_config(compressed_dir)
+    checkpoint = resolve_checkpoint(paths.compressed_model, "compressed_model")
+    compressed_dir = checkpoint.directory  # read in eora_ft's format: another tool's checkpoint is imported first
     targets = lora.lora_target_modules  # None: every compressed linear (all-linear)
+    scratch = None
+    if checkpoint.format != "eora_ft":  # checked against its original before anything loads, imported once
+        check_init_method(init_args, checkpoint)
+        if not paths.original_model:
+            raise ValueError(f"{paths.compressed_model} is a {checkpoint.format} checkpoint, which does not record the "
+                             "model it was compressed from: pass --original_model")
+        check_pair(paths.original_model, checkpoint, targets)
+        output = Path(paths.output_dir).resolve()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.TemporaryDirectory(prefix=f".{output.name}.imported-", dir=output.parent)  # gone on return
+        build_imported_base(Path(scratch.name), checkpoint, torch.float32)
+        compressed_dir = Path(scratch.name) / "base"
+    meta, _ = read_compression_config(compressed_dir)
     specs = {path: spec for path, spec in meta["modules"].items()
              if targets is None or path.split(".")[-1] in targets}
     if not specs:
@@ -104,9 +128,9 @@ def init_command(argv: list[str]) -> int:
     if init_args.init_from_adapter:  # an existing adapter, checked against this base and re-saved naming it
         adapter = load_adapter(load_compressed(compressed_dir), os.path.expanduser(init_args.init_from_adapter),
                                is_trainable=True)
-        save_adapter(adapter, paths.output_dir, str(compressed_dir))
+        save_adapter(adapter, paths.output_dir, checkpoint.name)
         print(json.dumps({"output": paths.output_dir, "from_adapter": init_args.init_from_adapter,
-                          "base": str(compressed_dir)}))
+                          "base": checkpoint.name}))
         return 0
     for path, spec in specs.items():
         check_rank(rank, spec["in_features"], spec["out_features"], path)
@@ -147,7 +171,7 @@ def init_command(argv: list[str]) -> int:
                               calib_seed=calibration.calib_seed, save_rewritten_base=save_rewritten_base,
                               execution_device=execution, activations_device=activations)
     del modules
-    base = output / "base" if initial.base_replaced else compressed_dir
+    base = output / "base" if initial.base_replaced else checkpoint.name  # the user's checkpoint, as given
     save_adapter(initial.peft_model, output, str(base), move_in={"base": rewritten} if initial.base_replaced else None)
     rows = initial.meta["layers"]
     print(json.dumps({"output": paths.output_dir, "base": str(base), "method": method, "rank": rank,

@@ -8,7 +8,11 @@ One quantized linear ``prefix`` with ``K`` inputs, ``N`` outputs and ``G`` group
   (AutoGPTQ ``QuantLinear.pack``), unlike our planar 3-bit storage.
 - ``prefix.qzeros`` int32 ``[G, N*bits/32]``: zero points packed the same way along N. Format
   ``"gptq"`` (v1, what every GPTQ kernel reads) stores ``zero - 1`` and kernels add the 1 back;
-  ``"gptq_v2"`` (GPTQModel) stores ``zero`` itself.
+  ``"gptq_v2"`` (GPTQModel) stores ``zero`` itself. How a v1 file took the 1 off depends on its writer
+  (:func:`zero_points`): AutoGPTQ (and eora_ft) per field; GPTQModel packs v2 and subtracts ``0x11111111``
+  (4-bit; ``0x55555555``, ``0x01010101`` at 2/8 bits) from each word, so a zero point of 0 borrows from its
+  neighbour; at 3 bits GPTQModel >= 7.0 shifts each field (wrapping 0 to 7) and earlier versions subtracted
+  per-word constants. Each is read back by its exact inverse.
 - ``prefix.scales`` fp16 ``[G, N]``; ``prefix.g_idx`` int32 ``[K]`` (group of input k; ``k // group_size``
   unless act-order); ``prefix.bias`` optional.
 
@@ -17,6 +21,7 @@ Dequantization: ``W[n, k] = scales[g_idx[k], n] * (q[k, n] - zero[g_idx[k], n])`
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import torch
@@ -28,6 +33,15 @@ from .quantizer import SUPPORTED_GROUP_SIZES
 
 ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what is subtracted from each zero point
 _WORD = 32
+# GPTQModel's v1 <-> v2 conversion (gptqmodel/utils/model.py): one added to every field of a whole int32 word
+_GPTQMODEL_WORD_ONES = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}
+# ... and at 3 bits before GPTQModel 7.0 (fixed in ModelCloud/GPTQModel#2763): one constant per qzeros column
+# modulo 3. They do not line up with the fields (column 0 holds fields at bits 0, 3, ..., 30), so those v1 files
+# differ from a per-field v1; adding the same constants back restores the zero points GPTQModel packed.
+_GPTQMODEL_OLD_3BIT = (0b00100100100100100100100100100100, 0b10010010010010010010010010010010,
+                       0b01001001001001001001001001001001)
+_FIXED_3BIT = (7, 0)  # the first GPTQModel release that shifts 3-bit v1 zero points per field
+_GPTQMODEL_V2 = (0, 9)  # GPTQModel's MIN_VERSION_WITH_V2: older releases wrote v1 per field, as AutoGPTQ
 
 
 def _check_rows(rows: int, bits: int, what: str) -> None:
@@ -72,6 +86,54 @@ def unpack_gptq(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     return codes.reshape(rows, cols)
 
 
+def gptq_writer(quant: dict) -> tuple[str, tuple[int, ...] | None] | None:
+    """``(tool, version)`` of the first ``meta.quantizer`` entry of a GPTQ ``quantization_config`` (GPTQModel writes
+    ``["gptqmodel:4.0.0"]``, eora_ft ``["eora_ft:0.2.0"]``), the tool lower-cased and the version as a tuple of its
+    leading numbers (None when it has none); None when the checkpoint does not say (AutoGPTQ)."""
+    entries = (quant.get("meta") or {}).get("quantizer") if isinstance(quant.get("meta"), dict) else None
+    entries = [entries] if isinstance(entries, str) else list(entries or [])
+    for entry in entries:
+        tool, _, version = str(entry).partition(":")
+        if tool and version:
+            numbers = re.match(r"\s*v?(\d+(?:\.\d+)*)", version)
+            return tool.strip().lower(), (tuple(int(x) for x in numbers.group(1).split(".")) if numbers else None)
+    return None
+
+
+def zero_points(qzeros: torch.Tensor, bits: int, out_features: int, checkpoint_format: str = "gptq",
+                writer: tuple[str, tuple[int, ...] | None] | None = None) -> torch.Tensor:
+    """The zero points ``[G, N]`` (int64) of a ``qzeros`` tensor ``[G, N*bits/32]``, as the checkpoint's writer meant.
+
+    ``gptq_v2`` stores them as they are. ``gptq`` (v1) stores them minus one, removed in one of three ways, each
+    undone exactly here: per field (AutoGPTQ, eora_ft, any writer that does not name itself; a field of
+    ``2**bits - 1`` then means ``2**bits``, as the classic kernels compute it, with a warning); GPTQModel
+    (``writer[0] == "gptqmodel"``) at 2/4/8 bits by subtracting one from every field of the whole int32 word (a
+    zero point of 0 borrows from the next field: read back by adding the same word); GPTQModel at 3 bits by
+    shifting each field modulo 8 (>= 7.0) or, before 7.0, by subtracting per-column constants. GPTQModel before
+    0.9 (no v2 yet) wrote v1 per field, as AutoGPTQ. A ``6.1.0-dev`` build is read as before 7.0."""
+    if checkpoint_format not in ZERO_OFFSET:
+        raise ValueError(f"checkpoint_format={checkpoint_format!r} is not supported; valid: {sorted(ZERO_OFFSET)}")
+    if (checkpoint_format == "gptq" and writer is not None and writer[0] == "gptqmodel"
+            and (writer[1] is None or writer[1] >= _GPTQMODEL_V2)):
+        words = qzeros.to(torch.int64) & 0xFFFFFFFF
+        if bits in _GPTQMODEL_WORD_ONES:
+            return unpack_gptq(((words + _GPTQMODEL_WORD_ONES[bits]) & 0xFFFFFFFF).t(), bits, out_features).t()
+        if bits == 3 and writer[1] is not None and writer[1] < _FIXED_3BIT:
+            ones = torch.tensor(_GPTQMODEL_OLD_3BIT, dtype=torch.int64).repeat(words.shape[1] // 3 + 1)[:words.shape[1]]
+            return unpack_gptq(((words + ones) & 0xFFFFFFFF).t(), bits, out_features).t()
+        return (unpack_gptq(words.t(), bits, out_features).t() + 1) % 2**bits
+    zeros = unpack_gptq(qzeros.t(), bits, out_features).t() + ZERO_OFFSET[checkpoint_format]
+    if int(zeros.max()) >= 2**bits:
+        # a v1 field of 2**bits - 1 is ambiguous: the classic kernels (AutoGPTQ, ExLlama, vLLM gptq_gemm)
+        # compute with zero = 2**bits, GPTQModel (which names itself in meta.quantizer) wraps it to 0. We follow the
+        # kernels for a writer that does not say.
+        if int(zeros.max()) > 255:
+            raise ValueError("zero point 256 (v1 qzeros field 255 at 8 bits) does not fit the uint8 zero points")
+        warnings.warn(f"qzeros hold v1 fields of {2**bits - 1}: loaded as zero point {2**bits}, as GPTQ kernels "
+                      "compute it (GPTQModel reads 0 there); re-export such layers with checkpoint_format='gptq_v2'")
+    return zeros
+
+
 def gptq_tensors(layer: CompressedLinear, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
     """The GPTQ tensors of one quantized layer: ``{"qweight", "qzeros", "scales", "g_idx"[, "bias"]}``.
 
@@ -108,19 +170,23 @@ def gptq_tensors(layer: CompressedLinear, checkpoint_format: str = "gptq") -> di
 
 def layer_from_gptq(
     tensors: dict[str, torch.Tensor], bits: int, group_size: int, checkpoint_format: str = "gptq",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, writer: tuple[str, tuple[int, ...] | None] | None = None,
 ) -> CompressedLinear:
     """Build a :class:`CompressedLinear` from one layer's GPTQ tensors (keys as :func:`gptq_tensors`).
 
     ``g_idx`` equal to ``k // group_size`` loads as is. Any other ``g_idx`` (act-order without static
     groups) must give every group exactly ``group_size`` inputs: the columns are then stored sorted by
-    group and the layer keeps ``perm`` so its function is unchanged.
+    group and the layer keeps ``perm`` so its function is unchanged. ``writer`` (:func:`gptq_writer`) decides
+    how v1 zero points are read (:func:`zero_points`).
     """
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits} is not supported; valid: {list(SUPPORTED_BITS)}")
     if group_size not in SUPPORTED_GROUP_SIZES:
         raise ValueError(f"group_size={group_size} is not supported; valid: {list(SUPPORTED_GROUP_SIZES)} (-1 = per channel)")
     qweight, qzeros, scales = tensors["qweight"], tensors["qzeros"], tensors["scales"]
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise ValueError(f"qweight/qzeros are {qweight.dtype}/{qzeros.dtype}: eora_ft reads GPTQ words of int32 "
+                         "(pack_dtype int32, what GPTQModel and AutoGPTQ write by default)")
     if (qweight.shape[0] * _WORD) % bits:
         raise ValueError(f"qweight has {qweight.shape[0]} rows, not a whole number of {bits}-bit codes per column")
     k, n = qweight.shape[0] * _WORD // bits, qweight.shape[1]
@@ -132,13 +198,6 @@ def layer_from_gptq(
         raise ValueError(f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not match "
                          f"[{groups}, {n}] / [{groups}, {n * bits // _WORD}] for K={k}, N={n}, group_size={group_size}")
     codes = unpack_gptq(qweight, bits, k)
-    zeros = unpack_gptq(qzeros.t(), bits, n).t() + ZERO_OFFSET[checkpoint_format]
-    if int(zeros.max()) >= 2**bits:
-        # a v1 field of 2**bits - 1 is ambiguous: the classic kernels (AutoGPTQ, ExLlama, vLLM gptq_gemm)
-        # compute with zero = 2**bits, recent GPTQModel wraps it to 0. We follow the kernels.
-        if int(zeros.max()) > 255:
-            raise ValueError("zero point 256 (v1 qzeros field 255 at 8 bits) does not fit the uint8 zero points")
-        warnings.warn(f"qzeros hold v1 fields of {2**bits - 1}: loaded as zero point {2**bits}, as GPTQ kernels "
-                      "compute it (GPTQModel reads 0 there); re-export such layers with checkpoint_format='gptq_v2'")
+    zeros = zero_points(qzeros, bits, n, checkpoint_format, writer)
     return CompressedLinear.from_codes(codes, scales, zeros, bits, group_size, tensors.get("g_idx"),
                                        tensors.get("bias"), dtype)

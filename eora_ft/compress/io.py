@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from eora_ft.utils.atomic import atomic_directory
 
-from .gptq_format import ZERO_OFFSET, gptq_tensors, layer_from_gptq
+from .gptq_format import ZERO_OFFSET, gptq_tensors, gptq_writer, layer_from_gptq
 from eora_ft.kernels.packing import pack_mask
 
 from .linear import CompressedLinear, set_module
@@ -335,13 +335,46 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files holding a checkpoint's tensors: ``model.safetensors``, the shards its index names
+    (transformers' sharded layout), or the one ``*.safetensors`` file of the directory (AutoGPTQ's
+    ``gptq_model-4bit-128g.safetensors``, named by ``model_file_base_name``)."""
     if (directory / WEIGHTS).exists():
-        return load_file(str(directory / WEIGHTS))
+        return [directory / WEIGHTS]
     if (directory / WEIGHTS_INDEX).exists():  # sharded checkpoints, as transformers writes large ones
-        shards = sorted(set(json.loads((directory / WEIGHTS_INDEX).read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(str(directory / shard)).items()}
-    raise FileNotFoundError(f"{directory} is not a GPTQ checkpoint: missing {WEIGHTS} (or {WEIGHTS_INDEX})")
+        return [directory / shard for shard in
+                sorted(set(json.loads((directory / WEIGHTS_INDEX).read_text())["weight_map"].values()))]
+    base_name = None
+    if (directory / QUANTIZE_CONFIG).exists():
+        base_name = json.loads((directory / QUANTIZE_CONFIG).read_text()).get("model_file_base_name")
+    if base_name and (directory / f"{base_name}.safetensors").exists():
+        return [directory / f"{base_name}.safetensors"]
+    found = sorted(directory.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    raise FileNotFoundError(f"{directory} holds no checkpoint weights eora_ft reads: expected {WEIGHTS}, "
+                            f"{WEIGHTS_INDEX} or a single *.safetensors file (found {[p.name for p in found]}; "
+                            "pickled .bin weights are not read)")
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return {k: v for path in weight_files(directory) for k, v in load_file(str(path)).items()}
+
+
+def gptq_module_spec(quant: dict, prefix: str) -> tuple[int, int]:
+    """``(bits, group_size)`` of the module ``prefix`` in a GPTQ ``quantization_config``: the global values, or
+    those of the first GPTQModel ``dynamic`` rule whose regex matches (``+:`` or no sign; ``-:`` rules mark
+    modules left unquantized, which hold no ``qweight``)."""
+    import re
+
+    bits, group_size = int(quant["bits"]), int(quant.get("group_size", -1))
+    for pattern, overrides in (quant.get("dynamic") or {}).items():
+        negative = pattern.startswith("-:")
+        if re.match(pattern[2:] if pattern[:2] in ("+:", "-:") else pattern, prefix):
+            if negative or not isinstance(overrides, dict):
+                break
+            return int(overrides.get("bits", bits)), int(overrides.get("group_size", group_size))
+    return bits, group_size
 
 
 def import_gptq(directory: str | os.PathLike, base_model: nn.Module | str | os.PathLike | None = None,
@@ -350,7 +383,10 @@ def import_gptq(directory: str | os.PathLike, base_model: nn.Module | str | os.P
 
     The architecture comes from the checkpoint's ``config.json``. Tensors the checkpoint lacks (e.g. it
     holds only the quantized layers) are taken from ``base_model`` (a model, or a path for
-    ``from_pretrained``). Act-order ``g_idx`` is supported (see :func:`.gptq_format.layer_from_gptq`).
+    ``from_pretrained``). Act-order ``g_idx`` is supported (see :func:`.gptq_format.layer_from_gptq`), so are
+    GPTQModel's per-module ``dynamic`` bits and group sizes (:func:`gptq_module_spec`) and AutoGPTQ's
+    ``quantize_config.json`` with a ``gptq_model-*.safetensors`` file. v1 zero points are read as the writer
+    named in ``meta.quantizer`` wrote them (:func:`.gptq_format.zero_points`: GPTQModel's word-level offset).
     """
     directory = Path(directory)
     _require(directory, [CONFIG], "GPTQ checkpoint")
@@ -365,7 +401,11 @@ def import_gptq(directory: str | os.PathLike, base_model: nn.Module | str | os.P
     fmt = str(quant.get("checkpoint_format") or quant.get("format") or "gptq").lower()
     if fmt not in ZERO_OFFSET:
         raise ValueError(f"{directory}: checkpoint_format {fmt!r} is not supported; valid: {sorted(ZERO_OFFSET)}")
-    bits, group_size = int(quant["bits"]), int(quant.get("group_size", -1))
+    pack_dtype = str(quant.get("pack_dtype", "int32")).removeprefix("torch.")
+    if pack_dtype != "int32":
+        raise ValueError(f"{directory}: pack_dtype {pack_dtype!r} is not supported; eora_ft reads GPTQ words of int32 "
+                         "(GPTQModel's and AutoGPTQ's default)")
+    writer = gptq_writer(quant)  # how v1 zero points were written (gptq_format.zero_points)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the rebuilt model is a plain one carrying CompressedLinear layers
     tensors = _read_tensors(directory)
@@ -377,7 +417,7 @@ def import_gptq(directory: str | os.PathLike, base_model: nn.Module | str | os.P
     for prefix in prefixes:
         layer_tensors = {k: tensors.pop(f"{prefix}.{k}") for k in GPTQ_KEYS if f"{prefix}.{k}" in tensors}
         try:
-            layer = layer_from_gptq(layer_tensors, bits, group_size, fmt, dtype)
+            layer = layer_from_gptq(layer_tensors, *gptq_module_spec(quant, prefix), fmt, dtype, writer=writer)
         except (KeyError, ValueError) as err:
             raise ValueError(f"{directory}: cannot import {prefix}: {err!r}") from err
         set_module(model, prefix, layer)

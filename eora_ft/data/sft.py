@@ -263,12 +263,14 @@ def _tokenize_one(example: dict, tokenizer, layout: str, completion_only: bool) 
 
 
 def tokenize_sft(dataset: datasets.Dataset, tokenizer, max_length: int | None, completion_only: bool = True,
-                 desc: str = "tokenizing") -> datasets.Dataset:
+                 desc: str = "tokenizing", num_proc: int | None = None) -> datasets.Dataset:
     """``input_ids`` and ``completion_mask`` (1 = in the loss) of every example, its first ``max_length`` tokens
     kept; an example with no loss token left is dropped (as TRL does), and a dataset left empty raises.
 
     ``completion_only=False`` puts every token in the loss (TRL with ``completion_only_loss`` /
-    ``assistant_only_loss`` off); a language-modeling dataset has every token in it either way."""
+    ``assistant_only_loss`` off); a language-modeling dataset has every token in it either way. ``num_proc``:
+    worker processes (TRL's ``dataset_num_proc``; a template without generation markers renders each
+    conversation once per assistant turn, twice)."""
     layout = detect_layout(dataset)
     if layout.startswith("conversational"):
         ensure_chat_template(tokenizer)
@@ -279,8 +281,9 @@ def tokenize_sft(dataset: datasets.Dataset, tokenizer, max_length: int | None, c
             out = {key: value[:max_length] for key, value in out.items()}
         return out
 
-    tokenized = dataset.map(tokenize, remove_columns=dataset.column_names, desc=desc)
-    kept = tokenized.filter(lambda example: 1 in example["completion_mask"], desc="dropping examples with no loss token")
+    tokenized = dataset.map(tokenize, remove_columns=dataset.column_names, desc=desc, num_proc=num_proc)
+    kept = tokenized.filter(lambda example: 1 in example["completion_mask"], desc="dropping examples with no loss token",
+                            num_proc=num_proc)
     if len(kept) < len(tokenized):
         logger.warning("%d of %d examples have no completion token within max_length=%s and are left out",
                        len(tokenized) - len(kept), len(tokenized), max_length)

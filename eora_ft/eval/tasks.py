@@ -63,12 +63,13 @@ class Task:
         held = self.load(resolve_path(eval_dataset_name or dataset_name), split=test_split, name=name, limit=eval_limit)
         return train, held, eval_dataset_name or f"{dataset_name} split {test_split}"
 
-    def training_dataset(self, items: Sequence, tokenizer, max_length: int | None,
-                         completion_only: bool = True) -> datasets.Dataset:
+    def training_dataset(self, items: Sequence, tokenizer, max_length: int | None, completion_only: bool = True,
+                         num_proc: int | None = None) -> datasets.Dataset:
         """The items as a TRL dataset (prompt/completion or text), or tokenized (``input_ids``,
-        ``completion_mask``) for a task that tokenizes itself."""
+        ``completion_mask``; ``num_proc`` workers) for a task that tokenizes itself."""
         dataset = self.sft_dataset(items)
-        return dataset if self.tokenize is None else self.tokenize(dataset, tokenizer, max_length, completion_only)
+        return dataset if self.tokenize is None else self.tokenize(dataset, tokenizer, max_length, completion_only,
+                                                                   num_proc=num_proc)
 
     def evaluate(self, model, tokenizer, items: Sequence, fewshot_pool: Sequence = (), *, batch_size: int = 32,
                  progress: bool = True, max_new_tokens: int = 256, num_fewshot: int = 5) -> dict:

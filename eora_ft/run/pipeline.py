@@ -12,6 +12,7 @@ moves one decoder layer at a time to this rank's accelerator. Recipes parse thei
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import gc
 import logging
@@ -45,8 +46,10 @@ from eora_ft.config import (
 )
 from eora_ft.data import mixed_calibration, resolve_path
 from eora_ft.data.heldout import heldout_texts
+from eora_ft.data.sft import completion_only, rendered_texts
 from eora_ft.data.task_text import task_texts
 from eora_ft.train.distributed import all_cores_while_others_wait, describe_state, full_model_init, gather_trainable
+from eora_ft.eval.harness import check_lm_eval_tasks, harness_evaluate, harness_table_metrics
 from eora_ft.eval.scoring import perplexity
 from eora_ft.train.checkpoints import agree_on_resume
 from eora_ft.train.handoff import Handoff
@@ -89,6 +92,8 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                          f"packing_strategy: wrapped (got packing={training_args.packing}, packing_strategy="
                          f"{training_args.packing_strategy!r}); without them each document is cut to max_length")
     validate_sources(task_args, compress_args, init_args)
+    # lm-eval tasks exist and their data is readable: checked before anything is loaded or compressed
+    harness_tasks = check_lm_eval_tasks(task_args.lm_eval_tasks, task_args.lm_eval_include_path, load=main)
     cache_root = Path(compress_args.cache_dir) if compress_args.cache_dir else default_cache_dir()
     check_output_dir(training_args.output_dir, "output_dir")
     check_output_dir(cache_root, "cache_dir")
@@ -105,10 +110,20 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         timings[name] = now - clock
         clock = now
 
-    train_items = task.load(resolve_path(task_args.dataset_name), split=task_args.dataset_train_split,
-                            name=task_args.dataset_config or task.hub_name, limit=task_args.train_limit)
-    train_dataset = task.sft_dataset(train_items)
+    # before the model loads: data whose columns fit no layout is refused here
+    train_items, eval_items, eval_origin = task.load_items(
+        task_args.dataset_name, task_args.eval_dataset_name, dataset_config=task_args.dataset_config,
+        train_split=task_args.dataset_train_split, test_split=task_args.dataset_test_split,
+        train_limit=task_args.train_limit, eval_limit=task_args.eval_limit,
+        eval_split_fraction=task_args.eval_split_fraction, eval_split_seed=task_args.eval_split_seed)
     tokenizer = load_tokenizer(model_args)
+    workers = training_args.dataset_num_proc
+    train_dataset = task.training_dataset(train_items, tokenizer, training_args.max_length, completion_only(
+        train_items, training_args.completion_only_loss, training_args.assistant_only_loss) if task.tokenize else True,
+        num_proc=workers)
+    # what is scored: the evaluation items, tokenized as trained for a task that tokenizes itself
+    scored_items = (task.training_dataset(eval_items, tokenizer, training_args.max_length, num_proc=workers)
+                    if task.tokenize else eval_items)
     if main:
         check_positions(AutoConfig.from_pretrained(resolve_path(model_args.model_name_or_path),
                                                    revision=model_args.model_revision),
@@ -116,16 +131,17 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                          else compress_args.calib_seq_len,
                          "ppl_window": task_args.ppl_window if task_args.ppl_dataset else None,
                          "max_length": training_args.max_length})
-    eval_source = task_args.eval_dataset_name or task_args.dataset_name
-    eval_items = task.load(resolve_path(eval_source), split=task_args.dataset_test_split,
-                           name=task_args.dataset_config or task.hub_name, limit=task_args.eval_limit)
     ppl_texts = [(text, text.read()) for text in heldout_texts(task_args.ppl_dataset)] if main else []
 
     @all_cores_while_others_wait(state)
     def evaluate(stage_model, with_perplexity: bool = True) -> dict:
-        metrics = task.evaluate(stage_model, tokenizer, eval_items, train_items, batch_size=task_args.eval_batch_size,
+        metrics = task.evaluate(stage_model, tokenizer, scored_items, train_items, batch_size=task_args.eval_batch_size,
                                 progress=progress, max_new_tokens=task_args.max_new_tokens,
                                 num_fewshot=task_args.num_fewshot)
+        if harness_tasks:  # lm-evaluation-harness itself, on this stage's in-memory model
+            metrics |= harness_evaluate(stage_model, tokenizer, harness_tasks, num_fewshot=task_args.lm_eval_num_fewshot,
+                                        limit=task_args.lm_eval_limit, batch_size=task_args.eval_batch_size,
+                                        include_path=task_args.lm_eval_include_path, progress=progress)
         for text, content in ppl_texts if with_perplexity else []:
             metrics[text.metric[0]] = perplexity(stage_model, tokenizer, content, window=task_args.ppl_window,
                                                  max_windows=task_args.ppl_max_windows, progress=progress,
@@ -157,7 +173,8 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                 stages["compressed"] = evaluate(peft_model)
             lap("eval_compressed")
             with full_model_init():  # the adapters name a base the user owns, not a cache entry
-                adapter_base = export_base(entry, output_dir / "base", tokenizer, dtype=dtype)
+                adapter_base = built.get("adapter_base") or export_base(entry, output_dir / "base", tokenizer,
+                                                                        dtype=dtype)
             save_adapter(peft_model, output_dir / ("adapter_init" if init_args.init_from_adapter
                                                    else f"{init_args.init_method}_init"), adapter_base[0])
             stages["compensated"] = evaluate(peft_model)
@@ -167,9 +184,10 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         handoff.wait("ready", "evaluate the compressed model before training")
 
     # The eval loss curve (when eval_strategy is set) uses the evaluation items in the training format.
-    eval_dataset = task.sft_dataset(eval_items) if training_args.eval_strategy != "no" else None
+    eval_dataset = scored_items if task.tokenize else task.training_dataset(eval_items, tokenizer, None) \
+        if training_args.eval_strategy != "no" else None
     check_run_memory(peft_model, training_args, state.num_processes, state.device, model_args.lora_r)
-    trainer = train_adapters(peft_model, tokenizer, train_dataset, training_args, eval_dataset)
+    trainer = train_adapters(peft_model, tokenizer, train_dataset, _trainer_args(training_args, task), eval_dataset)
     trained = gather_trainable(peft_model)  # a collective: every rank is here straight from training
     lap("train")
     if not main:  # the main process evaluates and writes alone, for longer than a collective may wait
@@ -197,16 +215,18 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
             init_label += (f", rank budget {meta['rank_budget']['spent']:,} parameters "
                            f"({meta['rank_budget']['normalisation']} errors): ranks {min(ranks)}-{max(ranks)}")
         results = {
-            "title": f"{task.name}: {compress_args.describe()} + "
+            "title": f"{task.name}: {built.get('compression', compress_args.describe())} + "
                      + (f"adapter r{meta['lora']['r']}" if init_args.init_from_adapter
                         else f"{init_args.init_method} r{model_args.lora_r}")
                      + f" on {model_args.model_name_or_path}",
             "task": task.name,
-            "metrics": [list(m) for m in task.metrics] + [list(t.metric) for t in heldout_texts(task_args.ppl_dataset)],
+            "metrics": [list(m) for m in task.metrics]
+                       + [list(row) for row in harness_table_metrics(stages.get("finetuned", {}))]
+                       + [list(t.metric) for t in heldout_texts(task_args.ppl_dataset)],
             "stages": stages,
             "summary": {
                 "model": model_args.model_name_or_path,
-                "compression": compress_args.describe(),
+                "compression": built.get("compression", compress_args.describe()),
                 "init": init_label,
                 "calibration tokens": built.get("calib_tokens", "–"),
                 "adapter calibration tokens": meta["adapter_calib_tokens"],
@@ -214,7 +234,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                 "init entry": str(entry),
                 "compressed base": str(base_directory(entry) or f"{model_args.model_name_or_path} (uncompressed)"),
                 "adapter base": f"{adapter_base[0]} ({adapter_base[1]})",
-                "train items": len(train_items), "eval items": len(eval_items),
+                "train items": len(train_items), "eval items": len(eval_items), "eval data": eval_origin,
                 "train steps": training["train steps"],
                 "trainable parameters": training["trainable parameters"],
                 "world size": state.num_processes,
@@ -227,12 +247,24 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
             "layers": meta["layers"],
             "config": run_config(task_args, compress_args, init_args, training_args, model_args),
         }
-        save_adapter(peft_model, output_dir / "adapter", adapter_base[0])
+        # conversations: the chat template trained with (eora_ft's default where the tokenizer had none) goes along
+        save_adapter(peft_model, output_dir / "adapter", adapter_base[0], tokenizer=tokenizer if task.tokenize else None)
         write_results(output_dir, results)
         write_model_card(output_dir, results)
     handoff.post("done")
     handoff.finish(state)
     return results
+
+
+def _trainer_args(training_args: EoraSFTConfig, task) -> EoraSFTConfig:
+    """``training_args`` for the Trainer: a task that tokenizes itself put its loss mask in ``completion_mask``
+    already (by ``completion_only_loss`` / ``assistant_only_loss``), which TRL applies with ``completion_only_loss``.
+    A copy: the caller's are the run's recorded config."""
+    if task.tokenize is None:
+        return training_args
+    args = copy.copy(training_args)
+    args.completion_only_loss, args.assistant_only_loss = True, False
+    return args
 
 
 def _compress_on_main(state, task_args: TaskArguments, compress_args: CompressionArguments,
@@ -242,7 +274,18 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
 
     Two cache entries: the compressed base (keyed by the compressor's inputs) and the initial adapter
     (keyed by its base, the initializer and the adapter calibration). Returns ``(init entry, what was built
-    or found, dtype)``; fills ``stages["base"]``."""
+    or found, dtype)``; fills ``stages["base"]``. With ``compressed_model_name_or_path`` the base is that
+    checkpoint, checked against the original before anything loads and imported instead of compressed
+    (:mod:`eora_ft.run.precompressed`; no compressor calibration); ``built["adapter_base"]`` then names it."""
+    from eora_ft.run.precompressed import ensure_imported_base, prepare_import
+
+    imported = base_entry = None
+    if model_args.compressed_model_name_or_path:  # compress_args become the checkpoint's own grid
+        imported, compress_args = prepare_import(model_args, compress_args, init_args)
+        # before the original loads: the imported packed model is never in host memory beside it
+        with all_cores_while_others_wait(state), full_model_init():
+            base_entry, base_built = ensure_imported_base(cache_root, imported, model_args, state.device,
+                                                          load_tokenizer(model_args))
     with full_model_init():
         tokenizer, model = load_model(model_args, state.device)
     check_model_against_config(model, model_args.lora_target_modules, compress_args, model_args.lora_r)
@@ -264,17 +307,19 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
         if compress_args.calib_task_dataset:
             calib_task = task_texts(compress_args.calib_task_format, resolve_path(compress_args.calib_task_dataset))
         else:
-            calib_task = (list(train_dataset["text"]) if "text" in train_dataset.column_names else
+            columns = train_dataset.column_names  # the task's training text, formatted as it is trained
+            calib_task = (rendered_texts(train_dataset, tokenizer) if "input_ids" in columns else
+                          list(train_dataset["text"]) if "text" in columns else
                           [p + c for p, c in zip(train_dataset["prompt"], train_dataset["completion"])])
-        calib = mixed_calibration(tokenizer, compress_args.calib_dataset, calib_task, compress_args.calib_num_samples,
-                                  compress_args.calib_seq_len, task_fraction=compress_args.calib_task_fraction,
-                                  seed=compress_args.calib_seed)
+        calib = None if imported else mixed_calibration(
+            tokenizer, compress_args.calib_dataset, calib_task, compress_args.calib_num_samples,
+            compress_args.calib_seq_len, task_fraction=compress_args.calib_task_fraction, seed=compress_args.calib_seed)
         adapter_calib = None if init_args.init_from_adapter else mixed_calibration(
             tokenizer, init_args.adapter_calib_dataset or compress_args.calib_dataset, calib_task,
             init_args.adapter_calib_num_samples or compress_args.calib_num_samples, compress_args.calib_seq_len,
             task_fraction=init_args.adapter_calib_task_fraction, seed=compress_args.calib_seed)
-    base_key = cache_key(base_key_parts(model, model_args, compress_args, calib,
-                                        resolve_path(model_args.model_name_or_path)))
+    base_key = base_entry.name if imported else cache_key(
+        base_key_parts(model, model_args, compress_args, calib, resolve_path(model_args.model_name_or_path)))
     init_key = cache_key(init_key_parts(base_key, model_args, init_args, adapter_calib, training_args.seed))
     consumed = False  # building the base compresses the loaded model in place
 
@@ -297,13 +342,16 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
     # full_model_init: building the init entry loads the compressed base, which ZeRO-3's zero.Init would
     # otherwise partition into empty shards as it is constructed (a cold cache under ZeRO-3)
     with all_cores_while_others_wait(state), full_model_init():
-        base_entry, base_built = ensure_entry(cache_root, base_key, compress)
+        if base_entry is None:  # an imported base was made before the original loaded
+            base_entry, base_built = ensure_entry(cache_root, base_key, compress)
         entry, init_built = ensure_entry(cache_root, init_key, lambda tmp: build_init(
             tmp, base_entry, original, tokenizer, adapter_calib, model_args, compress_args, init_args,
             training_args.seed, progress, execution_device=execution, activations_device=activations,
             entry=cache_root / init_key))
     built = {"base": "built" if base_built else "hit", "init": "built" if init_built else "hit",
-             "calib_tokens": read_meta(base_entry)["calib_tokens"]}
+             "calib_tokens": read_meta(base_entry)["calib_tokens"], "compression": read_meta(base_entry)["compression"]}
+    if imported:  # what the adapters name as their base: the user's checkpoint, nothing exported
+        built["adapter_base"] = (imported.name, imported.format)
     return entry, built, dtype
 
 

@@ -37,8 +37,8 @@ def check_model_directory(directory: str | os.PathLike) -> None:
     compressed = _compression_of(directory)
     if compressed:
         raise ValueError(f"model directory {directory} is already compressed ({compressed}): give the uncompressed "
-                         "model it was made from; a compressed checkpoint is read by eora-ft init / eval "
-                         "--compressed_model")
+                         "model it was made from as model_name_or_path, and this one as compressed_model_name_or_path "
+                         "(recipes) or --compressed_model (eora-ft init / eval)")
     weights = sorted(p for pattern in WEIGHT_PATTERNS for p in directory.glob(pattern))
     if not weights:
         raise FileNotFoundError(f"model directory {directory} has no weights: expected model.safetensors (or "

@@ -14,11 +14,17 @@ SFT = "recipes/configs/sft_nano_gptq2_eora.yaml"
 
 @pytest.mark.slow
 def test_sft_recipe_trains_on_conversations_and_reports_the_held_out_completion_loss(tmp_path):
+    from tests.eval.test_harness import local_task_dir
+
     out = tmp_path / "sft"
     results = launch("accelerate_configs/cpu.yaml", out, "--per_device_train_batch_size", "4", "--max_steps", "4",
-                     "--eval_strategy", "no", "--cache_dir", str(tmp_path / "cache"), num_processes=1,
-                     recipe="recipes/sft.py", config=SFT)
-    assert [m[0] for m in results["metrics"]][0] == "sft/eval_loss"
+                     "--eval_strategy", "no", "--cache_dir", str(tmp_path / "cache"), "--lm_eval_tasks",
+                     "local_arc_challenge", "--lm_eval_include_path", local_task_dir(), "--lm_eval_limit", "8",
+                     num_processes=1, recipe="recipes/sft.py", config=SFT)
+    # lm-evaluation-harness ran on every stage's in-memory model; its columns follow the task's own
+    assert [m[0] for m in results["metrics"]][:3] == ["sft/eval_loss", "lm_eval/local_arc_challenge/acc",
+                                                      "lm_eval/local_arc_challenge/acc_norm"]
+    assert all(metrics["lm_eval/local_arc_challenge/n"] == 8 for metrics in results["stages"].values())
     stages = results["stages"]
     assert list(stages) == ["base", "compressed", "compensated", "finetuned"]
     losses = {stage: metrics["sft/eval_loss"] for stage, metrics in stages.items()}
@@ -33,7 +39,7 @@ def test_sft_recipe_trains_on_conversations_and_reports_the_held_out_completion_
     adapter = out / "adapter"
     assert "User: " in (adapter / "chat_template.jinja").read_text()  # the default template travels with it
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(out / "base")
-    assert "| stage | eval loss (completions) |" in (out / "results.md").read_text()
+    assert "| stage | eval loss (completions) | local_arc_challenge acc |" in (out / "results.md").read_text()
 
 
 def test_data_in_no_trl_layout_is_refused_before_the_model_loads(tmp_path, monkeypatch):
