@@ -194,6 +194,7 @@ def load_pretrained(adapter_directory: str | Path, dtype: torch.dtype = torch.fl
     from eora_ft.compress.formats import detect_format, import_model
 
     base = json.loads((Path(adapter_directory) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = _compressed_snapshot(base) or base
     try:  # only the format probe decides the branch: a broken compressed checkpoint must raise its own error
         detect_format(base)
     except (ValueError, FileNotFoundError, OSError):
@@ -203,6 +204,23 @@ def load_pretrained(adapter_directory: str | Path, dtype: torch.dtype = torch.fl
     else:
         model = import_model(base, dtype=dtype, device=device)
     return load_adapter(model, adapter_directory, is_trainable=is_trainable)
+
+
+def _compressed_snapshot(base: str) -> str | None:
+    """The local snapshot of hub id ``base`` when its config says it is compressed (GPTQ, compressed-tensors: read
+    by eora_ft's importer, as the run that trained the adapter read it), else None (a local path, or a plain model
+    that ``from_pretrained`` loads itself). With ``HF_HUB_OFFLINE=1`` the local cache answers."""
+    if os.path.exists(base) or base.count("/") != 1:
+        return None
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        config = json.loads(Path(hf_hub_download(base, "config.json")).read_text())
+    except Exception:  # not on the hub, or not cached offline: from_pretrained gives the error users know
+        return None
+    if not config.get("quantization_config"):
+        return None
+    return snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
 
 
 def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> PeftModel:

@@ -443,3 +443,29 @@ def test_a_recipe_fine_tunes_on_a_precompressed_checkpoint_and_names_it(kind, or
     with torch.no_grad():  # the adapter on the checkpoint as others load it is the model the run trained
         assert torch.equal(load_pretrained(out / "adapter")(input_ids=ids).logits,
                            load_adapter(load_compressed(entry), out / "adapter")(input_ids=ids).logits)
+
+
+def test_an_adapter_naming_a_cached_hub_checkpoint_loads_it_through_our_importer(tmp_path, monkeypatch):
+    """load_pretrained(adapter) whose base is a hub id of a compressed checkpoint: the snapshot is read by eora_ft's
+    importer (as the run that trained it did), not handed to from_pretrained."""
+    import shutil
+
+    from eora_ft.adapters.peft_bridge import build_lora_model, lora_config, save_adapter
+    from eora_ft.compress.formats import import_model
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-w4a16"
+    shutil.copytree(FIXTURE, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    torch.manual_seed(0)
+    peft_model = build_lora_model(import_model(FIXTURE), None, lora_config(4, 8, 0.0, LINEARS))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:  # a non-zero correction, so the logits tell whether it was applied
+            torch.nn.init.normal_(param, std=0.02)
+    save_adapter(peft_model, tmp_path / "adapter", "someone/tiny-w4a16")
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path / "adapter")(input_ids=ids).logits,
+                           peft_model.eval()(input_ids=ids).logits)
