@@ -47,6 +47,9 @@ class Task:
     # tokenized here (input_ids, completion_mask) for training and scoring alike
     load_splits: Callable[..., tuple] | None = None
     tokenize: Callable[..., datasets.Dataset] | None = None
+    # the held-out loss on the evaluation items' completions, formatted and tokenized as trained (what
+    # fine-tuning moves first; accuracy of a small model sits at chance)
+    scores_completion_loss: bool = False
 
     def load_items(self, dataset_name: str, eval_dataset_name: str | None = None, *, dataset_config: str | None = None,
                    train_split: str = "train", test_split: str = "validation", train_limit: int | None = None,
@@ -76,6 +79,9 @@ class Task:
         """Metrics as flat ``"<task>/<metric>"`` keys."""
         raw = self.score(model, tokenizer, items, fewshot_pool, batch_size=batch_size, progress=progress,
                          max_new_tokens=max_new_tokens, num_fewshot=num_fewshot)
+        if self.scores_completion_loss:
+            tokenized = tokenize_sft(self.sft_dataset(items), tokenizer, None, desc=f"{self.name} completions")
+            raw |= _completion_loss(model, tokenizer, tokenized, (), batch_size=batch_size, progress=progress)
         return {f"{self.name}/{key}": value for key, value in raw.items()}
 
 
@@ -107,23 +113,30 @@ def _completion_loss(model, tokenizer, items, fewshot_pool, *, batch_size, progr
 
 
 def _mc_metrics(name: str, label: str) -> tuple[tuple[str, str, str], ...]:
-    return ((f"{name}/acc", f"{label} acc", "pct"), (f"{name}/acc_norm", f"{label} acc_norm", "pct"))
+    return ((f"{name}/acc", f"{label} acc", "pct"), (f"{name}/acc_norm", f"{label} acc_norm", "pct"),
+            _loss_metric(name, label))
+
+
+def _loss_metric(name: str, label: str) -> tuple[str, str, str]:
+    return f"{name}/eval_loss", f"{label} eval loss", "loss"
 
 
 TASKS: dict[str, Task] = {
     "arc_challenge": Task("arc_challenge", load_arc, arc_sft_dataset, _multiple_choice("arc_challenge"),
                           _mc_metrics("arc_challenge", "ARC-C"), hub_name="ARC-Challenge", recipe="arc",
+                          scores_completion_loss=True,
                           bundled_train="arc/ARC-Challenge/ARC-Challenge-Train.jsonl",
                           bundled_eval="arc/ARC-Challenge/ARC-Challenge-Dev.jsonl"),
     "arc_easy": Task("arc_easy", load_arc, arc_sft_dataset, _multiple_choice("arc_easy"),
-                     _mc_metrics("arc_easy", "ARC-E"), hub_name="ARC-Easy", recipe="arc",
+                     _mc_metrics("arc_easy", "ARC-E"), hub_name="ARC-Easy", recipe="arc", scores_completion_loss=True,
                      bundled_train="arc/ARC-Easy/ARC-Easy-Train.jsonl", bundled_eval="arc/ARC-Easy/ARC-Easy-Dev.jsonl"),
     "mathqa": Task("mathqa", load_mathqa, arc_sft_dataset, _multiple_choice("mathqa"),
-                   _mc_metrics("mathqa", "MathQA"), recipe="mathqa", schema="mathqa",
+                   _mc_metrics("mathqa", "MathQA"), recipe="mathqa", schema="mathqa", scores_completion_loss=True,
                    bundled_train="mathqa/dev_head1000.json", bundled_eval="mathqa/test_head500.json"),
     "gsm8k": Task("gsm8k", load_gsm8k, gsm8k_sft_dataset, _gsm8k,
-                  (("gsm8k/strict", "GSM8K strict", "pct"), ("gsm8k/flexible", "GSM8K flexible", "pct")),
-                  hub_name="main", recipe="gsm8k", schema="gsm8k", bundled_train="gsm8k/train_head1000.jsonl",
+                  (("gsm8k/strict", "GSM8K strict", "pct"), ("gsm8k/flexible", "GSM8K flexible", "pct"),
+                   _loss_metric("gsm8k", "GSM8K")),
+                  scores_completion_loss=True, hub_name="main", recipe="gsm8k", schema="gsm8k", bundled_train="gsm8k/train_head1000.jsonl",
                   bundled_eval="gsm8k/test_head500.jsonl"),
     "text": Task("text", load_plain_text, text_sft_dataset, _no_task_metrics, (), hub_name=None, recipe="text", packed=True, schema="text",
                  bundled_train="enwiki_train/wiki_00.txt", bundled_eval="enwiki_heldout/wiki_49.txt"),

@@ -23,6 +23,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from eora_ft.run.compare_table import (
+    LOWER_IS_BETTER,
     CEILING,
     cell,
     divergences,
@@ -200,7 +201,7 @@ def comparison_markdown(comparison: dict) -> str:
         bands = {g: group_stat(comparison, g, "finetuned", key) for g in compressed_groups}
         if kind == "pct":  # every seed answers the same items: their sampling error bounds what can be told apart
             bands = {g: with_sampling_error(band, items) for g, band in bands.items()}
-        flagged[key] = inseparable(bands, lower_is_better=kind == "ppl")
+        flagged[key] = inseparable(bands, lower_is_better=kind in LOWER_IS_BETTER)
     flagged["eval_loss"] = inseparable({g: final_loss(comparison, g) for g in compressed_groups}, True)
     for label, members in groups.items():
         results = runs[members[0]]

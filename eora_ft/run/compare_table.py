@@ -60,6 +60,10 @@ def steps_to_target(comparison: dict, label: str) -> tuple[list[int | None], flo
     return steps, target[0]
 
 
+# metric kinds where lower is better (perplexity; a cross-entropy such as the held-out completion loss)
+LOWER_IS_BETTER = ("ppl", "loss")
+
+
 def inseparable(rows: dict[str, tuple[float, float] | None], lower_is_better: bool) -> set[str]:
     """Rows whose mean ± std band overlaps the best row's band (the best included when another overlaps it).
 

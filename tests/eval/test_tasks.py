@@ -71,3 +71,27 @@ def test_multiple_choice_tasks_score_on_the_nano_model(nano_model_and_tokenizer,
     metrics = task.evaluate(model, tokenizer, items, progress=False)
     assert metrics["mathqa/n"] == 8 and 0 <= metrics["mathqa/acc"] <= 1 and 0 <= metrics["mathqa/acc_norm"] <= 1
     assert DEFAULT_MODEL.endswith("nano-llama-5m")
+
+
+@pytest.mark.parametrize("name", QUESTION_TASKS)
+def test_every_question_task_reports_the_loss_on_its_held_out_completions(name, nano_model_and_tokenizer, assets_dir):
+    """``<task>/eval_loss``: the model's own cross-entropy on the gold completions (prompt masked, EOS included, as
+    TRL trains them), token-weighted over the items."""
+    import torch
+
+    model, tokenizer = nano_model_and_tokenizer
+    task = get_task(name)
+    items = task.load(str(assets_dir / "data" / BUNDLED[name][1]), limit=3)
+    metrics = task.evaluate(model, tokenizer, items, task.load(str(assets_dir / "data" / BUNDLED[name][0]), limit=5),
+                            progress=False, max_new_tokens=4, num_fewshot=1)
+    total = count = 0
+    with torch.no_grad():
+        for row in task.sft_dataset(items):
+            prompt = tokenizer(row["prompt"])["input_ids"]
+            ids = tokenizer(row["prompt"] + row["completion"] + tokenizer.eos_token)["input_ids"]
+            labels = torch.tensor([[-100] * len(prompt) + ids[len(prompt):]])
+            n = len(ids) - len(prompt)
+            total += float(model(input_ids=torch.tensor([ids]), labels=labels).loss) * n
+            count += n
+    assert (f"{name}/eval_loss", f"{task.metrics[0][1].split()[0]} eval loss", "loss") in task.metrics
+    assert metrics[f"{name}/eval_loss"] == pytest.approx(total / count, rel=1e-5)
