@@ -36,6 +36,8 @@ RANK_ALLOCATIONS = ("uniform", "budget")
 
 _ASSETS = "eora_ft/assets"
 DEFAULT_MODEL = f"{_ASSETS}/models/nano-llama-5m"
+_ARC_TRAIN = f"{_ASSETS}/data/arc/ARC-Challenge/ARC-Challenge-Train.jsonl"
+_ARC_DEV = f"{_ASSETS}/data/arc/ARC-Challenge/ARC-Challenge-Dev.jsonl"
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ACTIVATION_PLACES = ("execution", "cpu")
 UNCOMPRESSED = "none"  # compress_method of the ceiling: LoRA on the uncompressed model
@@ -83,12 +85,12 @@ class TaskArguments(ScriptArguments):
                                         "plain text, judged by held-out perplexity) or sft (your own data in TRL's "
                                         "dataset types, judged by the held-out loss on its completions)."})
     dataset_name: str | None = field(
-        default=f"{_ASSETS}/data/arc/ARC-Challenge/ARC-Challenge-Train.jsonl",
+        default=_ARC_TRAIN,
         metadata={"help": "Training data: hub id (e.g. allenai/ai2_arc) or local .json/.jsonl path (task sft: also "
                           ".parquet/.csv, or a directory of them)."},
     )
     eval_dataset_name: str | None = field(
-        default=f"{_ASSETS}/data/arc/ARC-Challenge/ARC-Challenge-Dev.jsonl",
+        default=_ARC_DEV,
         metadata={"help": "Evaluation data (hub id or local path); None = dataset_name with dataset_test_split."},
     )
     dataset_test_split: str = field(default="validation", metadata={"help": "Split evaluated when loading from the hub."})
@@ -131,6 +133,11 @@ class TaskArguments(ScriptArguments):
         from eora_ft.eval.tasks import TASKS  # the registry imports evaluation code: keep config import light
 
         check_choice(self, "task", TASKS)
+        if self.task == "sft":  # the ARC defaults are no data of yours: `--task sft --dataset_name X` holds out a share
+            if self.dataset_name == _ARC_TRAIN:
+                self.dataset_name = f"{_ASSETS}/data/{TASKS['sft'].bundled_train}"
+            if self.eval_dataset_name == _ARC_DEV:
+                self.eval_dataset_name = None
         if self.num_fewshot < 0 or self.max_new_tokens < 1:
             raise ValueError(f"num_fewshot={self.num_fewshot} must be >= 0 and max_new_tokens={self.max_new_tokens} >= 1")
         if self.ppl_window < 2:

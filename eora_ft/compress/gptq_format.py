@@ -87,17 +87,22 @@ def unpack_gptq(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
 
 
 def gptq_writer(quant: dict) -> tuple[str, tuple[int, ...] | None] | None:
-    """``(tool, version)`` of the first ``meta.quantizer`` entry of a GPTQ ``quantization_config`` (GPTQModel writes
-    ``["gptqmodel:4.0.0"]``, eora_ft ``["eora_ft:0.2.0"]``), the tool lower-cased and the version as a tuple of its
+    """``(tool, version)`` of the ``meta.quantizer`` entry of a GPTQ ``quantization_config`` that packed it: the
+    ``gptqmodel`` one when any is (transformers/optimum write ``["optimum:1.x", "gptqmodel:4.0.0"]``), else the first
+    (eora_ft writes ``["eora_ft:0.2.0"]``), the tool lower-cased and the version as a tuple of its
     leading numbers (None when it has none); None when the checkpoint does not say (AutoGPTQ)."""
     entries = (quant.get("meta") or {}).get("quantizer") if isinstance(quant.get("meta"), dict) else None
     entries = [entries] if isinstance(entries, str) else list(entries or [])
+    parsed = []
     for entry in entries:
         tool, _, version = str(entry).partition(":")
         if tool and version:
             numbers = re.match(r"\s*v?(\d+(?:\.\d+)*)", version)
-            return tool.strip().lower(), (tuple(int(x) for x in numbers.group(1).split(".")) if numbers else None)
-    return None
+            parsed.append((tool.strip().lower(),
+                           tuple(int(x) for x in numbers.group(1).split(".")) if numbers else None))
+    # transformers' GPTQConfig / optimum record ["optimum:X", "gptqmodel:Y"]: GPTQModel packed the words, its rules
+    # decide how they read back
+    return next((entry for entry in parsed if entry[0] == "gptqmodel"), parsed[0] if parsed else None)
 
 
 def zero_points(qzeros: torch.Tensor, bits: int, out_features: int, checkpoint_format: str = "gptq",

@@ -136,10 +136,16 @@ def normalise(dataset: datasets.Dataset, source: str = "dataset") -> tuple[datas
     layout = detect_layout(dataset, source)
     if layout == "conversational":
         key = "messages" if "messages" in dataset.column_names else "conversations"
-        records = [{"messages": _chatml(conversation)} for conversation in dataset[key]]
-        return datasets.Dataset.from_list(records), layout
+        if key == "messages" and "role" in dataset[0][key][0]:  # already ChatML: no copy of the data
+            return dataset.select_columns(["messages"]), layout
+        return dataset.map(lambda row: {"messages": _chatml(row[key])}, remove_columns=dataset.column_names,
+                           desc="ShareGPT -> messages"), layout
     keep = ["text"] if layout == "language_modeling" else ["prompt", "completion"]
     return dataset.select_columns(keep), layout
+
+
+def _first(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
 
 
 def load_sft_splits(dataset_name: str, dataset_config: str | None = None, train_split: str = "train",
@@ -150,7 +156,8 @@ def load_sft_splits(dataset_name: str, dataset_config: str | None = None, train_
 
     The eval examples come from ``eval_dataset_name`` when given, else from the hub dataset's ``test_split``
     when it has one, else a seeded ``eval_split_fraction`` of the training examples is held out (and never
-    trained on). ``train_limit``/``eval_limit`` keep the first N of each after the split."""
+    trained on). ``train_limit``/``eval_limit`` keep the first N of each after the split (before any conversion:
+    a 200k-conversation dataset with ``train_limit: 20000`` converts 20k)."""
     resolved = resolve_path(dataset_name)
     local = os.path.exists(resolved)
     if local or eval_dataset_name:
@@ -162,37 +169,53 @@ def load_sft_splits(dataset_name: str, dataset_config: str | None = None, train_
             raise ValueError(f"dataset {dataset_name!r} has no split {train_split!r} (dataset_train_split); its "
                              f"splits: {sorted(splits)}")
         train = splits[train_split]
-    train, layout = normalise(train, f"dataset_name {dataset_name!r}")
+    layout = detect_layout(train, f"dataset_name {dataset_name!r}")  # refused here, before any split or model
     if eval_dataset_name:
-        held, eval_layout = normalise(load_sft_source(eval_dataset_name, test_split, dataset_config),
-                                      f"eval_dataset_name {eval_dataset_name!r}")
+        held = load_sft_source(eval_dataset_name, test_split, dataset_config)
+        eval_layout = detect_layout(held, f"eval_dataset_name {eval_dataset_name!r}")
         if eval_layout != layout:
             raise ValueError(f"eval_dataset_name {eval_dataset_name!r} is {eval_layout}, the training data "
                              f"{dataset_name!r} is {layout}: give both in one layout")
         origin = f"{eval_dataset_name}"
     elif test_split and test_split in splits:
-        held, _ = normalise(splits[test_split], f"split {test_split!r} of {dataset_name!r}")
+        held = splits[test_split]
         origin = f"{dataset_name} split {test_split}"
     else:
         if len(train) < 2:
             raise ValueError(f"dataset_name {dataset_name!r} has {len(train)} example(s): too few to hold any out "
                              "for evaluation; give eval_dataset_name")
+        if splits:
+            logger.warning("dataset %r has no split %r (dataset_test_split; its splits: %s): holding out %g of %r "
+                           "for evaluation instead", dataset_name, test_split, sorted(splits), eval_split_fraction,
+                           train_split)
         parts = train.train_test_split(test_size=eval_split_fraction, seed=eval_split_seed, shuffle=True)
         train, held = parts["train"], parts["test"]
         origin = (f"{eval_split_fraction:g} of {dataset_name} held out (seed {eval_split_seed}, "
                   f"{len(held)} examples)")
-    if train_limit is not None:
-        train = train.select(range(min(train_limit, len(train))))
-    if eval_limit is not None:
-        held = held.select(range(min(eval_limit, len(held))))
+    train = normalise(_first(train, train_limit), f"dataset_name {dataset_name!r}")[0]
+    held = normalise(_first(held, eval_limit), f"the evaluation data ({origin})")[0]
     return train, held, origin
 
 
-def ensure_chat_template(tokenizer) -> bool:
-    """Give ``tokenizer`` :data:`DEFAULT_CHAT_TEMPLATE` when it has no chat template; True when it did."""
+def ensure_chat_template(tokenizer, template_path: str | None = None) -> bool:
+    """Give ``tokenizer`` the chat template of ``template_path`` (TRL's ``chat_template_path``: a Jinja file, or a
+    tokenizer directory / hub id whose template to use), else :data:`DEFAULT_CHAT_TEMPLATE` when it has none;
+    True when the template was set here. The default starts with the BOS token exactly when the tokenizer adds
+    one to plain text, so conversations begin as the model's other inputs do."""
+    if template_path:
+        path = Path(template_path).expanduser()
+        if path.is_file():
+            tokenizer.chat_template = path.read_text(encoding="utf-8")
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer.chat_template = AutoTokenizer.from_pretrained(template_path).chat_template
+        return True
     if getattr(tokenizer, "chat_template", None):
         return False
-    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    ids = tokenizer("a")["input_ids"]
+    adds_bos = tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+    tokenizer.chat_template = ("{{ bos_token }}" if adds_bos else "") + DEFAULT_CHAT_TEMPLATE
     logger.info("the tokenizer has no chat template: conversations use eora_ft's plain default (User:/Assistant: "
                 "text, no added tokens; saved with the adapter's tokenizer)")
     return True
@@ -263,9 +286,10 @@ def _tokenize_one(example: dict, tokenizer, layout: str, completion_only: bool) 
 
 
 def tokenize_sft(dataset: datasets.Dataset, tokenizer, max_length: int | None, completion_only: bool = True,
-                 desc: str = "tokenizing", num_proc: int | None = None) -> datasets.Dataset:
+                 desc: str = "tokenizing", num_proc: int | None = None,
+                 truncation_mode: str = "keep_start") -> datasets.Dataset:
     """``input_ids`` and ``completion_mask`` (1 = in the loss) of every example, its first ``max_length`` tokens
-    kept; an example with no loss token left is dropped (as TRL does), and a dataset left empty raises.
+    kept (its last with TRL's ``truncation_mode: keep_end``); an example with no loss token left is dropped (as TRL does), and a dataset left empty raises.
 
     ``completion_only=False`` puts every token in the loss (TRL with ``completion_only_loss`` /
     ``assistant_only_loss`` off); a language-modeling dataset has every token in it either way. ``num_proc``:
@@ -278,7 +302,8 @@ def tokenize_sft(dataset: datasets.Dataset, tokenizer, max_length: int | None, c
     def tokenize(example):
         out = _tokenize_one(example, tokenizer, layout, completion_only)
         if max_length is not None:
-            out = {key: value[:max_length] for key, value in out.items()}
+            cut = slice(-max_length, None) if truncation_mode == "keep_end" else slice(None, max_length)
+            out = {key: value[cut] for key, value in out.items()}
         return out
 
     tokenized = dataset.map(tokenize, remove_columns=dataset.column_names, desc=desc, num_proc=num_proc)
@@ -290,6 +315,17 @@ def tokenize_sft(dataset: datasets.Dataset, tokenizer, max_length: int | None, c
     if not len(kept):
         raise ValueError(f"no example keeps a completion token within max_length={max_length}: raise max_length")
     return kept
+
+
+def check_sft_options(args) -> None:
+    """Refuse TRL ``SFTConfig`` settings the sft task would otherwise ignore (it tokenizes here, not in TRL):
+    a ``dataset_text_field`` other than ``text``, an ``eos_token`` override."""
+    if getattr(args, "dataset_text_field", "text") != "text":
+        raise ValueError(f"dataset_text_field={args.dataset_text_field!r}: the sft task reads language-modeling "
+                         "text from a 'text' column; rename the column (datasets' rename_column) or drop the setting")
+    if getattr(args, "eos_token", None):
+        raise ValueError(f"eos_token={args.eos_token!r}: the sft task ends completions with the tokenizer's own EOS "
+                         "(the base model's embeddings are frozen: a new EOS would stay untrained); drop the setting")
 
 
 def completion_only(dataset: datasets.Dataset, completion_only_loss: bool | None, assistant_only_loss: bool) -> bool:

@@ -18,6 +18,7 @@ from eora_ft.eval.scoring import _device, _eval_mode
 # Tokens per forward pass: the logits of a batch are [tokens, vocab] in the model's dtype, 4 GB at a 128k
 # vocabulary in bf16, beside the model on the GPU.
 MAX_BATCH_TOKENS = 16384
+CHUNK_ROWS = 2048
 
 
 def completion_loss(model: torch.nn.Module, examples: Sequence[dict], batch_size: int = 32, pad_token_id: int = 0,
@@ -28,8 +29,9 @@ def completion_loss(model: torch.nn.Module, examples: Sequence[dict], batch_size
     Token ``t`` counts when ``completion_mask[t] == 1`` and ``t > 0`` (its logit comes from position ``t - 1``),
     as the Trainer's shifted labels count it. Batches hold at most ``batch_size`` examples and
     :data:`MAX_BATCH_TOKENS` padded tokens, longest first, right-padded with an attention mask; log-softmax
-    runs in fp32 on the loss positions only. Returns ``{"loss", "tokens", "examples"}`` (``loss`` is NaN with no
-    token). The Trainer's ``eval_loss`` averages per-batch means instead, so it differs slightly."""
+    runs in fp32 on the loss positions only, :data:`CHUNK_ROWS` at a time. Returns ``{"loss", "tokens",
+    "examples"}`` (``loss`` is NaN with no token). The Trainer's ``eval_loss`` averages per-batch means instead,
+    so it differs slightly."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     batches, current = [], []
     for index in order:
@@ -56,10 +58,15 @@ def completion_loss(model: torch.nn.Module, examples: Sequence[dict], batch_size
             mask[:, 0] = False  # the first token has no prediction
             logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False).logits  # [b, width, vocab]
             row_index, position = mask.nonzero(as_tuple=True)
-            selected = logits[row_index, position - 1].float()  # [n_loss_tokens, vocab]
-            nll = torch.nn.functional.cross_entropy(selected, input_ids[row_index, position], reduction="none")
-            total += nll.double().sum().cpu()  # thousands of fp32 terms: the sum in fp64
+            targets = input_ids[row_index, position]
+            # fp32 log-softmax over CHUNK_ROWS loss positions at a time: [2048, 128k] fp32 is 1 GB, beside the
+            # batch's logits, where all 16k rows at once would add 8 GB for the copy and 8 more inside the loss
+            for start in range(0, int(row_index.numel()), CHUNK_ROWS):
+                rows = slice(start, start + CHUNK_ROWS)
+                selected = logits[row_index[rows], position[rows] - 1].float()  # [chunk, vocab]
+                nll = torch.nn.functional.cross_entropy(selected, targets[rows], reduction="none")
+                total += nll.double().sum().cpu()  # thousands of fp32 terms: the sum in fp64
             count += int(row_index.numel())
-            del logits, selected
+            del logits
     loss = float(total) / count if count else math.nan
     return {"loss": loss, "tokens": count, "examples": len(examples)}

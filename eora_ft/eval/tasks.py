@@ -67,12 +67,12 @@ class Task:
         return train, held, eval_dataset_name or f"{dataset_name} split {test_split}"
 
     def training_dataset(self, items: Sequence, tokenizer, max_length: int | None, completion_only: bool = True,
-                         num_proc: int | None = None) -> datasets.Dataset:
+                         num_proc: int | None = None, truncation_mode: str = "keep_start") -> datasets.Dataset:
         """The items as a TRL dataset (prompt/completion or text), or tokenized (``input_ids``,
-        ``completion_mask``; ``num_proc`` workers) for a task that tokenizes itself."""
+        ``completion_mask``; ``num_proc`` workers, TRL's ``truncation_mode``) for a task that tokenizes itself."""
         dataset = self.sft_dataset(items)
         return dataset if self.tokenize is None else self.tokenize(dataset, tokenizer, max_length, completion_only,
-                                                                   num_proc=num_proc)
+                                                                   num_proc=num_proc, truncation_mode=truncation_mode)
 
     def evaluate(self, model, tokenizer, items: Sequence, fewshot_pool: Sequence = (), *, batch_size: int = 32,
                  progress: bool = True, max_new_tokens: int = 256, num_fewshot: int = 5) -> dict:

@@ -46,7 +46,7 @@ from eora_ft.config import (
 )
 from eora_ft.data import mixed_calibration, resolve_path
 from eora_ft.data.heldout import heldout_texts
-from eora_ft.data.sft import completion_only, rendered_texts
+from eora_ft.data.sft import check_sft_options, completion_only, ensure_chat_template, rendered_texts
 from eora_ft.data.task_text import task_texts
 from eora_ft.train.distributed import all_cores_while_others_wait, describe_state, full_model_init, gather_trainable
 from eora_ft.eval.harness import check_lm_eval_tasks, harness_evaluate, harness_table_metrics
@@ -93,7 +93,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                          f"{training_args.packing_strategy!r}); without them each document is cut to max_length")
     validate_sources(task_args, compress_args, init_args)
     # lm-eval tasks exist and their data is readable: checked before anything is loaded or compressed
-    harness_tasks = check_lm_eval_tasks(task_args.lm_eval_tasks, task_args.lm_eval_include_path, load=main)
+    harness_tasks = check_lm_eval_tasks(task_args.lm_eval_tasks, task_args.lm_eval_include_path, load=False)
     cache_root = Path(compress_args.cache_dir) if compress_args.cache_dir else default_cache_dir()
     check_output_dir(training_args.output_dir, "output_dir")
     check_output_dir(cache_root, "cache_dir")
@@ -117,12 +117,15 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         train_limit=task_args.train_limit, eval_limit=task_args.eval_limit,
         eval_split_fraction=task_args.eval_split_fraction, eval_split_seed=task_args.eval_split_seed)
     tokenizer = load_tokenizer(model_args)
-    workers = training_args.dataset_num_proc
+    if task.tokenize:  # TRL's chat_template_path: a template to train conversations with (else the tokenizer's)
+        check_sft_options(training_args)
+        ensure_chat_template(tokenizer, training_args.chat_template_path)
+    tokenizing = {"num_proc": training_args.dataset_num_proc, "truncation_mode": training_args.truncation_mode}
     train_dataset = task.training_dataset(train_items, tokenizer, training_args.max_length, completion_only(
         train_items, training_args.completion_only_loss, training_args.assistant_only_loss) if task.tokenize else True,
-        num_proc=workers)
+        **tokenizing)
     # what is scored: the evaluation items, tokenized as trained for a task that tokenizes itself
-    scored_items = (task.training_dataset(eval_items, tokenizer, training_args.max_length, num_proc=workers)
+    scored_items = (task.training_dataset(eval_items, tokenizer, training_args.max_length, **tokenizing)
                     if task.tokenize else eval_items)
     if main:
         check_positions(AutoConfig.from_pretrained(resolve_path(model_args.model_name_or_path),
@@ -151,6 +154,8 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     stages: dict[str, dict] = {}
     if main:
         with handoff.main_work("loading, evaluating and compressing the model"):
+            # the harness tasks' data (a download on a cold cache) before anything is compressed
+            check_lm_eval_tasks(task_args.lm_eval_tasks, task_args.lm_eval_include_path)
             entry, built, dtype = _compress_on_main(state, task_args, compress_args, init_args, training_args,
                                                     model_args, train_dataset, cache_root, evaluate, stages, lap,
                                                     progress)
@@ -277,7 +282,7 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
     or found, dtype)``; fills ``stages["base"]``. With ``compressed_model_name_or_path`` the base is that
     checkpoint, checked against the original before anything loads and imported instead of compressed
     (:mod:`eora_ft.run.precompressed`; no compressor calibration); ``built["adapter_base"]`` then names it."""
-    from eora_ft.run.precompressed import ensure_imported_base, prepare_import
+    from eora_ft.run.precompressed import check_same_weights, ensure_imported_base, prepare_import
 
     imported = base_entry = None
     if model_args.compressed_model_name_or_path:  # compress_args become the checkpoint's own grid
@@ -289,6 +294,8 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
     with full_model_init():
         tokenizer, model = load_model(model_args, state.device)
     check_model_against_config(model, model_args.lora_target_modules, compress_args, model_args.lora_r)
+    if imported:  # the same shapes do not make the same model (a base vs its instruction tune)
+        check_same_weights(model, imported)
     lap("load")
     if task_args.eval_base and placement(model, state.device)[0] == "streamed":
         # every forward would copy the whole model over PCIe: a 70B GSM8K evaluation outlasts main_process_timeout

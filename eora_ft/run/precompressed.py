@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import time
@@ -55,6 +56,8 @@ from eora_ft.init.sequential import find_decoder_layers, target_linears
 from eora_ft.run.artifacts import BASE_DIR
 from eora_ft.run.cache import cache_key, ensure_entry, model_fingerprint
 from eora_ft.utils.dtypes import model_dtype
+
+logger = logging.getLogger(__name__)
 
 # bump when importing a checkpoint gives other tensors than before (how a format is read): stale entries rebuild
 IMPORT_VERSION = 1
@@ -274,6 +277,40 @@ def check_pair(original: nn.Module | PretrainedConfig | str | os.PathLike, compr
                          "compressed from, which EoRA and the other initializers need for W - W_c)")
 
 
+def check_same_weights(model: nn.Module, checkpoint: Checkpoint, *, max_tensors: int = 8) -> None:
+    """Refuse a checkpoint compressed from another model with the same shapes (Llama-3-8B vs its Instruct tune):
+    the 1-D float tensors both hold (norms, biases; up to ``max_tensors``) must be the original's, cast to the
+    checkpoint's dtype, in at least 99% of their elements (a compressor copies them through; a fine-tune moves
+    them). The first that is not is named with its largest relative difference. Read from the checkpoint's
+    safetensors (``model``: the loaded original, any device)."""
+    from safetensors import safe_open
+
+    if checkpoint.format == "eora_ft":
+        files = [checkpoint.directory / "model.safetensors"]
+    else:
+        files = weight_files(checkpoint.directory)
+    mine = dict(model.named_parameters())
+    compared = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            for name in weights.keys():
+                if compared >= max_tensors or name not in mine or len(weights.get_slice(name).get_shape()) != 1:
+                    continue
+                theirs = weights.get_tensor(name)
+                if not theirs.is_floating_point() or tuple(theirs.shape) != tuple(mine[name].shape):
+                    continue
+                ours = mine[name].detach().to("cpu", theirs.dtype)
+                compared += 1
+                if (ours == theirs).float().mean() < 0.99:
+                    difference = float(((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max()
+                                        .clamp_min(1e-12)))
+                    raise ValueError(f"{_FIELD} {checkpoint.name!r} was not compressed from model_name_or_path "
+                                     f"{getattr(model.config, '_name_or_path', '')!r}: its {name} differs (largest "
+                                     f"relative difference {difference:.2e}), which a compressor copies unchanged; "
+                                     "give the exact model it was made from (a base vs an instruction-tuned release "
+                                     "has the same shapes), since EoRA and the other initializers need its W - W_c")
+
+
 def check_init_method(init_args: AdapterInitArguments, checkpoint: Checkpoint) -> None:
     """Refuse an initializer that re-compresses the weights (``loftq``, ``eora_alt``): it would replace the
     checkpoint with a base of its own (see the module docstring), naming the settings of a run that compresses
@@ -302,6 +339,11 @@ def prepare_import(model_args: EoraModelConfig, compress_args: CompressionArgume
     config = AutoConfig.from_pretrained(resolve_path(model_args.model_name_or_path), revision=model_args.model_revision)
     check_pair(config, checkpoint, model_args.lora_target_modules)
     implied = implied_compression(checkpoint.directory)
+    replaced = {key: (getattr(compress_args, key), value) for key, value in implied.items()
+                if hasattr(compress_args, key) and getattr(compress_args, key) != value}
+    if replaced:  # the checkpoint is what it is: the run's own compression fields describe nothing
+        logger.info("compression settings come from %s, not from the config: %s", checkpoint.name,
+                    ", ".join(f"{key} {new!r} (config: {old!r})" for key, (old, new) in replaced.items()))
     return checkpoint, dataclasses.replace(compress_args, **({"grid_search": False} | implied))
 
 
@@ -359,7 +401,8 @@ def imported_adapter_base(name_or_path: str) -> tuple[str, str]:
     return checkpoint.name, checkpoint.format
 
 
-__all__ = ["Checkpoint", "build_imported_base", "check_init_method", "check_pair", "describe_checkpoint",
+__all__ = ["Checkpoint", "build_imported_base", "check_init_method", "check_pair", "check_same_weights",
+           "describe_checkpoint",
            "ensure_imported_base",
            "implied_compression", "imported_adapter_base", "imported_base_key_parts", "prepare_import",
            "resolve_checkpoint"]

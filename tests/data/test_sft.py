@@ -179,3 +179,59 @@ def test_rendered_texts_are_the_trained_text(chat_tokenizer):
     text = sft.rendered_texts(tokenized, chat_tokenizer)[0]
     assert chat_tokenizer(text, add_special_tokens=False)["input_ids"] == tokenized[0]["input_ids"]
     assert torch.tensor(tokenized[0]["completion_mask"]).sum() > 0
+
+
+class _BosTokenizer:
+    """A tokenizer that puts BOS (id 1) before plain text, as Llama-2's and Mistral's do."""
+
+    bos_token_id, chat_template = 1, None
+
+    def __call__(self, text):
+        return {"input_ids": [1, 42]}
+
+
+def test_the_default_template_starts_with_bos_exactly_when_the_tokenizer_adds_it(tokenizer):
+    bos = _BosTokenizer()
+    assert sft.ensure_chat_template(bos) and bos.chat_template == "{{ bos_token }}" + sft.DEFAULT_CHAT_TEMPLATE
+    plain = AutoTokenizer.from_pretrained(NANO)  # adds no BOS to text: none in conversations either
+    sft.ensure_chat_template(plain)
+    assert plain.chat_template == sft.DEFAULT_CHAT_TEMPLATE
+
+
+def test_chat_template_path_replaces_the_tokenizers_template(tmp_path, chat_tokenizer):
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    assert sft.ensure_chat_template(chat_tokenizer, str(path))
+    assert chat_tokenizer.decode(sft.assistant_mask(chat_tokenizer, CHAT[1:3])[0]) == "[user] What is 2+2?\n[assistant] 4.\n"
+
+
+def test_keep_end_truncation_keeps_the_last_tokens(chat_tokenizer):
+    records = [{"prompt": "word " * 40, "completion": " end"}]
+    kept = sft.tokenize_sft(datasets.Dataset.from_list(records), chat_tokenizer, 4, truncation_mode="keep_end")
+    whole = sft.tokenize_sft(datasets.Dataset.from_list(records), chat_tokenizer, None)
+    assert kept[0]["input_ids"] == whole[0]["input_ids"][-4:] and kept[0]["completion_mask"][-1] == 1
+
+
+def test_trl_settings_the_task_would_ignore_are_refused():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="dataset_text_field='content'"):
+        sft.check_sft_options(SimpleNamespace(dataset_text_field="content", eos_token=None))
+    with pytest.raises(ValueError, match="eos_token='<|im_end|>'"):
+        sft.check_sft_options(SimpleNamespace(dataset_text_field="text", eos_token="<|im_end|>"))
+
+
+def test_task_sft_does_not_inherit_the_arc_defaults():
+    from eora_ft.config import parse_recipe_args
+
+    task = parse_recipe_args(["--task", "sft", "--dataset_name", "mine.jsonl"])[0]
+    assert task.dataset_name == "mine.jsonl" and task.eval_dataset_name is None
+    assert parse_recipe_args(["--task", "sft"])[0].dataset_name.endswith("sft/gsm8k_chat.jsonl")
+
+
+def test_limits_apply_before_conversion(tmp_path):
+    path = _write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": "human", "value": f"q{i}"},
+                                                                   {"from": "gpt", "value": f"a{i}"}]}
+                                               for i in range(30)])
+    train, held, _ = sft.load_sft_splits(str(path), train_limit=4, eval_limit=2)
+    assert (len(train), len(held)) == (4, 2) and train[0]["messages"][0]["role"] == "user"

@@ -62,3 +62,12 @@ def test_no_loss_token_gives_nan_and_the_model_mode_is_kept(model):
     result = completion_loss(model, [{"input_ids": [1, 2, 3], "completion_mask": [1, 0, 0]}], progress=False)
     assert math.isnan(result["loss"]) and result["tokens"] == 0 and model.training
     model.eval()
+
+
+def test_chunked_log_softmax_gives_the_same_loss(model, monkeypatch):
+    import eora_ft.eval.completion_loss as module
+
+    rows = _examples()
+    whole = completion_loss(model, rows, batch_size=7, progress=False)["loss"]
+    monkeypatch.setattr(module, "CHUNK_ROWS", 5)
+    assert completion_loss(model, rows, batch_size=7, progress=False)["loss"] == pytest.approx(whole, rel=1e-6)

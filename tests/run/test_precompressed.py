@@ -469,3 +469,20 @@ def test_an_adapter_naming_a_cached_hub_checkpoint_loads_it_through_our_importer
     with torch.no_grad():
         assert torch.equal(load_pretrained(tmp_path / "adapter")(input_ids=ids).logits,
                            peft_model.eval()(input_ids=ids).logits)
+
+
+def test_a_checkpoint_of_another_model_with_the_same_shapes_is_refused(tmp_path):
+    """A base vs its instruction tune: same shapes, other weights. The norms a compressor copies through tell."""
+    from eora_ft.run.precompressed import check_same_weights
+
+    export_gptq(_compressed(4, False), tmp_path / "g", checkpoint_format="gptq_v2")
+    checkpoint = resolve_checkpoint(str(tmp_path / "g"))
+    original = _tiny_llama()
+    check_same_weights(original, checkpoint)  # the model it was made from passes
+    tuned = _tiny_llama()
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if param.dim() == 1:
+                param.mul_(1.01)
+    with pytest.raises(ValueError, match=r"was not compressed from model_name_or_path .*norm.weight differs"):
+        check_same_weights(tuned, checkpoint)
