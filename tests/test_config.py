@@ -107,6 +107,19 @@ def test_no_arguments_parse_exactly_as_the_explicit_default_config(recipe):
             assert getattr(got, item.name) == getattr(expected, item.name), (type(got).__name__, item.name)
 
 
+def test_flags_without_config_override_the_default_config():
+    """`recipes/arc.py --output_dir X` is the demo written to X, not the dataclass defaults (3 epochs, another rank)."""
+    import runpy
+
+    from eora_ft.run.recipe import parse_recipe
+
+    default = runpy.run_path(str(ROOT / "recipes" / "arc.py"))["DEFAULT_CONFIG"]
+    flagged = parse_recipe(["--output_dir", "/tmp/elsewhere"], default, "arc")
+    explicit = parse_recipe_args(["--config", str(default)])
+    assert flagged[3].output_dir == "/tmp/elsewhere"
+    assert flagged[3].num_train_epochs == explicit[3].num_train_epochs == 2 and flagged[0] == explicit[0]
+
+
 @pytest.mark.parametrize("given,expected", [
     ([], "tensorboard"),  # the field's default when nothing names it
     (["--report_to", "none"], "none"), (["--report_to", "None"], "none"),

@@ -34,12 +34,14 @@ def log_config(objects) -> None:
 
 
 def parse_recipe(argv: list[str] | None, default_config: Path | None, recipe: str) -> tuple:
-    """The five recipe dataclasses for ``argv`` (default ``sys.argv[1:]``). With no arguments ``default_config``
-    is parsed exactly as ``--config default_config`` would be (when it exists); ``--task`` must be one of
-    ``recipe``'s tasks."""
+    """The five recipe dataclasses for ``argv`` (default ``sys.argv[1:]``). Without ``--config``, ``default_config``
+    is parsed exactly as ``--config default_config`` would be (when it exists), the flags overriding it
+    (``recipes/arc.py --output_dir X`` is the demo written to X); ``--task`` must be one of ``recipe``'s tasks."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv and default_config is not None and Path(default_config).is_file():
-        argv = ["--config", str(default_config)]  # an installed package has no recipes/configs: the field defaults
+    names_config = any(arg == "--config" or arg.startswith("--config=") for arg in argv)
+    if not names_config and default_config is not None and Path(default_config).is_file():
+        # an installed package has no recipes/configs: the field defaults
+        argv = ["--config", str(default_config), *argv]
     parsed = parse_recipe_args(argv)
     task = parsed[0].task
     allowed = sorted(name for name, entry in TASKS.items() if entry.recipe == recipe)
