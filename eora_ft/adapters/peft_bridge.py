@@ -164,7 +164,7 @@ def trainable_summary(model: nn.Module) -> dict[str, int]:
 
 
 def save_adapter(peft_model: PeftModel, directory: str | Path, base_model_name_or_path: str,
-                 move_in: dict[str, Path] | None = None, tokenizer=None) -> Path:
+                 move_in: dict[str, Path] | None = None, tokenizer=None, revision: str | None = None) -> Path:
     """``save_pretrained`` into a sibling temp dir, then swap it in whole. An existing ``directory`` is
     replaced only if it is empty or an adapter directory (holds ``adapter_config.json``).
 
@@ -173,12 +173,15 @@ def save_adapter(peft_model: PeftModel, directory: str | Path, base_model_name_o
     checkpoint, never the uncompressed model PEFT saw: a correction for ``W - W_c`` applied on top of ``W``
     would be silently wrong. ``move_in``: ``{name: directory}`` moved into the adapter directory before it is
     swapped in (a rewritten base that the adapter names as ``<directory>/<name>``). ``tokenizer``: saved beside the
-    adapter (a run on conversations: the chat template it was trained with travels with it)."""
+    adapter (a run on conversations: the chat template it was trained with travels with it). ``revision``: the
+    hub commit of a base named by hub id (PEFT's ``revision``), so a later push to that repo is not taken for it."""
     with atomic_directory(directory, lambda d: (d / "adapter_config.json").exists(), "PEFT adapter directory") as tmp:
         peft_model.save_pretrained(tmp)
         config_path = tmp / "adapter_config.json"
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = str(base_model_name_or_path)
+        if revision:
+            config["revision"] = revision
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -193,20 +196,22 @@ def load_pretrained(adapter_directory: str | Path, dtype: torch.dtype = torch.fl
     reads (eora_ft, GPTQ, compressed-tensors; detected), or a plain model (hub id or directory)."""
     from eora_ft.compress.formats import detect_format, import_model
 
-    base = json.loads((Path(adapter_directory) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base = _compressed_snapshot(base) or base
+    config = json.loads((Path(adapter_directory) / "adapter_config.json").read_text())
+    base, revision = config["base_model_name_or_path"], config.get("revision")
+    base = _compressed_snapshot(base, revision) or base
     try:  # only the format probe decides the branch: a broken compressed checkpoint must raise its own error
         detect_format(base)
     except (ValueError, FileNotFoundError, OSError):
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map={"": str(torch.device(device))})
+        model = AutoModelForCausalLM.from_pretrained(base, revision=revision, dtype=dtype,
+                                                     device_map={"": str(torch.device(device))})
     else:
         model = import_model(base, dtype=dtype, device=device)
     return load_adapter(model, adapter_directory, is_trainable=is_trainable)
 
 
-def _compressed_snapshot(base: str) -> str | None:
+def _compressed_snapshot(base: str, revision: str | None = None) -> str | None:
     """The local snapshot of hub id ``base`` when its config says it is compressed (GPTQ, compressed-tensors: read
     by eora_ft's importer, as the run that trained the adapter read it), else None (a local path, or a plain model
     that ``from_pretrained`` loads itself). With ``HF_HUB_OFFLINE=1`` the local cache answers."""
@@ -215,12 +220,13 @@ def _compressed_snapshot(base: str) -> str | None:
     from huggingface_hub import hf_hub_download, snapshot_download
 
     try:
-        config = json.loads(Path(hf_hub_download(base, "config.json")).read_text())
+        config = json.loads(Path(hf_hub_download(base, "config.json", revision=revision)).read_text())
     except Exception:  # not on the hub, or not cached offline: from_pretrained gives the error users know
         return None
     if not config.get("quantization_config"):
         return None
-    return snapshot_download(base, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    return snapshot_download(base, revision=revision,
+                             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
 
 
 def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> PeftModel:

@@ -128,7 +128,7 @@ def init_command(argv: list[str]) -> int:
     if init_args.init_from_adapter:  # an existing adapter, checked against this base and re-saved naming it
         adapter = load_adapter(load_compressed(compressed_dir), os.path.expanduser(init_args.init_from_adapter),
                                is_trainable=True)
-        save_adapter(adapter, paths.output_dir, checkpoint.name)
+        save_adapter(adapter, paths.output_dir, checkpoint.name, revision=checkpoint.commit)
         print(json.dumps({"output": paths.output_dir, "from_adapter": init_args.init_from_adapter,
                           "base": checkpoint.name}))
         return 0

@@ -181,7 +181,8 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                 adapter_base = built.get("adapter_base") or export_base(entry, output_dir / "base", tokenizer,
                                                                         dtype=dtype)
             save_adapter(peft_model, output_dir / ("adapter_init" if init_args.init_from_adapter
-                                                   else f"{init_args.init_method}_init"), adapter_base[0])
+                                                   else f"{init_args.init_method}_init"), adapter_base[0],
+                         revision=built.get("adapter_revision"))
             stages["compensated"] = evaluate(peft_model)
             lap("eval_compensated")
         handoff.post("ready")
@@ -253,7 +254,8 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
             "config": run_config(task_args, compress_args, init_args, training_args, model_args),
         }
         # conversations: the chat template trained with (eora_ft's default where the tokenizer had none) goes along
-        save_adapter(peft_model, output_dir / "adapter", adapter_base[0], tokenizer=tokenizer if task.tokenize else None)
+        save_adapter(peft_model, output_dir / "adapter", adapter_base[0], tokenizer=tokenizer if task.tokenize else None,
+                     revision=built.get("adapter_revision"))
         write_results(output_dir, results)
         write_model_card(output_dir, results)
     handoff.post("done")
@@ -359,6 +361,7 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
              "calib_tokens": read_meta(base_entry)["calib_tokens"], "compression": read_meta(base_entry)["compression"]}
     if imported:  # what the adapters name as their base: the user's checkpoint, nothing exported
         built["adapter_base"] = (imported.name, imported.format)
+        built["adapter_revision"] = imported.commit  # a hub checkpoint: the commit it was trained on
     return entry, built, dtype
 
 

@@ -464,7 +464,9 @@ def test_an_adapter_naming_a_cached_hub_checkpoint_loads_it_through_our_importer
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:  # a non-zero correction, so the logits tell whether it was applied
             torch.nn.init.normal_(param, std=0.02)
-    save_adapter(peft_model, tmp_path / "adapter", "someone/tiny-w4a16")
+    save_adapter(peft_model, tmp_path / "adapter", "someone/tiny-w4a16", revision=commit)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["revision"] == commit
+    (repo / "refs" / "main").write_text("f" * 40)  # the repo moved on: the adapter still reads its own commit
     ids = torch.tensor([[1, 5, 9, 13, 17]])
     with torch.no_grad():
         assert torch.equal(load_pretrained(tmp_path / "adapter")(input_ids=ids).logits,
