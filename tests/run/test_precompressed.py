@@ -326,8 +326,9 @@ def test_a_missing_checkpoint_is_named():
         resolve_checkpoint(str(ROOT / "eora_ft/assets/models/nano-llama-5m"))
 
 
-def test_a_hub_id_is_read_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
-    """Offline, a hub id resolves to its snapshot in the local cache; adapters name the id, not the snapshot."""
+def _cached_hub_fixture(tmp_path, monkeypatch) -> tuple[str, Path]:
+    """The llm-compressor fixture as hub repo ``someone/tiny-w4a16`` in a local Hugging Face cache under ``tmp_path``:
+    ``(commit, repo directory)``."""
     import shutil
 
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -336,6 +337,12 @@ def test_a_hub_id_is_read_from_the_local_hugging_face_cache(tmp_path, monkeypatc
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    return commit, repo
+
+
+def test_a_hub_id_is_read_from_the_local_hugging_face_cache(tmp_path, monkeypatch):
+    """Offline, a hub id resolves to its snapshot in the local cache; adapters name the id, not the snapshot."""
+    commit, repo = _cached_hub_fixture(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     checkpoint = resolve_checkpoint("someone/tiny-w4a16")
     assert checkpoint.name == "someone/tiny-w4a16" and checkpoint.commit == commit
@@ -448,17 +455,10 @@ def test_a_recipe_fine_tunes_on_a_precompressed_checkpoint_and_names_it(kind, or
 def test_an_adapter_naming_a_cached_hub_checkpoint_loads_it_through_our_importer(tmp_path, monkeypatch):
     """load_pretrained(adapter) whose base is a hub id of a compressed checkpoint: the snapshot is read by eora_ft's
     importer (as the run that trained it did), not handed to from_pretrained."""
-    import shutil
-
     from eora_ft.adapters.peft_bridge import build_lora_model, lora_config, save_adapter
     from eora_ft.compress.formats import import_model
 
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--someone--tiny-w4a16"
-    shutil.copytree(FIXTURE, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    commit, repo = _cached_hub_fixture(tmp_path, monkeypatch)
     torch.manual_seed(0)
     peft_model = build_lora_model(import_model(FIXTURE), None, lora_config(4, 8, 0.0, LINEARS))
     for name, param in peft_model.named_parameters():
