@@ -16,7 +16,10 @@
    at ranks 16, 128, 512 against the unfused path, the autotuned dequantization against 64 x 64 tiles;
 5. ``model``: two Llama-3-8B-shaped decoder layers (random bf16 weights, the model on the CPU): GPTQ 4-bit
    g128 + EoRA r16 layer by layer on the GPU, 20 bf16 training steps of the adapters, evaluation loss;
-   time and peak GPU memory per stage.
+   time and peak GPU memory per stage;
+6. ``fsdp2``: on a machine with more than one GPU, ``benchmarks/fsdp2_check.py`` on every GPU (up to 8):
+   each rank's share of the packed base under FSDP2, peak memory, and the sharded losses against one
+   unsharded process (the dry run: 2 CPU ranks over gloo).
 
 Needs only the repository and its install (no trl, datasets or deepspeed; bitsandbytes optional). Prints
 one markdown table per part and writes every number to ``--out`` (JSON).
@@ -29,6 +32,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -151,6 +155,25 @@ def run_crossover(dry_run: bool, device: str, repeats: int) -> dict:
     return result
 
 
+def run_fsdp2(dry_run: bool) -> dict:
+    """``benchmarks/fsdp2_check.py`` under torchrun on every GPU (at most 8); skipped with one GPU."""
+    gpus = 0 if dry_run else torch.cuda.device_count()
+    if not dry_run and gpus < 2:
+        return {"skipped": f"{gpus} GPU: FSDP2 shards over more than one"}
+    nproc = 2 if dry_run else min(gpus, 8)
+    env = dict(os.environ, OMP_NUM_THREADS="1") if dry_run else dict(os.environ)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "fsdp2_check.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                   "benchmarks/fsdp2_check.py", "--out", str(out)] + (["--dry-run"] if dry_run else [])
+        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode or not out.exists():
+            return {"returncode": proc.returncode or 1, "failures": proc.stderr[-4000:]}
+        report = json.loads(out.read_text())
+    return report | {"returncode": 0, "seconds_total": round(time.perf_counter() - start, 1)}
+
+
 def run_model(dry_run: bool, device: str, steps: int) -> dict:
     """Two decoder layers: compress + EoRA on the device (model on the CPU), train, evaluate."""
     from scale_bench import build_model
@@ -216,8 +239,8 @@ def run_model(dry_run: bool, device: str, steps: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (no GPU needed)")
-    parser.add_argument("--parts", nargs="+", default=["tests", "kernels", "crossover", "fixes", "model"],
-                        choices=["tests", "kernels", "crossover", "fixes", "model"])
+    parser.add_argument("--parts", nargs="+", default=["tests", "kernels", "crossover", "fixes", "model", "fsdp2"],
+                        choices=["tests", "kernels", "crossover", "fixes", "model", "fsdp2"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default=None, help="JSON file for every number")
@@ -249,6 +272,9 @@ def main() -> int:
         print(json.dumps({"fixes": report["fixes"]}, default=str), flush=True)
     if "model" in args.parts:
         report["model"] = run_model(args.dry_run, device, steps)
+    if "fsdp2" in args.parts:
+        report["fsdp2"] = run_fsdp2(args.dry_run)
+        print(json.dumps({"fsdp2": {k: v for k, v in report["fsdp2"].items() if k != "sharded"}}), flush=True)
     report["seconds"] = round(time.perf_counter() - begin, 1)
 
     print(f"\n## gpu_check: {report['device']}, torch {report['torch']}, triton {report['triton']}, {report['date']}")
@@ -275,10 +301,20 @@ def main() -> int:
         for name, row in report["model"].items():
             notes = {k: v for k, v in row.items() if k not in ("seconds", "peak_gpu_gib")}
             print(f"| {name} | {row['seconds']} | {row.get('peak_gpu_gib', '-')} | {json.dumps(notes) if notes else ''} |")
+    if "fsdp2" in report:
+        fsdp2 = report["fsdp2"]
+        if "packed_share_per_rank" in fsdp2:
+            print(f"\nFSDP2 x{fsdp2['world_size']}: packed base share per rank {fsdp2['packed_share_per_rank']}, peak GiB "
+                  f"per rank {[r['peak_gib_training'] for r in fsdp2['sharded']['ranks']]} (unsharded "
+                  f"{fsdp2['unsharded']['peak_gib']}), losses vs one process: max relative difference "
+                  f"{fsdp2['max_relative_loss_difference']:.2e}")
+        else:
+            print(f"\nFSDP2: {fsdp2}")
     print(f"\ntotal {report['seconds']} s")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1, default=str) + "\n")
-    failed_tests = report.get("tests", {}).get("returncode") not in (None, 0)
+    failed_tests = report.get("tests", {}).get("returncode") not in (None, 0) \
+        or report.get("fsdp2", {}).get("returncode") not in (None, 0)
     if "fixes" in report:
         from kernel_checks import all_ok
 

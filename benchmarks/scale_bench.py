@@ -198,7 +198,7 @@ def print_training_plan(tokens_per_gpu: int = 4 * 1024) -> None:
     from eora_ft.train.memory_plan import LAYOUTS, llama_sizes, training_memory
 
     print("\n| model, rank | GPUs | " + " | ".join(f"{layout} GB" for layout in LAYOUTS)
-          + " | of which base / activations GB |\n|---|---|---|---|---|---|")
+          + " | of which base (fsdp2 base) / activations GB |\n|---|---|" + "---|" * len(LAYOUTS) + "---|")
     for shape in ("8b", "70b"):
         hidden, heads, kv_heads, intermediate, layers = SHAPES[shape]
         for rank in (16, 128):
@@ -206,7 +206,7 @@ def print_training_plan(tokens_per_gpu: int = 4 * 1024) -> None:
             for gpus in (1, 8):
                 plans = [training_memory(sizes, layout, gpus, tokens_per_gpu) for layout in LAYOUTS]
                 print(f"| {shape}, r{rank} | {gpus} | " + " | ".join(f"{p['total']:.1f}" for p in plans)
-                      + f" | {plans[0]['base']:.1f} / {plans[0]['activations']:.1f} |")
+                      + f" | {plans[0]['base']:.1f} ({plans[-1]['base']:.1f}) / {plans[0]['activations']:.1f} |")
 
 
 def refine_plan(shape: str, samples: int = 128, seq_len: int = 2048, batch_tokens: int = 8 * 2048,

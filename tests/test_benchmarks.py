@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,6 +42,10 @@ def test_gpu_check_dry_run_runs_every_part_on_the_cpu(tmp_path):
     assert all(row["ok"] for row in fixes["ranks"].values()) and set(fixes["ranks"]) == {"16", "80", "200"}
     assert all(row["torch_bit_equal"] for row in fixes["two_four"])
     assert all(row["equal"] for row in fixes["dequant_autotune"].values())
+    fsdp2 = report["fsdp2"]  # issue #38 item 4: 2 CPU ranks; each holds half the packed base, same losses
+    assert fsdp2["returncode"] == 0 and fsdp2["world_size"] == 2, fsdp2
+    assert fsdp2["packed_share_per_rank"] == [pytest.approx(0.5, abs=0.01)] * 2
+    assert fsdp2["max_relative_loss_difference"] < 1e-5  # fp32 on both sides; only the reduction order differs
 
 
 def test_rank_budget_reports_every_option_at_equal_adapter_bytes():

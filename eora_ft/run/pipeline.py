@@ -48,7 +48,13 @@ from eora_ft.data import mixed_calibration, resolve_path
 from eora_ft.data.heldout import heldout_texts
 from eora_ft.data.sft import check_sft_options, completion_only, ensure_chat_template, rendered_texts
 from eora_ft.data.task_text import task_texts
-from eora_ft.train.distributed import all_cores_while_others_wait, describe_state, full_model_init, gather_trainable
+from eora_ft.train.distributed import (
+    all_cores_while_others_wait,
+    describe_state,
+    fsdp2_requested,
+    full_model_init,
+    gather_trainable,
+)
 from eora_ft.eval.harness import check_lm_eval_tasks, harness_evaluate, harness_table_metrics
 from eora_ft.eval.scoring import perplexity
 from eora_ft.train.checkpoints import agree_on_resume
@@ -136,8 +142,16 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                          "max_length": training_args.max_length})
     ppl_texts = [(text, text.read()) for text in heldout_texts(task_args.ppl_dataset)] if main else []
 
+    # where the trained model lives before the Trainer wraps it: under FSDP2 the CPU, from which fully_shard moves
+    # each rank's 1/N of the packed base to its GPU, one decoder layer at a time (a whole 70B base would not fit)
+    home = torch.device("cpu") if fsdp2_requested() else state.device
+
     @all_cores_while_others_wait(state)
     def evaluate(stage_model, with_perplexity: bool = True) -> dict:
+        with placed_for_inference(stage_model, state.device):  # a model at home on the CPU evaluates on the GPU
+            return _evaluate(stage_model, with_perplexity)
+
+    def _evaluate(stage_model, with_perplexity: bool) -> dict:
         metrics = task.evaluate(stage_model, tokenizer, scored_items, train_items, batch_size=task_args.eval_batch_size,
                                 progress=progress, max_new_tokens=task_args.max_new_tokens,
                                 num_fewshot=task_args.num_fewshot)
@@ -167,7 +181,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         built, dtype = {}, getattr(torch, posted["dtype"].removeprefix("torch."))
     meta = read_meta(entry)
     with full_model_init():
-        peft_model = load_artifacts(entry, dtype, state.device, attn_implementation=model_args.attn_implementation)
+        peft_model = load_artifacts(entry, dtype, home, attn_implementation=model_args.attn_implementation)
     lap("compress_and_init")
 
     output_dir = Path(training_args.output_dir)
@@ -203,10 +217,10 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
 
     with handoff.main_work("evaluating the fine-tuned model and writing the results"):
         training = training_summary(trainer)
-        if trained is not None:  # ZeRO-3 sharded the model: evaluate and save an unsharded copy
+        if trained is not None:  # ZeRO-3 or FSDP2 sharded the model: evaluate and save an unsharded copy
             release_training_state(trainer)
             del peft_model, trainer  # the last references to the engine's module and its replicated packed base
-            peft_model = _unsharded_copy(entry, dtype, state.device, trained, model_args.attn_implementation)
+            peft_model = _unsharded_copy(entry, dtype, home, trained, model_args.attn_implementation)
         stages["finetuned"] = evaluate(peft_model, with_perplexity=task_args.ppl_after_finetune)
         lap("eval_finetuned")
 
@@ -367,7 +381,7 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
 
 def _unsharded_copy(entry: Path, dtype: torch.dtype, device: torch.device, trained: dict,
                     attn_implementation: str | None = None):
-    """The entry's model with the gathered trained factors of a ZeRO-3 run copied in (main process)."""
+    """The entry's model with the gathered trained factors of a ZeRO-3 or FSDP2 run copied in (main process)."""
     with full_model_init():
         peft_model = load_artifacts(entry, dtype, device, attn_implementation=attn_implementation)
     missing = set(trained) - {n for n, p in peft_model.named_parameters() if p.requires_grad}

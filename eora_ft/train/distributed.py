@@ -5,7 +5,7 @@ Accelerate 1.15 behaviours (measured, ``../shared/PLATFORM.md``) make a multi-pr
 run N copies of a 1-process job: a ``MULTI_GPU`` launch with ``use_cpu`` gives every rank
 ``rank 0 of 1``, and so does ``--use_deepspeed``. What works is creating the process state
 ourselves, before the Trainer does (``PartialState(cpu=True)`` for DDP over gloo,
-``PartialState(backend="gloo")`` for DeepSpeed, which ``cpu=True`` would silently drop), and
+``PartialState(backend="gloo")`` for DeepSpeed and FSDP2, which ``cpu=True`` would silently drop), and
 telling the Trainer to use it (``accelerator_config.use_configured_state``).
 """
 
@@ -20,7 +20,7 @@ from typing import Iterator
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import str_to_bool
+from accelerate.utils import DistributedType, str_to_bool
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,19 @@ def deepspeed_zero_stage() -> int | None:
     if not deepspeed_requested():
         return None
     return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+
+
+def fsdp2_requested() -> bool:
+    """True when launched with an FSDP2 config (``accelerate launch`` with ``fsdp_version: 2``, e.g.
+    ``accelerate_configs/fsdp2.yaml``). FSDP1 is not supported: it cannot shard integer parameters."""
+    if not str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false")):
+        return False
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ValueError(f"FSDP_VERSION={version}: eora_ft trains under FSDP2 only (fsdp_version: 2, as in "
+                         "accelerate_configs/fsdp2.yaml); FSDP1 flattens parameters and refuses the packed integer "
+                         "codes ('Integer parameters are unsupported')")
+    return True
 
 
 def skip_deepspeed_shm_op() -> None:
@@ -61,15 +74,22 @@ def configure_cpu_process_state(timeout: timedelta | None = None) -> PartialStat
     if PartialState._shared_state:
         return PartialState()
     options = {} if timeout is None else {"timeout": timeout}
-    if deepspeed_requested():
+    if deepspeed_requested():  # cpu=True would make it a MULTI_CPU run, silently without DeepSpeed
         skip_deepspeed_shm_op()
         return PartialState(backend="gloo", **options)
-    return PartialState(cpu=True, **options)
+    state = PartialState(cpu=True, **options)
+    if fsdp2_requested() and state.distributed_type == DistributedType.MULTI_CPU:
+        # Accelerate makes a launch FSDP only from an accelerator's multi-process state (MULTI_GPU, ...), never
+        # from MULTI_CPU, and without cpu=True it gives every rank `rank 0 of 1`: the gloo group is created as for
+        # DDP, and the state the Accelerator copies is marked MULTI_GPU so that it turns it into FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    return state
 
 
 def describe_state(state: PartialState) -> str:
     """One log line: rank, world size, backend and device."""
-    kind = "deepspeed" if deepspeed_requested() else str(state.distributed_type).split(".")[-1].lower()
+    kind = "deepspeed" if deepspeed_requested() else "fsdp2" if fsdp2_requested() else \
+        str(state.distributed_type).split(".")[-1].lower()
     return (f"rank {state.process_index} of {state.num_processes} ({kind}, backend={state.backend}, "
             f"device={state.device})")
 
@@ -98,12 +118,24 @@ def is_zero3_partitioned(parameter) -> bool:
     return hasattr(parameter, "ds_id")
 
 
-def gather_trainable(model) -> dict | None:
-    """Full copies (CPU) of the trainable parameters of a ZeRO-3-sharded model, by name; None if not sharded.
+def is_fsdp2_sharded(parameter) -> bool:
+    """True for a parameter that FSDP2 (``fully_shard``) has sharded: a DTensor."""
+    from torch.distributed.tensor import DTensor
 
-    A collective: every rank must call it.
+    return isinstance(parameter, DTensor)
+
+
+def gather_trainable(model) -> dict | None:
+    """Full copies (CPU) of the trainable parameters of a ZeRO-3- or FSDP2-sharded model, by name; None if not
+    sharded.
+
+    A collective: every rank must call it. FSDP2 parameters are gathered one at a time, so a rank holds one
+    full adapter factor beside its shards at most.
     """
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if any(is_fsdp2_sharded(p) for p in params.values()):
+        return {name: (p.full_tensor() if is_fsdp2_sharded(p) else p).detach().cpu().clone()
+                for name, p in params.items()}
     if not any(is_zero3_partitioned(p) for p in params.values()):
         return None
     import deepspeed

@@ -1,9 +1,12 @@
 """Per-GPU memory of fine-tuning the adapters, by process layout, from the model's own sizes.
 
-The packed base is replicated on every GPU whatever the layout: its codes are buffers, which DDP copies and
-DeepSpeed does not partition (ZeRO-3 shards parameters only). What the layouts change is the adapters' state:
-DDP keeps fp32 weights, gradients and AdamW's two moments on every GPU (16 bytes per trainable parameter);
-ZeRO-2 shards gradients and moments over the GPUs; ZeRO-3 the weights too. Activations: with gradient
+The packed base is replicated on every GPU under DDP and DeepSpeed: its codes are buffers, which DDP copies and
+DeepSpeed does not partition (ZeRO-3 shards parameters only). FSDP2 shards it (:mod:`eora_ft.train.sharding`):
+each GPU keeps ``1/N`` of it plus what is gathered at once, two decoder layers (the one computing and the
+next, prefetched) and the LM head (Accelerate keeps it gathered from the end of the forward to the start of
+the backward). The layouts also change the adapters' state: DDP keeps fp32 weights, gradients and AdamW's
+two moments on every GPU (16 bytes per trainable parameter); ZeRO-2 shards gradients and moments over the
+GPUs; ZeRO-3 and FSDP2 the weights too. Activations: with gradient
 checkpointing each decoder layer keeps its input (``tokens x hidden``) and one layer is recomputed at a time;
 the fp32 logits of the whole batch (``tokens x vocab x 4``) come on top.
 
@@ -20,7 +23,9 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("ddp", "zero2", "zero3")
+LAYOUTS = ("ddp", "zero2", "zero3", "fsdp2")
+SHARDED_WEIGHTS = ("zero3", "fsdp2")  # layouts that shard the adapters' fp32 weights
+GATHERED_LAYERS = 2  # FSDP2: the decoder layer computing and the next one, prefetched
 ADAM_STATE_BYTES = 8  # two fp32 moments per trainable parameter
 GB = 1e9
 USABLE_SHARE = 0.9  # of a GPU's memory: the rest goes to the CUDA context, cuBLAS workspaces and fragmentation
@@ -71,12 +76,22 @@ def training_memory(sizes: ModelSizes, layout: str, world_size: int, tokens: int
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is unknown; valid: {list(LAYOUTS)}")
     shards = max(1, world_size)
-    weights = 4 * sizes.trainable / (shards if layout == "zero3" else 1)
+    weights = 4 * sizes.trainable / (shards if layout in SHARDED_WEIGHTS else 1)
     gradients = 4 * sizes.trainable / (1 if layout == "ddp" else shards)
     optimizer = ADAM_STATE_BYTES * sizes.trainable / (1 if layout == "ddp" else shards)
-    plan = {"base": sizes.base_bytes / GB, "adapter": weights / GB, "gradients": gradients / GB,
+    plan = {"base": base_per_gpu(sizes, layout, shards) / GB, "adapter": weights / GB, "gradients": gradients / GB,
             "optimizer": optimizer / GB, "activations": activation_bytes(sizes, tokens, checkpointing) / GB}
     return plan | {"total": sum(plan.values())}
+
+
+def base_per_gpu(sizes: ModelSizes, layout: str, world_size: int) -> float:
+    """Bytes of the frozen base on one GPU: all of it, or under FSDP2 its ``1/world_size`` shard plus the layers and
+    LM head gathered at once (the embedding and LM head counted as ``2 x vocab x hidden`` model-dtype values)."""
+    if layout != "fsdp2":
+        return sizes.base_bytes
+    head = sizes.vocab * sizes.hidden * sizes.dtype_bytes
+    layer = max(0, sizes.base_bytes - 2 * head) / max(1, sizes.layers)
+    return sizes.base_bytes / max(1, world_size) + min(GATHERED_LAYERS, sizes.layers) * layer + head
 
 
 def sizes_of(model: nn.Module, dtype_bytes: int) -> ModelSizes:
@@ -119,9 +134,14 @@ def check_training_memory(sizes: ModelSizes, layout: str, world_size: int, token
 
 def layout_of(training_args) -> str:
     """The run's process layout: DeepSpeed's ZeRO stage from ``training_args.deepspeed`` or from ``accelerate
-    launch``'s DeepSpeed plugin (its environment), else DDP (one process counts as DDP with one GPU)."""
+    launch``'s DeepSpeed plugin (its environment), FSDP2 from its FSDP plugin, else DDP (one process counts as
+    DDP with one GPU)."""
     import os
 
+    from eora_ft.train.distributed import fsdp2_requested
+
+    if fsdp2_requested():
+        return "fsdp2"
     stage = None
     config = getattr(training_args, "hf_deepspeed_config", None)
     if config is not None:

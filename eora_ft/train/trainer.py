@@ -16,7 +16,9 @@ from trl import SFTConfig, SFTTrainer
 from eora_ft.adapters.peft_bridge import trainable_summary
 from eora_ft.train.adapter_trainer import AdapterSFTTrainer
 from eora_ft.train.checkpoints import agree_on_resume, last_complete_checkpoint  # noqa: F401 (re-exported)
+from eora_ft.train.distributed import fsdp2_requested
 from eora_ft.train.launch import find_unused_parameters, refuse_data_parallel
+from eora_ft.train.sharding import packed_as_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ def train_adapters(model: nn.Module, tokenizer, train_dataset: datasets.Dataset,
     see is refused unless ``save_on_each_node``). Checkpoints hold the adapters, optimizer, scheduler and
     RNG/trainer state, never the packed base. ``args.ddp_find_unused_parameters`` left unset (None)
     becomes False for the Trainer unless the model has mixture-of-experts layers (``args`` is not changed).
+    Under FSDP2 the packed base becomes frozen parameters first (:mod:`eora_ft.train.sharding`), so the
+    Trainer's ``fully_shard`` shards it; the model is then sharded in place when this returns.
     """
     if args.n_gpu > 1:  # the recipes refuse this before loading anything; a caller of this function may not
         refuse_data_parallel(use_cpu=args.use_cpu)
@@ -41,6 +45,8 @@ def train_adapters(model: nn.Module, tokenizer, train_dataset: datasets.Dataset,
     # decided before the Trainer exists: a refusal here costs nothing, and every rank refuses together
     resume = agree_on_resume(PartialState(), args.output_dir, args.save_on_each_node,
                              saves_checkpoints=args.save_strategy != "no")
+    if fsdp2_requested():
+        packed_as_parameters(model)
     trainer = AdapterSFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                 processing_class=tokenizer)
     counts = trainable_summary(trainer.model)
@@ -60,11 +66,14 @@ def loss_history(trainer: SFTTrainer, key: str = "loss") -> list[dict]:
 
 
 def training_backend(trainer: SFTTrainer) -> str:
-    """What the Trainer really runs on, e.g. ``deepspeed zero-3 x2``, ``multi_cpu x2`` or ``single process``."""
+    """What the Trainer really runs on, e.g. ``deepspeed zero-3 x2``, ``fsdp2 x2``, ``multi_cpu x2`` or ``single
+    process``."""
     state = trainer.accelerator.state
     if trainer.is_deepspeed_enabled:
         stage = state.deepspeed_plugin.zero_stage
         return f"deepspeed zero-{stage} x{state.num_processes}"
+    if trainer.is_fsdp_enabled:
+        return f"fsdp{state.fsdp_plugin.fsdp_version} x{state.num_processes}"
     if state.num_processes == 1:
         return "single process"
     return f"{str(state.distributed_type).split('.')[-1].lower()} x{state.num_processes}"

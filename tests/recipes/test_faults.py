@@ -132,3 +132,28 @@ def test_deepspeed_checkpoint_killed_mid_write_resumes_to_the_uninterrupted_loss
     assert results["summary"]["training backend"] == f"deepspeed zero-{stage} x1"
     assert [e["step"] for e in results["train_loss"]] == [1, 2, 3, 4]
     assert losses(results) == pytest.approx(losses(uninterrupted), rel=1e-5)
+
+
+def test_fsdp2_checkpoint_killed_mid_write_resumes_to_the_uninterrupted_losses(tmp_path, uninterrupted):
+    """One FSDP2 rank over gloo (the environment accelerate_configs/fsdp2.yaml sets). Its checkpoints are
+    torch.distributed.checkpoint directories, each finished by a .metadata file written after the shards; the
+    kill lands before checkpoint-4's model metadata (its third write: checkpoint-2's model and optimizer are the
+    first two), so checkpoint-4 holds shards that cannot be read and no trainer_state.json."""
+    from tests.train._launch import FSDP2_ENV
+
+    env = base_env(**FSDP2_ENV, LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="2")
+    cache, out = tmp_path / "cache", tmp_path / "interrupted"
+    _killed("torch.distributed.checkpoint.filesystem:_FileSystemWriter.finish", 3, "-", _cmd(out, cache, *DS_STEPS),
+            env)
+    shards = out / "checkpoint-4" / "pytorch_model_fsdp_0"
+    assert any(shards.glob("*.distcp")) and not (shards / ".metadata").exists()
+    assert not (out / "checkpoint-4" / "trainer_state.json").exists() and not (out / "results.json").exists()
+
+    proc = run([sys.executable, *_cmd(out, cache, *DS_STEPS)], env)
+    assert "skipping" in proc.stderr and f"resuming from {out / 'checkpoint-2'}" in proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["summary"]["training backend"] == "fsdp2 x1"
+    assert [e["step"] for e in results["train_loss"]] == [1, 2, 3, 4]
+    assert losses(results) == pytest.approx(losses(uninterrupted), rel=1e-5)
+    assert results["stages"]["finetuned"] == pytest.approx(uninterrupted["stages"]["finetuned"], rel=1e-5)

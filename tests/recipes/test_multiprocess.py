@@ -5,6 +5,7 @@ than one process sums them; measured differences are ~1e-7 on the loss after 2 s
 """
 
 import pytest
+import torch
 
 from tests.recipes._runs import launch, losses
 
@@ -21,7 +22,7 @@ def one_process(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("two") / "run"
-    return launch("accelerate_configs/cpu.yaml", out, "--per_device_train_batch_size", "4")
+    return launch("accelerate_configs/cpu.yaml", out, "--per_device_train_batch_size", "4") | {"_out": out}
 
 
 def test_two_cpu_ranks_equal_one_process(one_process, two_ranks):
@@ -38,6 +39,24 @@ def test_deepspeed_zero2_two_ranks_equal_ddp(two_ranks, tmp_path):
                 num_processes=2)
     assert ds["summary"]["world size"] == 2 and ds["summary"]["training backend"] == "deepspeed zero-2 x2"
     assert losses(ds) == pytest.approx(losses(two_ranks), rel=TOLERANCE)
+
+
+def test_fsdp2_two_ranks_equal_ddp_and_save_the_same_adapter(two_ranks, tmp_path):
+    """FSDP2 shards the packed base and the adapters (tests/train/test_checkpoint_contents.py measures the
+    shards); the math is DDP's. After training the main process evaluates and saves an unsharded copy with the
+    gathered adapters: the fine-tuned metrics and the adapter file are DDP's."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    fsdp = launch("accelerate_configs/fsdp2.yaml", out, "--per_device_train_batch_size", "4", num_processes=2)
+    assert fsdp["summary"]["world size"] == 2 and fsdp["summary"]["training backend"] == "fsdp2 x2"
+    assert losses(fsdp) == pytest.approx(losses(two_ranks), rel=TOLERANCE)
+    assert fsdp["stages"]["finetuned"] == pytest.approx(two_ranks["stages"]["finetuned"], rel=TOLERANCE)
+    ours = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    theirs = load_file(str(two_ranks["_out"] / "adapter" / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        assert torch.allclose(tensor, theirs[name], rtol=TOLERANCE, atol=1e-7), name
 
 
 def test_main_only_work_outlasting_the_collective_timeout_does_not_kill_the_other_rank(tmp_path):

@@ -7,7 +7,9 @@ SPEC: ``output_dir`` (``{rank}`` is replaced by this rank's index: per-node dire
 usual RANK/WORLD_SIZE/MASTER_* variables (and ACCELERATE_USE_DEEPSPEED for DeepSpeed). The model is
 the bundled nano Llama with every decoder linear RTN-compressed to 4 bits and rank-2 PEFT adapters;
 the report holds the checkpoint it resumed from, the logged losses, the DDP wrapper's
-``find_unused_parameters``, the packed base's and the adapters' bytes, or the error that stopped the rank.
+``find_unused_parameters``, the packed base's and the adapters' bytes (and the packed bytes this rank still
+holds after training: its shards under FSDP2), the training backend, the gathered adapters of a sharded
+run, or the error that stopped the rank.
 """
 
 import json
@@ -64,7 +66,9 @@ def main(spec_path: str) -> None:
     try:
         from eora_ft.config import EoraSFTConfig
         from eora_ft.train import trainer as trainer_module
-        from eora_ft.train.distributed import full_model_init
+        from eora_ft.train.distributed import full_model_init, gather_trainable
+        from eora_ft.train.sharding import packed_bytes_here
+        from eora_ft.train.trainer import training_backend
 
         decided = []
         agree = trainer_module.agree_on_resume
@@ -83,6 +87,9 @@ def main(spec_path: str) -> None:
         outcome["losses"] = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
         outcome["find_unused_parameters"] = getattr(trainer.model_wrapped, "find_unused_parameters", None)
         outcome["args_untouched"] = args.ddp_find_unused_parameters is None
+        outcome["packed_bytes_here"] = packed_bytes_here(trainer.model)
+        outcome["training_backend"] = training_backend(trainer)
+        outcome["trained"] = {name: tensor.tolist() for name, tensor in (gather_trainable(trainer.model) or {}).items()}
     except Exception as err:  # the test asserts on the message each rank stopped with
         outcome["error"] = f"{type(err).__name__}: {err}"
         traceback.print_exc()

@@ -30,6 +30,21 @@ def test_the_layouts_shard_what_they_claim():
         training_memory(sizes, "fsdp", 8, tokens)
 
 
+def test_fsdp2_keeps_a_shard_of_the_base_plus_what_is_gathered_at_once():
+    sizes = ModelSizes(base_bytes=10**10, trainable=10**8, layers=32, hidden=4096, intermediate=14336, vocab=128256)
+    zero3, fsdp2 = (training_memory(sizes, layout, 8, 4 * 1024) for layout in ("zero3", "fsdp2"))
+    head = 128256 * 4096 * 2
+    layer = (10**10 - 2 * head) / 32
+    assert fsdp2["base"] == pytest.approx((10**10 / 8 + 2 * layer + head) / 1e9)
+    assert (fsdp2["adapter"], fsdp2["gradients"], fsdp2["optimizer"]) == \
+        pytest.approx((zero3["adapter"], zero3["gradients"], zero3["optimizer"]))
+    # the case: a 70B 4-bit base does not train on 24 GB cards replicated, and does sharded over 8
+    seventy = llama_sizes(**LLAMA_70B, bits=4, group_size=128, rank=16)
+    ddp, sharded = (training_memory(seventy, layout, 8, 4 * 1024) for layout in ("ddp", "fsdp2"))
+    assert ddp["base"] > 24 and ddp["total"] > 24
+    assert sharded["base"] < ddp["base"] / 4 and sharded["total"] < 0.9 * 24 * 2**30 / 1e9
+
+
 def test_70b_rank_128_under_ddp_is_refused_by_the_plan_with_what_fits(caplog):
     sizes = llama_sizes(**LLAMA_70B, bits=4, group_size=128, rank=128)
     assert sizes.trainable == pytest.approx(1.66e9, rel=0.01)  # the count
@@ -73,3 +88,13 @@ def test_layout_of_reads_deepspeeds_stage(monkeypatch):
 
     Args.hf_deepspeed_config = Config()
     assert layout_of(Args()) == "zero2"
+
+
+def test_layout_of_reads_an_fsdp2_launch(monkeypatch):
+    class Args:
+        hf_deepspeed_config = None
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert layout_of(Args()) == "fsdp2"
