@@ -127,6 +127,7 @@ def main() -> int:
 
     start = time.perf_counter()
     total_packed = packed_as_parameters(model)
+    # what a bf16 recipe run gets: Accelerate's policy with eora_ft's fp32 reduction (sharding.reduce_in_fp32)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else \
         MixedPrecisionPolicy()
     for name, param in model.named_parameters():  # fp32 master weights for the adapters, as Accelerate keeps them

@@ -53,6 +53,7 @@ GPU_TEST_FILES = ["tests/kernels/test_dequant_triton.py", "tests/kernels/test_fu
                   "tests/init/test_refine_memory.py", "tests/compress/test_obs_memory.py"]
 LLAMA3_8B_SHAPES = ["4096x4096", "4096x1024", "4096x14336", "14336x4096", "4096x6144", "4096x28672"]
 TARGETS = {"large_m_vs_bf16": 1.10, "large_m_vs_nf4": 1.2, "small_m_vs_bf16": 2.5}
+FSDP2_TIMEOUT_S = 600
 
 
 def run_gpu_tests(dry_run: bool) -> dict:
@@ -167,7 +168,10 @@ def run_fsdp2(dry_run: bool) -> dict:
         out = Path(tmp) / "fsdp2_check.json"
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                    "benchmarks/fsdp2_check.py", "--out", str(out)] + (["--dry-run"] if dry_run else [])
-        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        try:  # a hang in a collective must not take the whole check with it
+            proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=FSDP2_TIMEOUT_S)
+        except subprocess.TimeoutExpired as err:
+            return {"returncode": 124, "failures": f"timed out after {FSDP2_TIMEOUT_S} s: {str(err.stderr)[-3000:]}"}
         if proc.returncode or not out.exists():
             return {"returncode": proc.returncode or 1, "failures": proc.stderr[-4000:]}
         report = json.loads(out.read_text())

@@ -184,10 +184,19 @@ class CompressedLinear(nn.Module):
         return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features,
                           dtype=dtype)
 
+    def freeze_two_four(self) -> None:
+        """Decide :meth:`_is_two_four` now, for good: for a mask about to be sharded (FSDP2 gathers it into
+        fresh storage for every forward, so the cache key below would miss each time)."""
+        if self.bits is None:
+            self._two_four_frozen = self._is_two_four()
+
     def _is_two_four(self) -> bool:
         """Whether the pruned-only mask keeps exactly 2 of every 4 inputs; checked once per mask contents
         (keyed on the buffer and its version counter, which every in-place write such as
         ``load_state_dict`` bumps), since the check itself reads the whole mask and syncs a GPU."""
+        frozen = getattr(self, "_two_four_frozen", None)
+        if frozen is not None:
+            return frozen
         key = (self.keep_bits.data_ptr(), self.keep_bits._version, self.values.numel())
         cached = getattr(self, "_two_four_cache", None)
         if cached is None or cached[0] != key:

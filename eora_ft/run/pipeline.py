@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import gc
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -61,6 +62,7 @@ from eora_ft.train.checkpoints import agree_on_resume
 from eora_ft.train.handoff import Handoff
 from eora_ft.train.launch import refuse_data_parallel
 from eora_ft.train.memory_plan import check_run_memory
+from eora_ft.train.sharding import warn_host_memory
 from eora_ft.utils.model_checks import check_positions
 from eora_ft.adapters.peft_bridge import save_adapter
 from eora_ft.utils.placement import placed_for_inference, placement, streaming_note
@@ -180,6 +182,9 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         require_entry(cache_root, read_meta(entry)["base_entry"])
         built, dtype = {}, getattr(torch, posted["dtype"].removeprefix("torch."))
     meta = read_meta(entry)
+    if fsdp2_requested() and state.is_local_main_process and base_directory(entry) is not None:
+        warn_host_memory(sum(f.stat().st_size for f in base_directory(entry).glob("*.safetensors")),
+                         int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)))
     with full_model_init():
         peft_model = load_artifacts(entry, dtype, home, attn_implementation=model_args.attn_implementation)
     lap("compress_and_init")
@@ -211,6 +216,13 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     trained = gather_trainable(peft_model)  # a collective: every rank is here straight from training
     lap("train")
     if not main:  # the main process evaluates and writes alone, for longer than a collective may wait
+        # this rank's model, shards and optimizer state go first: the main process may spread its evaluation
+        # over this GPU (a 70B base on 24-48 GB cards), and a comparison's next run loads its own
+        release_training_state(trainer)
+        del peft_model, trainer, trained
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         handoff.wait("done", "evaluate the fine-tuned model and write the results")
         handoff.finish(state)
         return {}

@@ -5,7 +5,8 @@ Accelerate 1.15 behaviours (measured, ``../shared/PLATFORM.md``) make a multi-pr
 run N copies of a 1-process job: a ``MULTI_GPU`` launch with ``use_cpu`` gives every rank
 ``rank 0 of 1``, and so does ``--use_deepspeed``. What works is creating the process state
 ourselves, before the Trainer does (``PartialState(cpu=True)`` for DDP over gloo,
-``PartialState(backend="gloo")`` for DeepSpeed and FSDP2, which ``cpu=True`` would silently drop), and
+``PartialState(backend="gloo")`` for DeepSpeed, which ``cpu=True`` would silently drop; ``cpu=True`` for FSDP2,
+its state then marked MULTI_GPU so that Accelerate turns it into FSDP), and
 telling the Trainer to use it (``accelerator_config.use_configured_state``).
 """
 

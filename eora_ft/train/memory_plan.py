@@ -2,9 +2,11 @@
 
 The packed base is replicated on every GPU under DDP and DeepSpeed: its codes are buffers, which DDP copies and
 DeepSpeed does not partition (ZeRO-3 shards parameters only). FSDP2 shards it (:mod:`eora_ft.train.sharding`):
-each GPU keeps ``1/N`` of it plus what is gathered at once, two decoder layers (the one computing and the
-next, prefetched) and the LM head (Accelerate keeps it gathered from the end of the forward to the start of
-the backward). The layouts also change the adapters' state: DDP keeps fp32 weights, gradients and AdamW's
+each GPU keeps ``1/N`` of it plus what is gathered at once, three decoder layers' worth (the one computing,
+the next one prefetched, and its flat all-gather buffer) and the LM head (Accelerate keeps it gathered from
+the end of the forward to the start of the backward). Every layout also holds one dequantized weight at a
+time (the largest, ``hidden x intermediate`` in the compute dtype: the shared scratch buffer). These are
+estimates: allocator fragmentation and the CUDA context come on top (the warning leaves 10% for them). The layouts also change the adapters' state: DDP keeps fp32 weights, gradients and AdamW's
 two moments on every GPU (16 bytes per trainable parameter); ZeRO-2 shards gradients and moments over the
 GPUs; ZeRO-3 and FSDP2 the weights too. Activations: with gradient
 checkpointing each decoder layer keeps its input (``tokens x hidden``) and one layer is recomputed at a time;
@@ -25,7 +27,9 @@ logger = logging.getLogger(__name__)
 
 LAYOUTS = ("ddp", "zero2", "zero3", "fsdp2")
 SHARDED_WEIGHTS = ("zero3", "fsdp2")  # layouts that shard the adapters' fp32 weights
-GATHERED_LAYERS = 2  # FSDP2: the decoder layer computing and the next one, prefetched
+# FSDP2: the decoder layer computing, the next one being prefetched, and that one's flat all-gather buffer (it
+# exists beside the per-parameter copies while they are copied out)
+GATHERED_LAYERS = 3
 ADAM_STATE_BYTES = 8  # two fp32 moments per trainable parameter
 GB = 1e9
 USABLE_SHARE = 0.9  # of a GPU's memory: the rest goes to the CUDA context, cuBLAS workspaces and fragmentation
@@ -72,7 +76,8 @@ def activation_bytes(sizes: ModelSizes, tokens: int, checkpointing: bool) -> int
 
 def training_memory(sizes: ModelSizes, layout: str, world_size: int, tokens: int,
                     checkpointing: bool = True) -> dict[str, float]:
-    """GB per GPU: ``base``, ``adapter`` (fp32 weights), ``gradients``, ``optimizer``, ``activations``, ``total``."""
+    """GB per GPU: ``base``, ``adapter`` (fp32 weights), ``gradients``, ``optimizer``, ``activations``,
+    ``dequantized`` (the one dense weight in flight), ``total``."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is unknown; valid: {list(LAYOUTS)}")
     shards = max(1, world_size)
@@ -80,7 +85,8 @@ def training_memory(sizes: ModelSizes, layout: str, world_size: int, tokens: int
     gradients = 4 * sizes.trainable / (1 if layout == "ddp" else shards)
     optimizer = ADAM_STATE_BYTES * sizes.trainable / (1 if layout == "ddp" else shards)
     plan = {"base": base_per_gpu(sizes, layout, shards) / GB, "adapter": weights / GB, "gradients": gradients / GB,
-            "optimizer": optimizer / GB, "activations": activation_bytes(sizes, tokens, checkpointing) / GB}
+            "optimizer": optimizer / GB, "activations": activation_bytes(sizes, tokens, checkpointing) / GB,
+            "dequantized": sizes.hidden * sizes.intermediate * sizes.dtype_bytes / GB}
     return plan | {"total": sum(plan.values())}
 
 

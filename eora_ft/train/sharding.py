@@ -17,8 +17,11 @@ buffer: it is small and every rank needs it whole.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 
+import torch
 from torch import nn
 
 from eora_ft.compress.linear import CompressedLinear
@@ -39,6 +42,8 @@ def packed_as_parameters(model: nn.Module) -> int:
             tensor = module._buffers.get(name)
             if tensor is None:
                 continue
+            if name == "keep_bits":  # decided once, here: FSDP2 re-allocates the gathered mask on every forward
+                module.freeze_two_four()
             del module._buffers[name]
             module._non_persistent_buffers_set.discard(name)
             module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
@@ -63,3 +68,45 @@ def packed_bytes_here(model: nn.Module) -> int:
                 local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
                 total += local.numel() * local.element_size()
     return total
+
+
+def fsdp2_training_args(args):
+    """A copy of the Trainer's ``args`` for FSDP2: gradients reduce-scattered after every micro-batch
+    (``sync_each_batch``), so accumulation adds into the sharded fp32 gradients; without it FSDP2 keeps each
+    factor's whole unsharded gradient between micro-batches, in the compute dtype."""
+    args = copy.copy(args)
+    kwargs = dict(args.accelerator_config.gradient_accumulation_kwargs or {}, sync_each_batch=True)
+    args.accelerator_config = dataclasses.replace(args.accelerator_config, gradient_accumulation_kwargs=kwargs)
+    return args
+
+
+def reduce_in_fp32(trainer) -> None:
+    """Under bf16/fp16 mixed precision Accelerate gives FSDP2 ``reduce_dtype`` = the compute dtype: gradients
+    would be averaged over the ranks in bf16. Keep the compute dtype for the gathered weights and reduce in fp32
+    (DDP's precision). Call after the Trainer exists and before it trains (the policy is read when the model is
+    wrapped)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin = trainer.accelerator.state.fsdp_plugin
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if policy is None or policy.param_dtype in (None, torch.float32) or policy.reduce_dtype == torch.float32:
+        return
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=torch.float32,
+                                                         output_dtype=policy.output_dtype,
+                                                         cast_forward_inputs=policy.cast_forward_inputs)
+    logger.info("FSDP2 mixed precision: weights gathered in %s, gradients reduced in fp32", policy.param_dtype)
+
+
+def warn_host_memory(model_bytes: int, local_processes: int) -> bool:
+    """Before every rank of a node loads the base onto its CPU (FSDP2): warn when ``local_processes`` copies of
+    ``model_bytes`` exceed the host memory available now. Returns whether it warned."""
+    import psutil
+
+    need, available = model_bytes * local_processes, psutil.virtual_memory().available
+    if need <= available:
+        return False
+    logger.warning("FSDP2: each of the %d processes on this node reads the base (%.1f GB) onto its CPU before "
+                   "fully_shard moves its 1/%d to its GPU: %.1f GB in all, %.1f GB available. Use fewer processes "
+                   "per node, or a node with more host memory", local_processes, model_bytes / 1e9, local_processes,
+                   need / 1e9, available / 1e9)
+    return True

@@ -18,7 +18,7 @@ from eora_ft.train.adapter_trainer import AdapterSFTTrainer
 from eora_ft.train.checkpoints import agree_on_resume, last_complete_checkpoint  # noqa: F401 (re-exported)
 from eora_ft.train.distributed import fsdp2_requested
 from eora_ft.train.launch import find_unused_parameters, refuse_data_parallel
-from eora_ft.train.sharding import packed_as_parameters
+from eora_ft.train.sharding import fsdp2_training_args, packed_as_parameters, reduce_in_fp32
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ def train_adapters(model: nn.Module, tokenizer, train_dataset: datasets.Dataset,
     RNG/trainer state, never the packed base. ``args.ddp_find_unused_parameters`` left unset (None)
     becomes False for the Trainer unless the model has mixture-of-experts layers (``args`` is not changed).
     Under FSDP2 the packed base becomes frozen parameters first (:mod:`eora_ft.train.sharding`), so the
-    Trainer's ``fully_shard`` shards it; the model is then sharded in place when this returns.
+    Trainer's ``fully_shard`` shards it (the model is sharded in place when this returns); gradients are
+    reduce-scattered after every micro-batch and, under mixed precision, in fp32.
     """
     if args.n_gpu > 1:  # the recipes refuse this before loading anything; a caller of this function may not
         refuse_data_parallel(use_cpu=args.use_cpu)
@@ -45,10 +46,14 @@ def train_adapters(model: nn.Module, tokenizer, train_dataset: datasets.Dataset,
     # decided before the Trainer exists: a refusal here costs nothing, and every rank refuses together
     resume = agree_on_resume(PartialState(), args.output_dir, args.save_on_each_node,
                              saves_checkpoints=args.save_strategy != "no")
-    if fsdp2_requested():
+    sharded = fsdp2_requested()
+    if sharded:
         packed_as_parameters(model)
+        args = fsdp2_training_args(args)
     trainer = AdapterSFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                                 processing_class=tokenizer)
+    if sharded:
+        reduce_in_fp32(trainer)
     counts = trainable_summary(trainer.model)
     logger.info("trainable parameters: %d of %d (%.3f%%): LoRA adapters only",
                 counts["trainable"], counts["total"], 100 * counts["trainable"] / counts["total"])

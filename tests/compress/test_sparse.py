@@ -119,3 +119,20 @@ def test_pruned_only_layers_tell_two_four_from_unstructured_and_rebuild_bit_for_
     two_four.load_state_dict(unstructured.state_dict())  # same sizes (half kept), no longer 2:4
     assert not two_four._is_two_four()
     assert torch.equal(two_four.dequantize(), unstructured.dequantize())
+
+
+def test_a_frozen_two_four_decision_survives_new_mask_storage():
+    """FSDP2 gathers a sharded mask into fresh storage for every forward: the 2:4 decision is made once before
+    sharding (sharding.packed_as_parameters) and the layer keeps computing the same weight."""
+    from eora_ft.compress import CompressedLinear, SparseWeight
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.zeros(8, 4, 4, dtype=torch.bool)
+    mask[:, :, :2] = True
+    mask = mask.reshape(8, 16)
+    layer = SparseWeight(torch.randn(8, 16, generator=g) * mask, mask).to_module(None, torch.float32)
+    assert isinstance(layer, CompressedLinear) and layer._is_two_four()
+    before = layer.dequantize()
+    layer.freeze_two_four()
+    layer.keep_bits = layer.keep_bits.clone()  # new storage, as each FSDP2 gather gives
+    assert layer._is_two_four() and torch.equal(layer.dequantize(), before)

@@ -35,7 +35,7 @@ def test_fsdp2_keeps_a_shard_of_the_base_plus_what_is_gathered_at_once():
     zero3, fsdp2 = (training_memory(sizes, layout, 8, 4 * 1024) for layout in ("zero3", "fsdp2"))
     head = 128256 * 4096 * 2
     layer = (10**10 - 2 * head) / 32
-    assert fsdp2["base"] == pytest.approx((10**10 / 8 + 2 * layer + head) / 1e9)
+    assert fsdp2["base"] == pytest.approx((10**10 / 8 + 3 * layer + head) / 1e9)
     assert (fsdp2["adapter"], fsdp2["gradients"], fsdp2["optimizer"]) == \
         pytest.approx((zero3["adapter"], zero3["gradients"], zero3["optimizer"]))
     # the case: a 70B 4-bit base does not train on 24 GB cards replicated, and does sharded over 8

@@ -58,6 +58,8 @@ def test_packed_tensors_become_frozen_parameters_under_the_same_names():
     for layer in layers:
         assert not any(name in dict(layer.named_buffers()) for name in PACKED_TENSORS)
         assert all(not p.requires_grad for p in layer.parameters())
+    pruned = model.base_model.model.model.layers[0].self_attn.o_proj.base_layer
+    assert pruned._two_four_frozen is True  # decided before sharding: gathered masks get new storage each time
     act_order = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert dict(act_order.named_buffers())["perm"] is act_order.perm  # small, every rank needs it whole
     with only_trainable_in_state_dict(model):  # checkpoints: the adapters only, whatever holds the codes
@@ -121,3 +123,40 @@ def test_fsdp2_bf16_mixed_precision_casts_the_scales_and_leaves_the_integer_code
     assert proc.returncode == 0, proc.stderr[-3000:]
     relative = float(proc.stdout.split("RELATIVE")[-1])
     assert relative < 2e-2, relative  # bf16 rounding of activations and weights (8 bits): ~1e-2 at most
+
+
+def test_a_node_without_host_memory_for_every_ranks_copy_is_warned(caplog):
+    import psutil
+
+    from eora_ft.train.sharding import warn_host_memory
+
+    available = psutil.virtual_memory().available
+    with caplog.at_level("WARNING", logger="eora_ft.train.sharding"):
+        assert not warn_host_memory(1 << 20, 8)
+        assert warn_host_memory(available // 2, 8)
+    assert len(caplog.records) == 1 and "8 processes" in caplog.messages[0] and "GB available" in caplog.messages[0]
+
+
+def test_sync_each_batch_and_fp32_reduction_under_fsdp2(tmp_path):
+    """Gradient accumulation adds into the fp32 shards (not bf16 unsharded copies), and the ranks average
+    gradients in fp32 where Accelerate would use the compute dtype."""
+    from types import SimpleNamespace
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from eora_ft.config import EoraSFTConfig
+    from eora_ft.train.sharding import fsdp2_training_args, reduce_in_fp32
+
+    args = EoraSFTConfig(output_dir=str(tmp_path), report_to="none")
+    sharded = fsdp2_training_args(args)
+    assert sharded.accelerator_config.gradient_accumulation_kwargs["sync_each_batch"] is True
+    assert not (args.accelerator_config.gradient_accumulation_kwargs or {}).get("sync_each_batch")  # a copy
+    plugin = SimpleNamespace(mixed_precision_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                                         reduce_dtype=torch.bfloat16))
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)))
+    reduce_in_fp32(trainer)
+    assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16
+    assert plugin.mixed_precision_policy.reduce_dtype == torch.float32
+    plugin.mixed_precision_policy = MixedPrecisionPolicy()  # fp32 training: nothing to change
+    reduce_in_fp32(trainer)
+    assert plugin.mixed_precision_policy.reduce_dtype is None
