@@ -13,6 +13,7 @@ activations. The model is loaded on the CPU and one decoder layer at a time is c
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 
 from eora_ft.compress import COMPRESSORS, USES_BITS, make_compressor
@@ -23,6 +24,8 @@ from eora_ft.init.sequential import compress_model
 from eora_ft.utils.placement import default_device
 
 from .arguments import LegacyFlag, LegacyFlags, dashed, fields_of, parse_command, split_commas
+
+logger = logging.getLogger("eora_ft")
 
 COMPRESSION_FIELDS = ["compress_method", "bits", "group_size", "sym", "grid_search", "damp_percent", "act_order",
                       "true_sequential", "sparsity", "calib_dataset", "calib_num_samples", "calib_seq_len",
@@ -83,6 +86,7 @@ def error_table(rows: list[dict]) -> str:
 
 def compress_command(argv: list[str]) -> int:
     """Validate everything, load, calibrate, compress, print the error table, save atomically."""
+    from eora_ft.init.coverage import compression_coverage
     from eora_ft.init.sequential import find_decoder_layers, target_linears
     from eora_ft.run.inputs import check_model_against_config, check_output_dir, load_model, require_source
     from eora_ft.utils.model_checks import check_positions
@@ -104,6 +108,9 @@ def compress_command(argv: list[str]) -> int:
     execution, activations = options.placement(default_device())  # the model stays on the CPU
     tokenizer, model = load_model(model_args, execution)
     check_model_against_config(model, targets, options)
+    coverage = compression_coverage(model, targets)
+    if coverage.warning():  # before the calibration: a mixture-of-experts model is barely compressed
+        logger.warning("%s", coverage.warning())
     check_positions(model.config, {"calib_seq_len": options.calib_seq_len})
     if output.format == "gptq":  # the layout packs 32 codes per run along K and N: check before compressing
         for name, linear in target_linears(find_decoder_layers(model)[1][0], targets).items():
@@ -124,5 +131,6 @@ def compress_command(argv: list[str]) -> int:
               "seconds": round(result.seconds, 2), "layers": result.layers}
     path = WRITERS[output.format](model, output.output_dir, tokenizer=tokenizer, compression_config=config)
     print(json.dumps({"output": str(path), "method": options.describe(), "seconds": round(result.seconds, 2),
+                      "decoder_weights_compressed": coverage.summary(),
                       "calibration_tokens": result.calib_tokens}))
     return 0

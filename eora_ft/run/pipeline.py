@@ -68,6 +68,7 @@ from eora_ft.adapters.peft_bridge import save_adapter
 from eora_ft.utils.placement import placed_for_inference, placement, streaming_note
 from eora_ft.run.report import write_model_card, write_results
 from eora_ft.eval.tasks import get_task
+from eora_ft.init.coverage import compression_coverage
 from eora_ft.train.trainer import divergence, release_training_state, train_adapters, training_summary
 
 logger = logging.getLogger("eora_ft")
@@ -259,6 +260,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
             "summary": {
                 "model": model_args.model_name_or_path,
                 "compression": built.get("compression", compress_args.describe()),
+                "decoder weights compressed": built.get("decoder weights compressed", "–"),
                 "init": init_label,
                 "calibration tokens": built.get("calib_tokens", "–"),
                 "adapter calibration tokens": meta["adapter_calib_tokens"],
@@ -322,6 +324,9 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
     with full_model_init():
         tokenizer, model = load_model(model_args, state.device)
     check_model_against_config(model, model_args.lora_target_modules, compress_args, model_args.lora_r)
+    coverage = compression_coverage(model, model_args.lora_target_modules)
+    if compress_args.compress_method != UNCOMPRESSED and coverage.warning():  # said before any compression
+        logger.warning("%s", coverage.warning())
     if imported:  # the same shapes do not make the same model (a base vs its instruction tune)
         check_same_weights(model, imported)
     lap("load")
@@ -384,6 +389,7 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
             training_args.seed, progress, execution_device=execution, activations_device=activations,
             entry=cache_root / init_key))
     built = {"base": "built" if base_built else "hit", "init": "built" if init_built else "hit",
+             "decoder weights compressed": "0.0%" if uncompressed else coverage.summary(),
              "calib_tokens": read_meta(base_entry)["calib_tokens"], "compression": read_meta(base_entry)["compression"]}
     if imported:  # what the adapters name as their base: the user's checkpoint, nothing exported
         built["adapter_base"] = (imported.name, imported.format)

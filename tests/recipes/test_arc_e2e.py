@@ -51,6 +51,7 @@ def test_two_step_run(tmp_path):
     summary = results["summary"]
     assert summary["calibration tokens"] == 8 * 128 and summary["adapter calibration tokens"] == 8 * 128
     assert summary["train steps"] == 2 and results["divergence"] is None
+    assert summary["decoder weights compressed"] == "100.0%"  # every decoder matrix is a target linear
 
     for adapter in ("adapter", "eora_init"):
         assert (out / adapter / "adapter_config.json").exists() and (out / adapter / "adapter_model.safetensors").exists()
