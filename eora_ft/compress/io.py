@@ -240,12 +240,18 @@ def load_compressed(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
     layers as :class:`CompressedLinear`, float tensors in ``dtype``; ``model.compression_config`` holds the
     metadata. The tensors are read straight onto ``device``; nothing dense is built on the way.
     ``attn_implementation`` (``sdpa``, ``flash_attention_2``, ...; None = transformers' default) as in
-    ``from_pretrained``."""
+    ``from_pretrained``. ``device="meta"``: nothing is read; parameters and saved buffers stay on the meta
+    device, the buffers that are not saved (rotary frequencies) are computed on the CPU."""
     directory = Path(directory)
     meta, version = read_compression_config(directory)
     modules = meta["modules"]
     device = torch.device(device)
     model = _build_model(AutoConfig.from_pretrained(directory), dtype, attn_implementation)
+    if device.type == "meta" and version >= 2 and not any(spec.get("kind") == "nf4" for spec in modules.values()):
+        # the architecture only (FSDP2's CPU-RAM-efficient loading: the main process broadcasts the weights)
+        for path, spec in modules.items():
+            set_module(model, path, compressed_shell(spec, dtype))
+        return _finish(model, directory, meta)
     # safetensors names devices "cpu" or "cuda:N" ("cpu:0", as accelerate reports it, is refused)
     state = load_file(str(directory / WEIGHTS), device="cpu" if device.type == "cpu" else str(device))
     for path, spec in modules.items():

@@ -187,7 +187,7 @@ class CompressedLinear(nn.Module):
     def freeze_two_four(self) -> None:
         """Decide :meth:`_is_two_four` now, for good: for a mask about to be sharded (FSDP2 gathers it into
         fresh storage for every forward, so the cache key below would miss each time)."""
-        if self.bits is None:
+        if self.bits is None and not self.keep_bits.is_meta:  # a meta shell: its weights come later, unchecked
             self._two_four_frozen = self._is_two_four()
 
     def _is_two_four(self) -> bool:

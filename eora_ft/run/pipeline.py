@@ -52,6 +52,7 @@ from eora_ft.data.task_text import task_texts
 from eora_ft.train.distributed import (
     all_cores_while_others_wait,
     describe_state,
+    fsdp2_broadcasts_weights,
     fsdp2_requested,
     full_model_init,
     gather_trainable,
@@ -145,9 +146,6 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                          "max_length": training_args.max_length})
     ppl_texts = [(text, text.read()) for text in heldout_texts(task_args.ppl_dataset)] if main else []
 
-    # where the trained model lives before the Trainer wraps it: under FSDP2 the CPU, from which fully_shard moves
-    # each rank's 1/N of the packed base to its GPU, one decoder layer at a time (a whole 70B base would not fit)
-    home = torch.device("cpu") if fsdp2_requested() else state.device
 
     @all_cores_while_others_wait(state)
     def evaluate(stage_model, with_perplexity: bool = True) -> dict:
@@ -183,9 +181,13 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         require_entry(cache_root, read_meta(entry)["base_entry"])
         built, dtype = {}, getattr(torch, posted["dtype"].removeprefix("torch."))
     meta = read_meta(entry)
+    home = _training_home(state, entry)
+    if home.type == "meta":
+        logger.info("FSDP2: this rank builds the model on the meta device and reads no weights; the main process "
+                    "broadcasts them as the Trainer shards the model")
     if fsdp2_requested() and state.is_local_main_process and base_directory(entry) is not None:
         warn_host_memory(sum(f.stat().st_size for f in base_directory(entry).glob("*.safetensors")),
-                         int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)))
+                         1 if fsdp2_broadcasts_weights() else int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)))
     with full_model_init():
         peft_model = load_artifacts(entry, dtype, home, attn_implementation=model_args.attn_implementation)
     lap("compress_and_init")
@@ -289,6 +291,20 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     handoff.post("done")
     handoff.finish(state)
     return results
+
+
+def _training_home(state: PartialState, entry: Path) -> torch.device:
+    """Where this rank loads the model it trains. DDP and DeepSpeed: its device. FSDP2: the CPU, from which
+    ``fully_shard`` moves this rank's 1/N of the packed base to its GPU one decoder layer at a time (a whole 70B
+    base would not fit); with ``fsdp_cpu_ram_efficient_loading`` the ranks other than the main one build the
+    architecture on the meta device and read nothing (Accelerate broadcasts the main process's weights as it
+    shards), so the node's host holds one packed copy instead of one per rank. The uncompressed ceiling is read
+    by every rank (``from_pretrained`` builds no meta model here)."""
+    if not fsdp2_requested():
+        return state.device
+    if not state.is_main_process and fsdp2_broadcasts_weights() and base_directory(entry) is not None:
+        return torch.device("meta")
+    return torch.device("cpu")
 
 
 def _trainer_args(training_args: EoraSFTConfig, task) -> EoraSFTConfig:

@@ -51,6 +51,12 @@ def fsdp2_requested() -> bool:
     return True
 
 
+def fsdp2_broadcasts_weights() -> bool:
+    """True under an FSDP2 launch with ``fsdp_cpu_ram_efficient_loading``: Accelerate broadcasts the main
+    process's weights to the other ranks' meta-device models as it shards them (the shipped fsdp2.yaml)."""
+    return fsdp2_requested() and bool(str_to_bool(os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")))
+
+
 def skip_deepspeed_shm_op() -> None:
     """Stop DeepSpeed from JIT-building its shared-memory CPU op (~100 s, only a speed-up for CPU all-reduce).
 

@@ -433,3 +433,17 @@ def test_export_reads_the_recorded_compressor_options(tmp_path):
     assert config["true_sequential"] is True and config["meta"]["true_sequential"] is True  # what the run did
     plain = export_gptq(load_compressed(save_compressed(model, tmp_path / "m2", {"method": "gptq"})), tmp_path / "g2")
     assert json.loads((plain / "config.json").read_text())["quantization_config"]["true_sequential"] is False
+
+
+def test_a_meta_load_builds_the_architecture_and_reads_no_weights(tmp_path):
+    """What FSDP2's other ranks build (the main process broadcasts the weights): every parameter and saved buffer
+    on the meta device, the same names and shapes as a real load, the rotary frequencies computed on the CPU."""
+    directory = save_compressed(_tiny_model(), tmp_path / "m", {})
+    real, shell = load_compressed(directory), load_compressed(directory, device="meta")
+    real_state, shell_state = real.state_dict(), shell.state_dict()
+    assert list(shell_state) == list(real_state)
+    assert all(shell_state[k].shape == real_state[k].shape and shell_state[k].dtype == real_state[k].dtype
+               and shell_state[k].is_meta for k in real_state)
+    unsaved = {n: b for n, b in shell.named_buffers() if n not in shell_state}
+    assert unsaved and all(b.device.type == "cpu" for b in unsaved.values())  # rotary inv_freq
+    assert all(torch.equal(b, dict(real.named_buffers())[n]) for n, b in unsaved.items())

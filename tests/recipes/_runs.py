@@ -40,7 +40,8 @@ def run(cmd: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedPr
 
 def launch(config_file: str, out: Path, *flags: str, num_processes: int | None = None,
            recipe: str = "recipes/arc.py", config: str = DEMO, **env) -> dict:
-    """``accelerate launch --config_file ... recipe --config ... --output_dir out ...``; returns results.json."""
+    """``accelerate launch --config_file ... recipe --config ... --output_dir out ...``; returns results.json, with
+    what every rank logged under ``_log``."""
     cmd = [str(ACCELERATE), "launch", "--config_file", config_file, "--main_process_port", str(free_port())]
     if num_processes is not None:
         cmd += ["--num_processes", str(num_processes)]
@@ -48,8 +49,8 @@ def launch(config_file: str, out: Path, *flags: str, num_processes: int | None =
     # 2 cores: ranks x threads must not exceed them (PLATFORM.md: 2 ranks x 2 threads is 30x slower), and
     # accelerate keeps an OMP_NUM_THREADS it inherits (CI exports 2)
     env.setdefault("OMP_NUM_THREADS", "2" if num_processes == 1 else "1")
-    run(cmd, base_env(**env))
-    return json.loads((out / "results.json").read_text())
+    proc = run(cmd, base_env(**env))
+    return json.loads((out / "results.json").read_text()) | {"_log": proc.stdout + proc.stderr}
 
 
 def losses(results: dict) -> list[float]:

@@ -50,6 +50,8 @@ def test_fsdp2_two_ranks_equal_ddp_and_save_the_same_adapter(two_ranks, tmp_path
     out = tmp_path / "run"
     fsdp = launch("accelerate_configs/fsdp2.yaml", out, "--per_device_train_batch_size", "4", num_processes=2)
     assert fsdp["summary"]["world size"] == 2 and fsdp["summary"]["training backend"] == "fsdp2 x2"
+    # fsdp2.yaml's CPU-RAM-efficient loading: rank 1 read no weights, the main process's were broadcast
+    assert fsdp["_log"].count("this rank builds the model on the meta device") == 1
     assert losses(fsdp) == pytest.approx(losses(two_ranks), rel=TOLERANCE)
     assert fsdp["stages"]["finetuned"] == pytest.approx(two_ranks["stages"]["finetuned"], rel=TOLERANCE)
     ours = load_file(str(out / "adapter" / "adapter_model.safetensors"))

@@ -12,7 +12,7 @@ WORKER = Path(__file__).with_name("_train_worker.py")
 # what `accelerate launch` sets from accelerate_configs/fsdp2.yaml (tests/train/test_fsdp2.py checks it still does)
 FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
              "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
-             "FSDP_CPU_RAM_EFFICIENT_LOADING": "false", "FSDP_OFFLOAD_PARAMS": "false",
+             "FSDP_CPU_RAM_EFFICIENT_LOADING": "true", "FSDP_OFFLOAD_PARAMS": "false",
              "FSDP_ACTIVATION_CHECKPOINTING": "false"}
 
 
