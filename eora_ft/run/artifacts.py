@@ -226,15 +226,24 @@ def load_artifacts(init_entry: Path, dtype: torch.dtype, device: torch.device | 
     """The base of ``init_entry`` on ``device`` with its initial adapter (a PEFT model; LoRA trainable).
 
     The uncompressed ceiling's base is read straight onto ``device`` (every rank loads it: a CPU copy per
-    rank first would be 8 x 16 GB of host memory for an 8B model on 8 GPUs)."""
+    rank first would be 8 x 16 GB of host memory for an 8B model on 8 GPUs). ``device="meta"``: the
+    architecture only, nothing read (FSDP2's other ranks; the main process's weights are broadcast)."""
     base = base_directory(init_entry)
     if base is None:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         source = _uncompressed(init_entry.parent / json.loads((init_entry / META).read_text())["base_entry"])
-        model = AutoModelForCausalLM.from_pretrained(source["model"], revision=source["revision"], dtype=dtype,
-                                                     device_map={"": str(torch.device(device))},
-                                                     attn_implementation=attn_implementation)
+        if torch.device(device).type == "meta":  # rotary frequencies (not saved) still computed on the CPU
+            from accelerate import init_empty_weights
+
+            config = AutoConfig.from_pretrained(source["model"], revision=source["revision"])
+            with torch.device("cpu"), init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+            model.tie_weights()  # as from_pretrained leaves it: one head tensor under two names
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source["model"], revision=source["revision"], dtype=dtype,
+                                                         device_map={"": str(torch.device(device))},
+                                                         attn_implementation=attn_implementation)
     else:
         model = load_compressed(base, dtype=dtype, device=device, attn_implementation=attn_implementation)
     return load_adapter(model, init_entry / INIT_DIR, is_trainable=trainable)

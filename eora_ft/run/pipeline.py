@@ -298,11 +298,10 @@ def _training_home(state: PartialState, entry: Path) -> torch.device:
     ``fully_shard`` moves this rank's 1/N of the packed base to its GPU one decoder layer at a time (a whole 70B
     base would not fit); with ``fsdp_cpu_ram_efficient_loading`` the ranks other than the main one build the
     architecture on the meta device and read nothing (Accelerate broadcasts the main process's weights as it
-    shards), so the node's host holds one packed copy instead of one per rank. The uncompressed ceiling is read
-    by every rank (``from_pretrained`` builds no meta model here)."""
+    shards), so the node's host holds one copy instead of one per rank (the uncompressed ceiling's too)."""
     if not fsdp2_requested():
         return state.device
-    if not state.is_main_process and fsdp2_broadcasts_weights() and base_directory(entry) is not None:
+    if not state.is_main_process and fsdp2_broadcasts_weights():
         return torch.device("meta")
     return torch.device("cpu")
 

@@ -61,6 +61,18 @@ def test_fsdp2_two_ranks_equal_ddp_and_save_the_same_adapter(two_ranks, tmp_path
         assert torch.allclose(tensor, theirs[name], rtol=TOLERANCE, atol=1e-7), name
 
 
+def test_a_comparison_with_its_uncompressed_ceiling_runs_under_fsdp2(tmp_path):
+    """Several trainings in one process under FSDP2, the dense ceiling among them: rank 1 builds each model on the
+    meta device (the ceiling too: its tied head must stay tied there), the main process's weights are broadcast."""
+    comparison = launch("accelerate_configs/fsdp2.yaml", tmp_path / "cmp", "--inits", "qlora", "--seeds", "0",
+                        "--ceiling", "true", "--per_device_train_batch_size", "4", "--cache_dir", str(tmp_path / "cache"),
+                        num_processes=2, recipe="recipes/compare.py", config="recipes/configs/compare_arc_nano_gptq2.yaml")
+    assert sorted(comparison["runs"]) == ["lora", "qlora"]
+    assert all(run["summary"]["training backend"] == "fsdp2 x2" for run in comparison["runs"].values())
+    assert comparison["_log"].count("this rank builds the model on the meta device") == 2
+    assert comparison["runs"]["lora"]["summary"]["decoder weights compressed"] == "0.0%"
+
+
 def test_main_only_work_outlasting_the_collective_timeout_does_not_kill_the_other_rank(tmp_path):
     """Rank 1 waits on a file while rank 0 loads, evaluates and compresses (fresh cache), with every
     collective bounded by ddp_timeout as NCCL's watchdog bounds it on GPUs; a rank waiting in a barrier
