@@ -20,6 +20,7 @@ import os
 import time
 from pathlib import Path
 
+import accelerate
 import torch
 import transformers
 from accelerate import PartialState
@@ -52,10 +53,12 @@ from eora_ft.data.task_text import task_texts
 from eora_ft.train.distributed import (
     all_cores_while_others_wait,
     describe_state,
+    META_MODELS_ACCELERATE,
     fsdp2_broadcasts_weights,
     fsdp2_requested,
     full_model_init,
     gather_trainable,
+    meta_models_supported,
 )
 from eora_ft.eval.harness import check_lm_eval_tasks, harness_evaluate, harness_table_metrics
 from eora_ft.eval.scoring import perplexity
@@ -187,7 +190,8 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                     "broadcasts them as the Trainer shards the model")
     if fsdp2_requested() and state.is_local_main_process and base_directory(entry) is not None:
         warn_host_memory(sum(f.stat().st_size for f in base_directory(entry).glob("*.safetensors")),
-                         1 if fsdp2_broadcasts_weights() else int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)))
+                         1 if fsdp2_broadcasts_weights() and meta_models_supported()
+                         else int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)))
     with full_model_init():
         peft_model = load_artifacts(entry, dtype, home, attn_implementation=model_args.attn_implementation)
     lap("compress_and_init")
@@ -302,7 +306,12 @@ def _training_home(state: PartialState, entry: Path) -> torch.device:
     if not fsdp2_requested():
         return state.device
     if not state.is_main_process and fsdp2_broadcasts_weights():
-        return torch.device("meta")
+        if meta_models_supported():
+            return torch.device("meta")
+        logger.warning("FSDP2: accelerate %s binds the optimizer of a model built on the meta device to the wrong "
+                       "parameters (fixed in %s): this rank reads its own copy of the weights instead (host memory: "
+                       "one copy per rank). Upgrade accelerate to load them once per node", accelerate.__version__,
+                       META_MODELS_ACCELERATE)
     return torch.device("cpu")
 
 

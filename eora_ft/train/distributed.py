@@ -57,6 +57,19 @@ def fsdp2_broadcasts_weights() -> bool:
     return fsdp2_requested() and bool(str_to_bool(os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")))
 
 
+# the first Accelerate whose FSDP2 optimizer swap keys meta-device parameters by identity: before it, parameters
+# built on the meta device all share data_ptr 0 and the optimizer is silently bound to the wrong shards
+META_MODELS_ACCELERATE = "1.16.0"
+
+
+def meta_models_supported() -> bool:
+    """Whether ranks may build their model on the meta device for FSDP2 (Accelerate >= 1.16.0)."""
+    import accelerate
+    from packaging.version import Version
+
+    return Version(accelerate.__version__) >= Version(META_MODELS_ACCELERATE)
+
+
 def skip_deepspeed_shm_op() -> None:
     """Stop DeepSpeed from JIT-building its shared-memory CPU op (~100 s, only a speed-up for CPU all-reduce).
 

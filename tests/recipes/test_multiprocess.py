@@ -7,6 +7,7 @@ than one process sums them; measured differences are ~1e-7 on the loss after 2 s
 import pytest
 import torch
 
+from eora_ft.train.distributed import meta_models_supported
 from tests.recipes._runs import launch, losses
 
 pytestmark = pytest.mark.slow
@@ -50,8 +51,9 @@ def test_fsdp2_two_ranks_equal_ddp_and_save_the_same_adapter(two_ranks, tmp_path
     out = tmp_path / "run"
     fsdp = launch("accelerate_configs/fsdp2.yaml", out, "--per_device_train_batch_size", "4", num_processes=2)
     assert fsdp["summary"]["world size"] == 2 and fsdp["summary"]["training backend"] == "fsdp2 x2"
-    # fsdp2.yaml's CPU-RAM-efficient loading: rank 1 read no weights, the main process's were broadcast
-    assert fsdp["_log"].count("this rank builds the model on the meta device") == 1
+    # fsdp2.yaml's CPU-RAM-efficient loading: rank 1 read no weights, the main process's were broadcast (an
+    # Accelerate that would bind its optimizer to the wrong meta parameters: rank 1 reads its own copy)
+    assert fsdp["_log"].count("this rank builds the model on the meta device") == int(meta_models_supported())
     assert losses(fsdp) == pytest.approx(losses(two_ranks), rel=TOLERANCE)
     assert fsdp["stages"]["finetuned"] == pytest.approx(two_ranks["stages"]["finetuned"], rel=TOLERANCE)
     ours = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -69,7 +71,7 @@ def test_a_comparison_with_its_uncompressed_ceiling_runs_under_fsdp2(tmp_path):
                         num_processes=2, recipe="recipes/compare.py", config="recipes/configs/compare_arc_nano_gptq2.yaml")
     assert sorted(comparison["runs"]) == ["lora", "qlora"]
     assert all(run["summary"]["training backend"] == "fsdp2 x2" for run in comparison["runs"].values())
-    assert comparison["_log"].count("this rank builds the model on the meta device") == 2
+    assert comparison["_log"].count("this rank builds the model on the meta device") == 2 * meta_models_supported()
     assert comparison["runs"]["lora"]["summary"]["decoder weights compressed"] == "0.0%"
 
 
