@@ -22,6 +22,7 @@ from trl import ModelConfig, ScriptArguments, SFTConfig, TrlParser
 from eora_ft.compress import COMPRESSORS, USES_BITS, USES_SPARSITY, PruneSpec
 from eora_ft.compress.nf4 import NF4_NEEDS, nf4_available
 from eora_ft.compress.quantizer import QuantSpec
+from eora_ft.compress.recompress import RECOMPRESS_METHODS as MERGE_METHODS
 from eora_ft.init.sequential import CAPTURE_MODES
 from eora_ft.data.heldout import DEFAULT_PPL_DATASETS, heldout_texts
 from eora_ft.data.task_text import TASK_TEXT_FORMATS
@@ -41,6 +42,7 @@ _ARC_DEV = f"{_ASSETS}/data/arc/ARC-Challenge/ARC-Challenge-Dev.jsonl"
 LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ACTIVATION_PLACES = ("execution", "cpu")
 UNCOMPRESSED = "none"  # compress_method of the ceiling: LoRA on the uncompressed model
+MERGE_FORMATS = ("auto", "eora_ft", "gptq", "compressed-tensors")  # auto: the base's own (compress.formats.WRITERS)
 
 
 def check_range(owner, name: str, low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -201,6 +203,16 @@ class CompressionArguments:
         metadata={"help": "Artifact cache (compressed base + initial adapter, keyed by content); "
                           "None = $EORA_FT_CACHE or ~/.cache/eora_ft."},
     )
+    merge: bool = field(default=False, metadata={
+        "help": "After training, fold the adapter into the compressed base (eora-ft merge) into output_dir/merged."})
+    merge_method: str = field(default="recompress", metadata={
+        "help": "recompress: W_c + s B A re-quantized by GPTQ onto the base's own grid on the adapted model's "
+                "activations (2:4 masks kept); regrid: the same with fresh grids; round: the naive merge onto the "
+                "base's grid, no data (for comparison)."})
+    merge_residual_rank: int = field(default=0, metadata={
+        "help": "k > 0: also an EoRA adapter of rank k for what the merge lost, W' - Q(W'), beside the merged base."})
+    merge_format: str = field(default="auto", metadata={
+        "help": "Format of the merged base: auto (the base's own), eora_ft, gptq or compressed-tensors."})
 
     def __post_init__(self) -> None:
         check_numbers(self)
@@ -223,6 +235,19 @@ class CompressionArguments:
         if self.act_order and self.compress_method != "gptq":
             raise ValueError(f"act_order=True is a GPTQ option; compress_method={self.compress_method!r} does not use it")
         check_choice(self, "calib_task_format", TASK_TEXT_FORMATS)
+        check_choice(self, "merge_method", MERGE_METHODS)
+        check_choice(self, "merge_format", MERGE_FORMATS)
+        check_range(self, "merge_residual_rank", 0)
+        if self.merge and self.compress_method in (UNCOMPRESSED, "nf4"):
+            raise ValueError(f"merge=True folds the adapter into integer or 2:4 storage; compress_method="
+                             f"{self.compress_method!r} has none (an adapter over an uncompressed or NF4 base merges "
+                             "with PEFT's merge_and_unload())")
+        if self.merge and self.merge_format in ("gptq", "compressed-tensors") and self.compress_method not in USES_BITS:
+            raise ValueError(f"merge_format={self.merge_format!r} holds integer codes; compress_method="
+                             f"{self.compress_method!r} prunes without quantizing: use merge_format eora_ft or auto")
+        if self.merge and self.merge_format == "compressed-tensors" and not self.sym:
+            raise ValueError("merge_format='compressed-tensors' loads in transformers for symmetric grids only: set "
+                             "sym: true, or use merge_format gptq or eora_ft")
         if not 0.0 <= self.calib_task_fraction <= 1.0:
             raise ValueError(f"calib_task_fraction={self.calib_task_fraction} must lie in [0, 1]")
         check_choice(self, "calib_activations_device", ACTIVATION_PLACES)

@@ -81,3 +81,19 @@ def test_ppl_memory_per_window_loss_needs_less_and_gives_the_same_perplexity():
     assert whole[1] == per_window[1]  # the same fp32 terms summed in fp64, printed to 6 decimals
     # fp32 logits and log-softmax of 8 windows against those of one (measured 3.1x at this size)
     assert whole[0] > 2 * per_window[0]
+
+
+@pytest.mark.slow
+def test_merge_bench_trains_then_scores_every_merge(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/merge_bench.py", "--recipes", "text", "--settings", "gptq/4", "--fast",
+         "--residual_rank", "4", "--calib_num_samples", "2", "--calib_seq_len", "64", "--output", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+             "EORA_FT_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "results.json").read_text())
+    assert list(row["stages"]) == ["compressed", "base + adapter", "round", "regrid", "recompress",
+                                   "recompress + residual r2", "recompress + residual r4"]
+    assert all(metrics["enwiki_heldout/ppl"] > 1 for metrics in row["stages"].values())
+    assert row["train steps"] == 2 and "| text | gptq 4-bit g128" in proc.stdout

@@ -8,6 +8,8 @@
     eora-ft eval --model_name_or_path M [--compressed_model DIR] [--adapter DIR]
                  --tasks arc_challenge,enwiki_heldout,wikitext2 --output_file results.json
                                       evaluate (lm-evaluation-harness semantics, offline; eora_ft/cli/eval.py)
+    eora-ft merge --adapter RUN_DIR --output_dir DIR [--merge_format gptq] [--merge_residual_rank 16]
+                                      fold a trained adapter into its compressed base (eora_ft/cli/merge.py)
     eora-ft arc|mathqa|gsm8k|text|sft --config FILE.yaml
                                       a recipe in this process (same flags as recipes/<task>.py)
 
@@ -61,7 +63,8 @@ def _recipe(name: str, argv: list[str]) -> int:
 # subcommand -> (module, help); each module has ``<name>_command(argv) -> int``
 COMMANDS = {"compress": ("eora_ft.cli.compress", "compress a model and save it"),
             "init": ("eora_ft.cli.init", "initialise a LoRA adapter for a compressed model"),
-            "eval": ("eora_ft.cli.eval", "evaluate a model / compressed model / adapter on tasks")}
+            "eval": ("eora_ft.cli.eval", "evaluate a model / compressed model / adapter on tasks"),
+            "merge": ("eora_ft.cli.merge", "fold a trained adapter into its compressed base, for serving")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,6 +144,8 @@ def obs_sweep(
     block_size: int = 128,
     act_order: bool = False,
     overwrite_hessian: bool = False,
+    fixed_mask: torch.Tensor | None = None,
+    fixed_grid: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SweepResult:
     """Run the sweep on ``weight`` ``[N, K]`` with ``hessian`` ``[K, K]`` (any float; computed in fp64).
 
@@ -151,11 +153,19 @@ def obs_sweep(
     the original contiguous ones (static groups, chosen from the unmodified weight before the
     sweep), so the result needs no ``g_idx`` and packs like any other layer. ``overwrite_hessian``:
     the caller hands over ``hessian`` (a fresh fp64 copy), which is then modified instead of copied.
+    ``fixed_mask`` (bool ``[N, K]``, instead of ``prune``): the weights to keep are given, and the sweep only
+    re-solves them (a merge into a pruned base keeps its mask, so its 2:4 kernels still apply).
+    ``fixed_grid`` (``(scales, zeros)`` fp32 ``[G, N]``, contiguous groups): quantize onto this grid instead of
+    choosing one (a merge lands on its base's own grid: the weight it starts from is already on it).
     """
-    if quant is None and prune is None:
-        raise ValueError("obs_sweep needs a quantization spec, a pruning spec, or both")
-    if act_order and prune is not None:
+    if quant is None and prune is None and fixed_mask is None:
+        raise ValueError("obs_sweep needs a quantization spec, a pruning spec or mask, or both")
+    if prune is not None and fixed_mask is not None:
+        raise ValueError("obs_sweep takes a pruning spec (the sweep chooses the mask) or a fixed mask, not both")
+    if act_order and (prune is not None or fixed_mask is not None):
         raise ValueError("act_order is a GPTQ option; it cannot be combined with pruning")
+    if fixed_mask is not None and tuple(fixed_mask.shape) != tuple(weight.shape):
+        raise ValueError(f"fixed_mask {tuple(fixed_mask.shape)} does not match the weight {tuple(weight.shape)}")
     n, k = weight.shape
     if prune is not None and prune.structured and k % prune.m:
         raise ValueError(f"in_features={k} is not a multiple of m={prune.m} for {prune} sparsity")
@@ -175,6 +185,12 @@ def obs_sweep(
         static = torch.stack([s for s, _ in grids]), torch.stack([z for _, z in grids])
         del unvisited
         perm = torch.argsort(torch.diag(h), descending=True)
+    if fixed_grid is not None:
+        if quant is None:
+            raise ValueError("fixed_grid needs a quantization spec (its bits)")
+        static = tuple(t.to(device=weight.device, dtype=torch.float32) for t in fixed_grid)
+        if tuple(static[0].shape) != (k // group, n):
+            raise ValueError(f"fixed_grid scales {tuple(static[0].shape)} do not match [{k // group}, {n}]")
     # The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in fp64, in h's own memory: the caller's
     # statistics and h are the only K x K matrices alive (13 GB at K = 28672, a 70B down_proj); the sweep
     # reads it a block of rows at a time in fp32. The working copy of the weight is made only after it.
@@ -192,10 +208,13 @@ def obs_sweep(
     if static is not None:
         scales, zeros = static
     mask = torch.ones(n, k, dtype=torch.bool, device=w.device) if prune else None
+    if fixed_mask is not None:
+        mask = fixed_mask.to(device=w.device, dtype=torch.bool).clone()
     scale = zero = None
     # act-order: the static group of each visited column, as Python ints (one transfer, not a device sync
     # per column)
-    group_of_column = (perm // group).tolist() if static is not None else None
+    group_of_column = ((perm if perm is not None else torch.arange(k, device=w.device)) // group).tolist() \
+        if static is not None else None
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = w[:, i1:i2].clone()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -197,6 +198,7 @@ def compress_model(
     activations_device: torch.device | str | None = None,
     precompressed: dict[str, nn.Module] | None = None,
     output_errors: bool | None = None,
+    before_layer: Callable[[int, nn.Module], None] | None = None,
 ) -> SequentialResult:
     """Compress every target linear of ``model`` in place and factor each init's correction.
 
@@ -224,6 +226,10 @@ def compress_model(
         output_errors: report each linear's relative output error (rows' ``rel_out_err/*``, ``error_curves``,
             ``output_energies``: what a rank budget allocates from). None: when the statistics are collected
             anyway; True: collect them for the report alone; False: never.
+        before_layer: called as ``before_layer(index, layer)`` once the layer is on the execution device, before
+            its target linears are found (a merge turns its adapted linears into dense ``W_c + s B A`` there, one
+            layer at a time). A compressor with a ``for_linear(path)`` method is asked for each linear's own
+            compressor (a merge keeps each layer's grid and mask).
     Returns the factors on each layer's home device (fp32).
     """
     if capture not in CAPTURE_MODES:
@@ -238,7 +244,8 @@ def compress_model(
     prefix, layers = find_decoder_layers(model)
     paths = [f"{prefix}.{index}.{name}" for index, layer in enumerate(layers)
              for name in target_linears(layer, target_modules)]
-    compressor_runs = any(path not in (precompressed or {}) for path in paths)
+    # without precompressed modules every linear is compressed (paths may be empty until before_layer makes them)
+    compressor_runs = precompressed is None or any(path not in precompressed for path in paths)
     collect = (bool(keep_stats or output_errors)
                or (compressor_runs and needs_statistics(compressor))
                or any(init_needs_statistics(name, compressor) for name in init_methods))
@@ -261,6 +268,8 @@ def compress_model(
         run_on = execution_device if execution_device is not None and _movable(layer) else home
         with result.timed("moves"):
             layer.to(run_on)
+        if before_layer is not None:
+            before_layer(index, layer)
         linears = target_linears(layer, target_modules)
         if not linears:
             raise no_linears_error(layer, target_modules, f"decoder layer {index}")
@@ -369,7 +378,8 @@ def _compress_linear(layer, name, linear, stats: ActivationStats | None, weight_
         if path in ctx.precompressed:
             compressed = ctx.precompressed[path].to(weight.device)
         else:
-            compressed = ctx.compressor.compress(weight, stats).to_module(linear.bias, linear.weight.dtype)
+            compressor = ctx.compressor.for_linear(path) if hasattr(ctx.compressor, "for_linear") else ctx.compressor
+            compressed = compressor.compress(weight, stats).to_module(linear.bias, linear.weight.dtype)
         delta = weight - compressed.dequantize(torch.float32)  # what the stored module really computes
     row, errors = {"layer": path}, None
     if stats is not None and ctx.output_errors:

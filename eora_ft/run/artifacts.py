@@ -45,7 +45,7 @@ INIT_LAYOUT = 2
 # entry is computed or cached does not change it either.
 _NOT_IN_BASE_KEY = {"cache_dir", "calib_dataset", "calib_task_dataset", "calib_task_format", "calib_task_fraction",
                     "calib_num_samples", "calib_seq_len", "calib_seed", "execution_device", "calib_activations_device",
-                    "calib_batch_size"}
+                    "calib_batch_size", "merge", "merge_method", "merge_residual_rank", "merge_format"}
 _NOT_IN_INIT_KEY = {"adapter_calib_dataset", "adapter_calib_num_samples", "adapter_calib_task_fraction"}
 
 

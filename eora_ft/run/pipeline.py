@@ -16,11 +16,9 @@ import copy
 import dataclasses
 import gc
 import logging
-import os
 import time
 from pathlib import Path
 
-import accelerate
 import torch
 import transformers
 from accelerate import PartialState
@@ -53,12 +51,8 @@ from eora_ft.data.task_text import task_texts
 from eora_ft.train.distributed import (
     all_cores_while_others_wait,
     describe_state,
-    META_MODELS_ACCELERATE,
-    fsdp2_broadcasts_weights,
-    fsdp2_requested,
     full_model_init,
     gather_trainable,
-    meta_models_supported,
 )
 from eora_ft.eval.harness import check_lm_eval_tasks, harness_evaluate, harness_table_metrics
 from eora_ft.eval.scoring import perplexity
@@ -66,11 +60,13 @@ from eora_ft.train.checkpoints import agree_on_resume
 from eora_ft.train.handoff import Handoff
 from eora_ft.train.launch import refuse_data_parallel
 from eora_ft.train.memory_plan import check_run_memory
-from eora_ft.train.sharding import warn_host_memory
 from eora_ft.utils.model_checks import check_positions
 from eora_ft.adapters.peft_bridge import save_adapter
 from eora_ft.utils.placement import placed_for_inference, placement, streaming_note
+from eora_ft.run.merge_report import BARE, REFERENCE
+from eora_ft.run.merge_run import merge_directory
 from eora_ft.run.report import write_model_card, write_results
+from eora_ft.run.training_home import training_home, unsharded_copy
 from eora_ft.eval.tasks import get_task
 from eora_ft.init.coverage import compression_coverage
 from eora_ft.train.trainer import divergence, release_training_state, train_adapters, training_summary
@@ -149,7 +145,6 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                          "max_length": training_args.max_length})
     ppl_texts = [(text, text.read()) for text in heldout_texts(task_args.ppl_dataset)] if main else []
 
-
     @all_cores_while_others_wait(state)
     def evaluate(stage_model, with_perplexity: bool = True) -> dict:
         with placed_for_inference(stage_model, state.device):  # a model at home on the CPU evaluates on the GPU
@@ -184,14 +179,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         require_entry(cache_root, read_meta(entry)["base_entry"])
         built, dtype = {}, getattr(torch, posted["dtype"].removeprefix("torch."))
     meta = read_meta(entry)
-    home = _training_home(state, entry)
-    if home.type == "meta":
-        logger.info("FSDP2: this rank builds the model on the meta device and reads no weights; the main process "
-                    "broadcasts them as the Trainer shards the model")
-    if fsdp2_requested() and state.is_local_main_process and base_directory(entry) is not None:
-        warn_host_memory(sum(f.stat().st_size for f in base_directory(entry).glob("*.safetensors")),
-                         1 if fsdp2_broadcasts_weights() and meta_models_supported()
-                         else int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)))
+    home = training_home(state, entry)
     with full_model_init():
         peft_model = load_artifacts(entry, dtype, home, attn_implementation=model_args.attn_implementation)
     lap("compress_and_init")
@@ -239,7 +227,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         if trained is not None:  # ZeRO-3 or FSDP2 sharded the model: evaluate and save an unsharded copy
             release_training_state(trainer)
             del peft_model, trainer  # the last references to the engine's module and its replicated packed base
-            peft_model = _unsharded_copy(entry, dtype, home, trained, model_args.attn_implementation)
+            peft_model = unsharded_copy(entry, dtype, home, trained, model_args.attn_implementation)
         stages["finetuned"] = evaluate(peft_model, with_perplexity=task_args.ppl_after_finetune)
         lap("eval_finetuned")
 
@@ -292,27 +280,15 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                      revision=built.get("adapter_revision"))
         write_results(output_dir, results)
         write_model_card(output_dir, results)
+        if compress_args.merge:  # the serving checkpoint: after the results, so a failed merge loses no run
+            with full_model_init():
+                merge_directory(output_dir, output_dir / "merged", compress_args, progress=progress,
+                                scored={BARE: stages["compressed"], REFERENCE: stages["finetuned"]}
+                                if task_args.ppl_after_finetune else None)
+            logger.info("merged the adapter into %s (merge_report.md there)", output_dir / "merged")
     handoff.post("done")
     handoff.finish(state)
     return results
-
-
-def _training_home(state: PartialState, entry: Path) -> torch.device:
-    """Where this rank loads the model it trains. DDP and DeepSpeed: its device. FSDP2: the CPU, from which
-    ``fully_shard`` moves this rank's 1/N of the packed base to its GPU one decoder layer at a time (a whole 70B
-    base would not fit); with ``fsdp_cpu_ram_efficient_loading`` the ranks other than the main one build the
-    architecture on the meta device and read nothing (Accelerate broadcasts the main process's weights as it
-    shards), so the node's host holds one copy instead of one per rank (the uncompressed ceiling's too)."""
-    if not fsdp2_requested():
-        return state.device
-    if not state.is_main_process and fsdp2_broadcasts_weights():
-        if meta_models_supported():
-            return torch.device("meta")
-        logger.warning("FSDP2: accelerate %s binds the optimizer of a model built on the meta device to the wrong "
-                       "parameters (fixed in %s): this rank reads its own copy of the weights instead (host memory: "
-                       "one copy per rank). Upgrade accelerate to load them once per node", accelerate.__version__,
-                       META_MODELS_ACCELERATE)
-    return torch.device("cpu")
 
 
 def _trainer_args(training_args: EoraSFTConfig, task) -> EoraSFTConfig:
@@ -419,18 +395,3 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
         built["adapter_base"] = (imported.name, imported.format)
         built["adapter_revision"] = imported.commit  # a hub checkpoint: the commit it was trained on
     return entry, built, dtype
-
-
-def _unsharded_copy(entry: Path, dtype: torch.dtype, device: torch.device, trained: dict,
-                    attn_implementation: str | None = None):
-    """The entry's model with the gathered trained factors of a ZeRO-3 or FSDP2 run copied in (main process)."""
-    with full_model_init():
-        peft_model = load_artifacts(entry, dtype, device, attn_implementation=attn_implementation)
-    missing = set(trained) - {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    if missing:
-        raise RuntimeError(f"trained parameters {sorted(missing)[:3]} have no match in the reloaded model")
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if name in trained:
-                param.copy_(trained[name])
-    return peft_model

@@ -134,6 +134,7 @@ def test_init_unknown_method_lists_valid_ones(compressed_dir, tmp_path):
     ("init", {"AdapterInitArguments": "INIT_FIELDS", "CompressionArguments": "CALIBRATION_FIELDS",
               "EoraModelConfig": "MODEL_FIELDS"}),
     ("eval", {"TaskArguments": "TASK_FIELDS", "EoraModelConfig": "MODEL_FIELDS"}),
+    ("merge", {"CompressionArguments": "MERGE_FIELDS"}),
 ])
 def test_subcommand_flags_are_the_recipe_fields(command, sources):
     """Same name, same default, same help text as the recipe dataclass field (nothing re-declared)."""

@@ -4,6 +4,8 @@ Tolerance: relative 1e-5. fp32 gradients all-reduced over 2 ranks are summed in 
 than one process sums them; measured differences are ~1e-7 on the loss after 2 steps.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -82,12 +84,22 @@ def test_main_only_work_outlasting_the_collective_timeout_does_not_kill_the_othe
     timeout = 8
     results = launch("accelerate_configs/cpu.yaml", tmp_path / "run", "--per_device_train_batch_size", "4",
                      "--ddp_timeout", str(timeout), "--eval_limit", "96", "--ppl_max_windows", "8",
+                     "--merge", "true", "--merge_residual_rank", "2",  # main-only after training: the merge
                      EORA_FT_CACHE=str(tmp_path / "fresh_cache"))
     main_only = sum(results["timings"][stage] for stage in
                     ("load", "eval_base", "compress_and_init", "eval_compressed", "eval_compensated"))
     assert main_only > timeout, f"main-only work took {main_only:.1f} s: too short to test anything"
     assert results["summary"]["world size"] == 2 and len(losses(results)) == 2
     assert results["summary"]["artifact cache"] == "base: built, init: built"
+    merged = tmp_path / "run" / "merged"
+    report = json.loads((merged / "merge_report.json").read_text())
+    # the run's own compressed and fine-tuned rows are the report's reference, not measured again
+    assert report["stages"]["compressed"] == results["stages"]["compressed"]
+    assert report["stages"]["base + adapter"] == results["stages"]["finetuned"]
+    assert {"merged (recompress)", "merged (recompress) + residual r2"} <= set(report["stages"])
+    assert (merged / "model" / "compression_config.json").exists()  # the run's base format (2-bit asymmetric)
+    named = json.loads((merged / "residual_adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert named == str((merged / "model").resolve())
 
 
 def test_a_comparison_survives_main_only_evaluation_after_training_outlasting_the_collective_timeout(tmp_path):
