@@ -26,9 +26,11 @@ NANO = ROOT / "eora_ft" / "assets" / "models" / "nano-llama-5m"
 SMALL = ["--calib_num_samples", "2", "--calib_seq_len", "64"]
 TARGETS = ["q_proj", "down_proj"]  # two linears per layer: every writer's path, at a third of the work
 IDS = torch.randint(1, 8192, (2, 24), generator=torch.Generator().manual_seed(7))
-# (file, function) of every save_adapter call, each exercised below or in tests/recipes/test_arc_e2e.py
+# (file, function) of every save_adapter call, each exercised below or in tests/recipes/test_arc_e2e.py; the merge's
+# residual adapter (naming the merged base, loaded back over it) in tests/cli/test_merge_cli.py
 WRITERS = {("eora_ft/cli/init.py", "init_command"), ("eora_ft/run/artifacts.py", "build_init"),
-           ("eora_ft/run/artifacts.py", "_copy_adapter"), ("eora_ft/run/pipeline.py", "run")}
+           ("eora_ft/run/artifacts.py", "_copy_adapter"), ("eora_ft/run/pipeline.py", "run"),
+           ("eora_ft/run/merge_run.py", "merge_directory")}
 
 
 def _named_base(adapter: Path) -> str:
