@@ -42,7 +42,7 @@ def merge_markdown(report: dict) -> str:
                       if key in metrics and key in stages[BARE] and key in stages[REFERENCE] else None
                       for key, _, kind in columns]
             lines.append("| ↳ kept of the adapter's change | "
-                         + " | ".join("–" if s is None else f"{100 * s:.0f}%" for s in shares) + " |")
+                         + " | ".join("–" if s is None else f"{round(100 * s)}%" for s in shares) + " |")
     lines += ["", "| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in report["summary"].items()]
     return "\n".join(lines) + "\n"
 
