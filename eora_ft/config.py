@@ -115,7 +115,14 @@ class TaskArguments(ScriptArguments):
         default=0.1, metadata={"help": "Task sft: when the data has no test split (local files, or a hub dataset without "
                                        "dataset_test_split) and no eval_dataset_name, this share of the training examples "
                                        "is held out for evaluation (never trained on)."})
-    eval_split_seed: int = field(default=0, metadata={"help": "Seed of that held-out draw (the same for every training seed)."})
+    eval_split_seed: int = field(default=0, metadata={"help": "Seed of that held-out draw and of validation_fraction's "
+                                                              "(the same for every training seed)."})
+    validation_fraction: float = field(
+        default=0.0, metadata={"help": "Share of the training items held out as a validation split (never trained on, "
+                                       "never among the reported evaluation items): the Trainer's eval loss "
+                                       "(eval_strategy) is measured on it, so load_best_model_at_end picks the step and "
+                                       "compare's learning_rates pick each init's rate on it. 0 = the eval loss is "
+                                       "measured on the evaluation items: a curve to look at, not to choose by."})
     lm_eval_tasks: str | None = field(
         default=None, metadata={"help": "lm-evaluation-harness tasks run on each stage's in-memory model, comma-separated "
                                         "(mmlu,hellaswag,...; pip install -e '.[eval]'); their metrics join the table."})
@@ -149,6 +156,7 @@ class TaskArguments(ScriptArguments):
         for name in ("train_limit", "eval_limit", "ppl_max_windows", "lm_eval_limit"):
             check_range(self, name, 1, optional=True)
         check_range(self, "eval_split_fraction", 0, 1, low_open=True, high_open=True)
+        check_range(self, "validation_fraction", 0, 1, high_open=True)
         check_range(self, "lm_eval_num_fewshot", 0, optional=True)
         heldout_texts(self.ppl_dataset)  # two texts with one metric name
 
@@ -533,6 +541,26 @@ def parse_strictly(parser: TrlParser, args: list[str] | None, prog: str) -> tupl
 def parse_recipe_args(args: list[str] | None = None, extra: tuple = ()):
     """Parse ``args`` (default ``sys.argv[1:]``) into the five recipe dataclasses (then ``extra``); unknown keys raise."""
     return parse_strictly(make_parser(extra), args, "recipe")
+
+
+def check_validation(task_args: TaskArguments, training_args: EoraSFTConfig) -> None:
+    """Fail where the evaluation items would choose what the table reports, or a validation split would go unused.
+
+    ``load_best_model_at_end`` keeps the step with the best eval loss; that loss must come from
+    ``validation_fraction``'s split, not from the evaluation items the results report (choosing on the test)."""
+    evaluates = str(training_args.eval_strategy).split(".")[-1].lower() != "no"
+    if task_args.validation_fraction > 0 and not evaluates:
+        raise ValueError(f"validation_fraction={task_args.validation_fraction:g} holds out training items for the "
+                         "Trainer's eval loss, but eval_strategy is 'no': set eval_strategy: steps (with eval_steps), "
+                         "or validation_fraction: 0")
+    if training_args.load_best_model_at_end and task_args.validation_fraction == 0:
+        raise ValueError("load_best_model_at_end=True would pick the step on the evaluation items the results report "
+                         "(choosing on the test set): set validation_fraction (e.g. 0.1) to choose on a split of the "
+                         "training data, or load_best_model_at_end: false")
+    metric = training_args.metric_for_best_model
+    if training_args.load_best_model_at_end and metric not in (None, "loss", "eval_loss"):
+        raise ValueError(f"metric_for_best_model={metric!r}: the Trainer's evaluation here computes only the loss on "
+                         "the validation split; valid: eval_loss (or unset)")
 
 
 def check_compatible(compress_args: CompressionArguments, init_args: AdapterInitArguments) -> None:

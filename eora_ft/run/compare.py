@@ -33,6 +33,7 @@ from eora_ft.run.compare_table import (
     steps_to_target,
     with_sampling_error,
 )
+from eora_ft.run.compare_select import choose_rates, chosen_on_validation, sweep_markdown
 from eora_ft.config import UNCOMPRESSED, AdapterInitArguments, CompressionArguments, EoraModelConfig, EoraSFTConfig, TaskArguments
 from eora_ft.init import INITIALIZERS, REBASING_INITS
 from eora_ft.run.pipeline import run, run_config
@@ -169,14 +170,20 @@ def comparison_markdown(comparison: dict) -> str:
     runs, groups = comparison["runs"], comparison.get("groups") or {label: [label] for label in comparison["runs"]}
     comparison = {**comparison, "groups": groups}
     n_seeds = max(len(labels) for labels in groups.values())
+    validated = chosen_on_validation(comparison)
+    choices = choose_rates(comparison)
+    if choices:  # each init at the rate its validation loss chose; the sweep follows the table
+        groups = {g: members for g, members in groups.items() if g in {c.chosen for c in choices.values()}}
+    reported_steps = any(run.get("best") for run in runs.values())
     compressed_groups = [g for g in groups if g != CEILING and not g.startswith(f"{CEILING}_lr")]
     first = runs[groups[compressed_groups[0] if compressed_groups else next(iter(groups))][0]]
     metrics = [tuple(m) for m in first["metrics"]]
     has_target = steps_to_target(comparison, next(iter(groups))) is not None
-    header = ["compression", "init", "lr", "seeds"]
+    header = ["compression", "init", "lr (chosen on validation)" if choices else "lr", "seeds"]
     for _, label, _ in metrics:
         header += [f"{label} before", f"{label} after"]
-    header += ["final eval loss"] + (["steps to qlora's eval loss"] if has_target else []) + ["final train loss"]
+    header += ["validation loss" if validated else "final eval loss"] + (["reported step"] if reported_steps else []) \
+        + (["steps to qlora's eval loss"] if has_target else []) + ["final train loss"]
     lines = [f"# {comparison['title']}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     blank_tail = ["–"] * (len(header) - 4 - 2 * len(metrics))
 
@@ -214,6 +221,8 @@ def comparison_markdown(comparison: dict) -> str:
                     cell(group_stat(comparison, label, "finetuned", key), kind, len(members)) + mark]
         row.append(cell(final_loss(comparison, label), "loss", len(members))
                    + (" ≈" if label in flagged["eval_loss"] else ""))
+        if reported_steps:  # per seed, the step load_best_model_at_end restored
+            row.append(", ".join(str((runs[m].get("best") or {}).get("step", "last")) for m in members))
         if has_target:
             reached = steps_to_target(comparison, label)
             row.append(", ".join("never" if s is None else str(s) for s in reached[0]) if reached else "–")
@@ -223,7 +232,9 @@ def comparison_markdown(comparison: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
 
     summary = first["summary"]
-    lines += ["", f"Before = the initial adapter on the compressed base, after = the same adapter fine-tuned "
+    after = ("the same adapter fine-tuned, at the reported step (the initial adapter when no step beat it on "
+             "validation)" if reported_steps else "the same adapter fine-tuned")
+    lines += ["", f"Before = the initial adapter on the compressed base, after = {after} "
               f"({summary['train steps']} steps, {summary['train items']} training items, the same budget for every "
               f"init); {summary['eval items']} evaluation items; {summary['calibration tokens']} compressor "
               f"calibration tokens, {summary.get('adapter calibration tokens', '–')} adapter calibration tokens. "
@@ -242,11 +253,16 @@ def comparison_markdown(comparison: dict) -> str:
                       "seed answers the same items, one sample of the task.")
     if has_target:
         lines += ["", "Steps to qlora's eval loss: per seed, the first logged step at which the init's eval loss is at "
-                  "most QLoRA's final eval loss (mean over its seeds; with several rates, QLoRA at the rate where it "
-                  "ends lowest); never = not within the budget."]
+                  "most QLoRA's (its reported adapter's: at the restored step, else the last; mean over its seeds; with "
+                  "several rates, QLoRA at the rate where it is lowest); never = not within the budget."]
     if any(divergences(comparison, label) for label in groups):
         lines += ["", "Diverged runs (NaN loss, or a training loss above its start for several logged steps) are "
                   "counted in the last column; their after-columns are what the diverged adapter gives."]
+    if validated:
+        lines += ["", f"Eval losses (the validation loss column, the curves, the steps) are measured on "
+                  f"{first['summary']['eval loss on']}, never on the evaluation items the other columns report."]
+    if choices:
+        lines += [""] + sweep_markdown(comparison, choices)
     lines += ["", "![loss curves](loss_curves.png)"]
     return "\n".join(lines) + "\n"
 
@@ -257,5 +273,8 @@ def write_comparison(output_dir: Path, comparison: dict) -> None:
     text = comparison_markdown(comparison)
     atomic_write_text(output_dir / "results.md", text)
     atomic_write_text(output_dir / "README.md", text)
-    plot_loss_curves(comparison["runs"], output_dir / "loss_curves.png", comparison["title"],
-                     groups=comparison.get("groups"))
+    groups = comparison.get("groups")
+    choices = choose_rates(comparison) if groups else None
+    if choices:  # the curves of each init at its chosen rate
+        groups = {g: members for g, members in groups.items() if g in {c.chosen for c in choices.values()}}
+    plot_loss_curves(comparison["runs"], output_dir / "loss_curves.png", comparison["title"], groups=groups)

@@ -37,9 +37,25 @@ def group_stat(comparison: dict, label: str, stage: str, key: str) -> tuple[floa
     return mean_std([run["stages"].get(stage, {}).get(key) for run in group_runs(comparison, label)])
 
 
+def on_validation(run: dict) -> bool:
+    """Whether a run measured its eval loss on a validation split of its training data (``validation_fraction``)."""
+    return str(run.get("summary", {}).get("eval loss on", "")).startswith("validation")
+
+
+def reported_eval_loss(run: dict) -> float | None:
+    """The eval loss of the adapter a run reports and saves: at the step ``load_best_model_at_end`` restored
+    (``run["best"]``), else the last logged one; None without an eval curve."""
+    best = run.get("best") or {}
+    return best["eval_loss"] if best.get("eval_loss") is not None else _final(run.get("eval_loss") or [])
+
+
 def final_loss(comparison: dict, label: str, curve: str = "eval_loss") -> tuple[float, float] | None:
-    """Mean ± std over seeds of the last logged ``train_loss`` or ``eval_loss``."""
-    return mean_std([_final(run.get(curve) or []) for run in group_runs(comparison, label)])
+    """Mean ± std over seeds of the reported adapter's eval loss (:func:`reported_eval_loss`) or, for
+    ``curve="train_loss"``, of the last logged training loss."""
+    runs = group_runs(comparison, label)
+    if curve == "eval_loss":
+        return mean_std([reported_eval_loss(run) for run in runs])
+    return mean_std([_final(run.get(curve) or []) for run in runs])
 
 
 def steps_to_target(comparison: dict, label: str) -> tuple[list[int | None], float] | None:

@@ -6,7 +6,9 @@ against the compression and LoRA settings. Shared by the recipes and ``eora-ft c
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -17,7 +19,8 @@ from eora_ft.data import resolve_path
 from eora_ft.data.file_checks import check_data_file
 from eora_ft.data.heldout import heldout_texts
 from eora_ft.data.sources import _looks_like_hub_id, local_files
-from eora_ft.eval.tasks import get_task
+from eora_ft.data.validation import carve_validation
+from eora_ft.eval.tasks import Task, get_task
 from eora_ft.init import check_rank
 from eora_ft.init.sequential import find_decoder_layers, no_linears_error, target_linears
 from eora_ft.utils.dtypes import model_dtype
@@ -144,3 +147,26 @@ def validate_sources(task_args: TaskArguments, compress_args: CompressionArgumen
         raise ValueError(f"eval_dataset_name {task_args.eval_dataset_name!r} is (or holds) the training data "
                          f"dataset_name {task_args.dataset_name!r}: its scores would measure memorisation; give a "
                          "held-out file (for ARC: the -Dev or -Test file)")
+
+
+@dataclass(frozen=True)
+class RunItems:
+    """A run's items: ``train`` (what it trains on; GSM8K's few-shot pool too), ``validation`` (carved from the
+    training items by ``validation_fraction``, None without it), ``evaluation`` (what the results report) and
+    ``origin`` (where the evaluation items came from)."""
+
+    train: Sequence
+    validation: Sequence | None
+    evaluation: Sequence
+    origin: str
+
+
+def load_run_items(task: Task, task_args: TaskArguments) -> RunItems:
+    """The task's items as ``task_args`` selects them (limits, held-out shares, the validation split)."""
+    train, evaluation, origin = task.load_items(
+        task_args.dataset_name, task_args.eval_dataset_name, dataset_config=task_args.dataset_config,
+        train_split=task_args.dataset_train_split, test_split=task_args.dataset_test_split,
+        train_limit=task_args.train_limit, eval_limit=task_args.eval_limit,
+        eval_split_fraction=task_args.eval_split_fraction, eval_split_seed=task_args.eval_split_seed)
+    train, validation = carve_validation(train, task_args.validation_fraction, task_args.eval_split_seed)
+    return RunItems(train, validation, evaluation, origin)

@@ -24,7 +24,7 @@ from eora_ft.data.heldout import heldout_texts
 from eora_ft.data.task_text import task_texts
 from eora_ft.eval.scoring import perplexity
 from eora_ft.eval.tasks import get_task
-from eora_ft.run.inputs import check_output_dir, check_sources
+from eora_ft.run.inputs import check_output_dir, check_sources, load_run_items
 from eora_ft.run.merge import merge_adapter
 from eora_ft.run.merge_report import BARE, REFERENCE, write_merge_report
 from eora_ft.utils.atomic import atomic_directory
@@ -71,11 +71,8 @@ def run_scorer(run: dict | None, tokenizer, progress: bool = True):
     task = get_task(task_args.task) if run else None
     items = pool = ()
     if task is not None and task.tokenize is None and task.metrics:
-        pool, items, _ = task.load_items(
-            task_args.dataset_name, task_args.eval_dataset_name, dataset_config=task_args.dataset_config,
-            train_split=task_args.dataset_train_split, test_split=task_args.dataset_test_split,
-            train_limit=task_args.train_limit, eval_limit=task_args.eval_limit,
-            eval_split_fraction=task_args.eval_split_fraction, eval_split_seed=task_args.eval_split_seed)
+        loaded = load_run_items(task, task_args)
+        pool, items = loaded.train, loaded.evaluation
     columns = ([list(m) for m in task.metrics] if items else []) + [list(text.metric) for text, _ in texts]
 
     def score(model) -> dict:

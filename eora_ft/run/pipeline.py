@@ -33,7 +33,8 @@ from eora_ft.run.artifacts import (
     init_key_parts,
     load_artifacts,
 )
-from eora_ft.run.inputs import check_model_against_config, check_output_dir, load_model, load_tokenizer, validate_sources
+from eora_ft.run.inputs import (check_model_against_config, check_output_dir, load_model, load_run_items, load_tokenizer,
+                                validate_sources)
 from eora_ft.run.cache import cache_key, default_cache_dir, ensure_entry, read_meta, require_entry
 from eora_ft.config import (
     UNCOMPRESSED,
@@ -43,6 +44,7 @@ from eora_ft.config import (
     EoraSFTConfig,
     TaskArguments,
     check_compatible,
+    check_validation,
 )
 from eora_ft.data import mixed_calibration, resolve_path
 from eora_ft.data.heldout import heldout_texts
@@ -65,7 +67,7 @@ from eora_ft.adapters.peft_bridge import save_adapter
 from eora_ft.utils.placement import placed_for_inference, placement, streaming_note
 from eora_ft.run.merge_report import BARE, REFERENCE
 from eora_ft.run.merge_run import merge_directory
-from eora_ft.run.report import write_model_card, write_results
+from eora_ft.run.report import init_description, write_model_card, write_results
 from eora_ft.run.training_home import training_home, unsharded_copy
 from eora_ft.eval.tasks import get_task
 from eora_ft.init.coverage import compression_coverage
@@ -96,6 +98,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     transformers.set_seed(training_args.seed)
     task = get_task(task_args.task)
     check_compatible(compress_args, init_args)
+    check_validation(task_args, training_args)
     if task.packed and not (training_args.packing and training_args.packing_strategy == "wrapped"):
         raise ValueError(f"task={task.name!r} trains a language model on whole documents: set packing: true and "
                          f"packing_strategy: wrapped (got packing={training_args.packing}, packing_strategy="
@@ -120,19 +123,19 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         clock = now
 
     # before the model loads: data whose columns fit no layout is refused here
-    train_items, eval_items, eval_origin = task.load_items(
-        task_args.dataset_name, task_args.eval_dataset_name, dataset_config=task_args.dataset_config,
-        train_split=task_args.dataset_train_split, test_split=task_args.dataset_test_split,
-        train_limit=task_args.train_limit, eval_limit=task_args.eval_limit,
-        eval_split_fraction=task_args.eval_split_fraction, eval_split_seed=task_args.eval_split_seed)
+    items = load_run_items(task, task_args)
+    train_items, eval_items = items.train, items.evaluation
     tokenizer = load_tokenizer(model_args)
     if task.tokenize:  # TRL's chat_template_path: a template to train conversations with (else the tokenizer's)
         check_sft_options(training_args)
         ensure_chat_template(tokenizer, training_args.chat_template_path)
     tokenizing = {"num_proc": training_args.dataset_num_proc, "truncation_mode": training_args.truncation_mode}
-    train_dataset = task.training_dataset(train_items, tokenizer, training_args.max_length, completion_only(
-        train_items, training_args.completion_only_loss, training_args.assistant_only_loss) if task.tokenize else True,
-        **tokenizing)
+    def as_trained(part):  # items formatted, and for a task that tokenizes itself masked, as the training data
+        return task.training_dataset(part, tokenizer, training_args.max_length, completion_only(
+            part, training_args.completion_only_loss, training_args.assistant_only_loss) if task.tokenize else True,
+            **tokenizing)
+
+    train_dataset = as_trained(train_items)
     # what is scored: the evaluation items, tokenized as trained for a task that tokenizes itself
     scored_items = (task.training_dataset(eval_items, tokenizer, training_args.max_length, **tokenizing)
                     if task.tokenize else eval_items)
@@ -203,9 +206,11 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     else:
         handoff.wait("ready", "evaluate the compressed model before training")
 
-    # The eval loss curve (when eval_strategy is set) uses the evaluation items in the training format.
-    eval_dataset = scored_items if task.tokenize else task.training_dataset(eval_items, tokenizer, None) \
-        if training_args.eval_strategy != "no" else None
+    # The eval loss curve (when eval_strategy is set): on the validation split when there is one (the step and
+    # rate are chosen on it), else on the evaluation items in the training format (a curve to look at).
+    eval_dataset = None if training_args.eval_strategy == "no" else as_trained(items.validation) \
+        if items.validation is not None else scored_items if task.tokenize \
+        else task.training_dataset(eval_items, tokenizer, None)
     check_run_memory(peft_model, training_args, state.num_processes, state.device, model_args.lora_r)
     trainer = train_adapters(peft_model, tokenizer, train_dataset, _trainer_args(training_args, task), eval_dataset)
     trained = gather_trainable(peft_model)  # a collective: every rank is here straight from training
@@ -231,16 +236,8 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         stages["finetuned"] = evaluate(peft_model, with_perplexity=task_args.ppl_after_finetune)
         lap("eval_finetuned")
 
-        init_label = (f"adapter {init_args.init_from_adapter} r={meta['lora']['r']} alpha={meta['lora']['alpha']}"
-                      if init_args.init_from_adapter else
-                      f"{init_args.init_method} rank={model_args.lora_r} alpha={model_args.lora_alpha}")
-        if "refine" in meta:
-            init_label += (f", refined {meta['refine']['steps']} steps (relative hidden-state error "
-                           f"{meta['refine']['loss_first']:.4f} -> {meta['refine']['loss_last']:.4f})")
-        if "rank_budget" in meta:  # per-linear ranks spending the uniform rank's parameters
-            ranks = meta["rank_budget"]["ranks"].values()
-            init_label += (f", rank budget {meta['rank_budget']['spent']:,} parameters "
-                           f"({meta['rank_budget']['normalisation']} errors): ranks {min(ranks)}-{max(ranks)}")
+        init_label = init_description(init_args.init_from_adapter, init_args.init_method, model_args.lora_r,
+                                      model_args.lora_alpha, meta)
         results = {
             "title": f"{task.name}: {built.get('compression', compress_args.describe())} + "
                      + (f"adapter r{meta['lora']['r']}" if init_args.init_from_adapter
@@ -262,8 +259,11 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                 "init entry": str(entry),
                 "compressed base": str(base_directory(entry) or f"{model_args.model_name_or_path} (uncompressed)"),
                 "adapter base": f"{adapter_base[0]} ({adapter_base[1]})",
-                "train items": len(train_items), "eval items": len(eval_items), "eval data": eval_origin,
-                "train steps": training["train steps"],
+                "train items": len(train_items), "eval items": len(eval_items), "eval data": items.origin,
+                "eval loss on": (f"validation: {len(items.validation)} training items held out (seed "
+                                 f"{task_args.eval_split_seed})" if items.validation is not None
+                                 else "the evaluation items"),
+                "train steps": training["train steps"], "reported adapter": training["reported adapter"],
                 "trainable parameters": training["trainable parameters"],
                 "world size": state.num_processes,
                 "training backend": training["training backend"],
@@ -272,6 +272,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
             "train_loss": training["train_loss"],
             "divergence": divergence(training["train_loss"], task_args.divergence_patience),
             "eval_loss": training["eval_loss"],
+            "best": training["best"],
             "layers": meta["layers"],
             "config": run_config(task_args, compress_args, init_args, training_args, model_args),
         }

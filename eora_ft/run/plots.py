@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 from eora_ft.utils.atomic import default_file_mode  # noqa: E402
+from eora_ft.run.compare_table import on_validation  # noqa: E402
 
 
 def _band(curves: list[list[dict]]) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -42,13 +43,15 @@ def plot_loss_curves(runs: dict[str, dict], path: str | Path, title: str = "",
     ``runs`` maps a run label (e.g. ``eora_seed1``) to a results dict with ``train_loss`` and ``eval_loss``
     lists of ``{"step", "loss"}``; ``groups`` maps a line's label (e.g. ``eora``) to its runs (its seeds:
     the line is their mean, the shaded band their min..max). None: one line per run. An empty eval
-    curve leaves its panel with a note.
+    curve leaves its panel with a note; runs whose summary says their eval loss is on a validation split
+    title that panel "validation loss".
     """
     path = Path(path)
     groups = groups or {label: [label] for label in runs}
     styles = line_styles(list(groups))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for ax, key, name in ((axes[0], "train_loss", "training loss"), (axes[1], "eval_loss", "evaluation loss")):
+    eval_name = "validation loss" if runs and all(on_validation(run) for run in runs.values()) else "evaluation loss"
+    for ax, key, name in ((axes[0], "train_loss", "training loss"), (axes[1], "eval_loss", eval_name)):
         drawn = False
         for label, members in groups.items():
             curves = [runs[member].get(key) or [] for member in members]

@@ -18,6 +18,21 @@ METRICS = [("arc_challenge/acc", "ARC-C acc", "pct"), ("arc_challenge/acc_norm",
            ("wikitext2/ppl", "WikiText-2 ppl", "ppl")]  # columns when a results dict names none
 
 
+def init_description(from_adapter: str | None, init_method: str, rank: int, alpha: float, meta: dict) -> str:
+    """The results' ``init`` line: the initializer (or the adapter started from) with its rank and alpha, and what
+    the init entry's ``meta`` records of a refinement or a rank budget."""
+    label = (f"adapter {from_adapter} r={meta['lora']['r']} alpha={meta['lora']['alpha']}" if from_adapter
+             else f"{init_method} rank={rank} alpha={alpha}")
+    if "refine" in meta:
+        label += (f", refined {meta['refine']['steps']} steps (relative hidden-state error "
+                  f"{meta['refine']['loss_first']:.4f} -> {meta['refine']['loss_last']:.4f})")
+    if "rank_budget" in meta:  # per-linear ranks spending the uniform rank's parameters
+        ranks = meta["rank_budget"]["ranks"].values()
+        label += (f", rank budget {meta['rank_budget']['spent']:,} parameters "
+                  f"({meta['rank_budget']['normalisation']} errors): ranks {min(ranks)}-{max(ranks)}")
+    return label
+
+
 def _cell(value, kind: str) -> str:
     if value is None:
         return "–"

@@ -15,6 +15,7 @@ only. Loading is unaffected: PEFT and DeepSpeed load a PEFT model non-strictly.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Iterator
 
 from torch import nn
@@ -47,9 +48,28 @@ def only_trainable_in_state_dict(model: nn.Module) -> Iterator[None]:
 
 
 class AdapterSFTTrainer(SFTTrainer):
-    """SFTTrainer for a PEFT model over a frozen compressed base: checkpoints hold no part of the base."""
+    """SFTTrainer for a PEFT model over a frozen compressed base: checkpoints hold no part of the base.
+
+    With ``load_best_model_at_end`` and ``eval_on_start`` the initial adapter (step 0) is a candidate too: the
+    Trainer ranks only the evaluations it runs after a step, so a run whose training only made the validation
+    loss worse would still return a trained step. Here the start evaluation is ranked as well, and saved as
+    ``checkpoint-0`` when it leads, so the run returns the initial adapter unless a step beats it."""
+
+    def _evaluate(self, trial, *args, **kwargs):
+        metrics = super()._evaluate(trial, *args, **kwargs)
+        if self.state.global_step == 0 and self.args.load_best_model_at_end and metrics is not None \
+                and self._determine_best_metric(metrics=metrics, trial=trial):
+            self._save_checkpoint(self.model, trial)  # recorded as the best by _save_checkpoint below
+        return metrics
 
     def _save_checkpoint(self, model, trial) -> None:
+        if self.args.load_best_model_at_end and self.state.best_global_step == self.state.global_step:
+            # The Trainer records the best checkpoint only where its folder exists when the rank looks (no barrier
+            # under a CPU process group; never for step 0): a rank that looked too early would load another
+            # checkpoint than the main process. The one written now is the best, on every rank; recorded before
+            # the write, its trainer_state.json says so and the rotation of old checkpoints keeps it.
+            self.state.best_model_checkpoint = str(Path(self._get_output_dir(trial=trial))
+                                                   / f"checkpoint-{self.state.global_step}")
         # the DeepSpeed engine's module is self.model too (the PEFT model): one context covers every writer
         with only_trainable_in_state_dict(self.model):
             super()._save_checkpoint(model, trial)

@@ -6,6 +6,7 @@ import copy
 import gc
 import logging
 import math
+from pathlib import Path
 
 import datasets
 import torch
@@ -86,11 +87,24 @@ def training_backend(trainer: SFTTrainer) -> str:
 
 def training_summary(trainer: SFTTrainer) -> dict:
     """What the results record of a finished trainer: ``train steps``, ``trainable parameters``, ``training
-    backend``, ``train_loss`` and ``eval_loss`` curves (taken before :func:`release_training_state`)."""
-    return {"train steps": trainer.state.global_step,
+    backend``, ``train_loss`` and ``eval_loss`` curves, and ``best`` (``{"step", "eval_loss"}`` of the checkpoint
+    ``load_best_model_at_end`` restored, the adapter the run then evaluates and saves; None without it) and
+    ``reported adapter`` (that, in words). Taken
+    before :func:`release_training_state`."""
+    state = trainer.state
+    best = None
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint is not None:
+        # the step of the checkpoint the Trainer loaded back, read from its name (best_global_step is 0 = falsy
+        # for the initial adapter, which the Trainer itself never ranks)
+        step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[1])
+        logged = [e["eval_loss"] for e in state.log_history if e.get("step") == step and "eval_loss" in e]
+        best = {"step": step, "eval_loss": logged[-1] if logged else state.best_metric}
+    return {"train steps": state.global_step,
             "trainable parameters": trainable_summary(trainer.model)["trainable"],
             "training backend": training_backend(trainer),
-            "train_loss": loss_history(trainer), "eval_loss": loss_history(trainer, "eval_loss")}
+            "train_loss": loss_history(trainer), "eval_loss": loss_history(trainer, "eval_loss"), "best": best,
+            "reported adapter": "the last step's" if best is None else
+            f"step {best['step']}'s (lowest eval loss, {best['eval_loss']:.4f}; load_best_model_at_end)"}
 
 
 def release_training_state(trainer) -> None:

@@ -44,3 +44,36 @@ def test_compare_two_inits_two_seeds_and_the_ceiling(tmp_path):
         assert row in table
     assert "steps to qlora's eval loss" in table and "Mean ± sample std over 2 seeds" in table
     assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rates_and_steps_are_chosen_on_a_validation_split_of_the_training_data(tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "cmp"
+    comparison = launch("accelerate_configs/cpu.yaml", out, "--inits", "qlora", "eora", "--seeds", "0",
+                        "--ceiling", "false", "--learning_rates", "1e-4", "0.05", "--validation_fraction", "0.25",
+                        "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+                        "--load_best_model_at_end", "true", "--per_device_train_batch_size", "8",
+                        "--cache_dir", str(tmp_path / "cache"), num_processes=1, recipe="recipes/compare.py",
+                        config="recipes/configs/compare_arc_nano_gptq2.yaml")
+    assert sorted(comparison["groups"]) == ["eora_lr0.0001", "eora_lr0.05", "qlora_lr0.0001", "qlora_lr0.05"]
+    for label, run in comparison["runs"].items():
+        # 64 training items: 16 held out, never trained on; the 24 evaluation items are the reported ones
+        assert run["summary"]["train items"] == 48 and run["summary"]["eval items"] == 24
+        assert run["summary"]["eval loss on"] == "validation: 16 training items held out (seed 0)"
+        curve = {point["step"]: point["loss"] for point in run["eval_loss"]}
+        assert sorted(curve) == [0, 1, 2]
+        best = run["best"]  # the lowest validation loss, the initial adapter (step 0) included
+        assert best["eval_loss"] == pytest.approx(min(curve.values())) and curve[best["step"]] == best["eval_loss"]
+        # the saved adapter is the one at that step: the initial adapter, or the checkpoint the Trainer kept
+        saved = load_file(out / label / "adapter" / "adapter_model.safetensors")
+        at_best = load_file(out / label / f"checkpoint-{best['step']}" / "adapter_model.safetensors")
+        assert saved.keys() == at_best.keys() and all(saved[k].equal(at_best[k]) for k in saved)
+    losses = {label: run["best"]["eval_loss"] for label, run in comparison["runs"].items()}
+    table = (out / "results.md").read_text()
+    for init in ("qlora", "eora"):
+        chosen = min((f"{init}_lr0.0001", f"{init}_lr0.05"), key=losses.get)
+        rate = "0.0001" if chosen.endswith("0.0001") else "0.05"
+        assert f"| gptq 2-bit g128 act-order | {init} | {rate} | 1 |" in table
+        assert f"| {init} | " in table.split("## Learning rates, chosen on validation")[1]
+    assert "extend learning_rates" in table  # two rates: any choice is at an edge

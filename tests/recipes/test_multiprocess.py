@@ -75,6 +75,10 @@ def test_a_comparison_with_its_uncompressed_ceiling_runs_under_fsdp2(tmp_path):
     assert all(run["summary"]["training backend"] == "fsdp2 x2" for run in comparison["runs"].values())
     assert comparison["_log"].count("this rank builds the model on the meta device") == 2 * meta_models_supported()
     assert comparison["runs"]["lora"]["summary"]["decoder weights compressed"] == "0.0%"
+    # the compare config returns each run's adapter at its lowest validation loss: under FSDP2 every rank loads
+    # the same checkpoint back (a rank loading another one fails in the collective load)
+    for run in comparison["runs"].values():
+        assert run["best"]["eval_loss"] == min(point["loss"] for point in run["eval_loss"])
 
 
 def test_main_only_work_outlasting_the_collective_timeout_does_not_kill_the_other_rank(tmp_path):

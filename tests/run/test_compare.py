@@ -125,7 +125,7 @@ def test_steps_to_target_takes_qlora_at_its_best_rate():
     assert target == pytest.approx(5.6) and steps == [None]  # eora ends at 5.8: never reaches QLoRA's best
     assert steps_to_target(comparison, "qlora_lr0.0001")[0] == [None]
     assert steps_to_target(comparison, "qlora_lr0.0004")[0] == [10]
-    assert "with several rates, QLoRA at the rate where it ends lowest" in comparison_markdown(comparison)
+    assert "with several rates, QLoRA at the rate where it is lowest" in comparison_markdown(comparison)
 
 
 def test_a_rate_sweep_plots_one_colour_per_init_and_one_line_style_per_rate():
@@ -203,3 +203,56 @@ def test_an_interrupted_comparison_resumes_at_its_first_unfinished_run(tmp_path,
     compare_module.compare(*parse(["--learning_rate", "1e-4"]),
                            CompareArguments(inits=["qlora", "eora"], seeds=[0, 1], resume=False))
     assert len(calls) == 6
+
+
+def _validated_sweep(losses: dict, best_steps=True):
+    """A comparison of inits x rates x 2 seeds whose eval losses are on a validation split:
+    ``losses[init][rate] = (seed-0 loss, seed-1 loss)``."""
+    runs, groups = {}, {}
+    for init, by_rate in losses.items():
+        for rate, seeds in by_rate.items():
+            group = f"{init}_lr{rate:g}"
+            for seed, loss in enumerate(seeds):
+                run = _run(init, (0.25, 500.0), (0.26, 480.0 + 100 * loss), lr=rate, eval_curve=(6.2, loss + 0.5))
+                run["summary"]["eval loss on"] = "validation: 8 training items held out (seed 0)"
+                run["best"] = {"step": 5, "eval_loss": loss} if best_steps else None
+                runs[f"{group}_seed{seed}"] = run
+                groups.setdefault(group, []).append(f"{group}_seed{seed}")
+    return {"title": "t", "base": {}, "runs": runs, "groups": groups}
+
+
+def test_each_init_is_reported_at_the_rate_its_validation_loss_chose(tmp_path):
+    from eora_ft.run.compare_select import choose_rates
+
+    comparison = _validated_sweep({"qlora": {1e-4: (5.0, 5.2), 3e-4: (4.8, 4.9), 1e-3: (4.9, 5.0)},
+                                   "eora": {1e-4: (4.7, 4.8), 3e-4: (4.6, 4.9), 1e-3: (4.4, 4.5)}})
+    choices = choose_rates(comparison)
+    assert {m: (c.rate, c.at_edge) for m, c in choices.items()} == {"qlora": (3e-4, False), "eora": (1e-3, True)}
+    assert choices["eora"].losses[1e-3] == pytest.approx((4.45, math.sqrt(0.005)))
+    text = comparison_markdown(comparison)
+    rows = [line for line in text.splitlines() if line.startswith("| gptq 2-bit g128 | ")]
+    # one row per init, at its chosen rate; the reported adapter's validation loss and step per seed
+    assert [row.split(" | ")[1:3] for row in rows[1:]] == [["qlora", "0.0003"], ["eora", "0.001"]]
+    assert "| lr (chosen on validation) |" in text and "| validation loss | reported step |" in text
+    assert "4.4500 ± 0.0707 | 5, 5 |" in rows[2]
+    assert "| qlora | 5.1000 ± 0.1414 | **4.8500 ± 0.0707** | 4.9500 ± 0.0707 | 0.0003 |" in text
+    assert "eora at 0.001, the highest rate tried" in text and "extend learning_rates" in text
+    # the table's accuracy and perplexity come from the chosen runs: eora's after-ppl is 480 + 100 x 4.45
+    assert "925.00 ± 7.07" in rows[2]
+    write_comparison(tmp_path, comparison)  # the plot draws the chosen groups only
+    assert (tmp_path / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_no_rate_choice_without_a_validation_split_or_a_sweep():
+    from eora_ft.run.compare_select import choose_rates
+
+    comparison = _validated_sweep({"qlora": {1e-4: (5.0, 5.2), 3e-4: (4.8, 4.9)}})
+    for run in comparison["runs"].values():  # eval loss on the evaluation items: a curve to look at, not to choose by
+        run["summary"].pop("eval loss on")
+    assert choose_rates(comparison) is None
+    assert "lr (chosen" not in comparison_markdown(comparison)
+    single = _validated_sweep({"qlora": {1e-4: (5.0, 5.2)}, "eora": {1e-4: (4.0, 4.1)}}, best_steps=False)
+    assert choose_rates(single) is None
+    text = comparison_markdown(single)
+    # without load_best_model_at_end the reported adapter is the last step's: its last logged validation loss
+    assert "| validation loss |" in text and "reported step" not in text and "4.5500 ± 0.0707" in text
