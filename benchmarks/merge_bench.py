@@ -32,6 +32,7 @@ from eora_ft.adapters.peft_bridge import build_lora_model, load_pretrained, lora
 from eora_ft.data.heldout import heldout_texts
 from eora_ft.config import CompressionArguments
 from eora_ft.run.merge import merge_adapter
+from eora_ft.run.compare_table import mean_std
 from eora_ft.run.merge_report import BARE, REFERENCE, kept_share
 from eora_ft.run.merge_run import locate, merge_calibration, recorded_compression, run_scorer
 
@@ -148,6 +149,26 @@ def headline_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(rows: list[dict]) -> str:
+    """Per recipe and compression, over its seeds: each merge's share of the adapter's change kept (headline
+    metric) and its KL to the unmerged model, mean ± sample std (± 0 with one seed)."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        runs.setdefault((row["recipe"], row["compression"]), []).append(row)
+    names = [name for name in rows[0]["stages"] if name not in (BARE, REFERENCE)]
+    lines = ["| recipe | compression | seeds | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 3)]
+    for (recipe, compression), members in runs.items():
+        key, cells = HEADLINE[recipe], []
+        for name in names:
+            share = mean_std([kept_share(r["stages"][BARE][key], r["stages"][REFERENCE][key], r["stages"][name][key])
+                              for r in members if name in r["stages"]])
+            kl = mean_std([r["stages"][name]["kl"] for r in members if name in r["stages"]])
+            cells.append("–" if share is None else f"{100 * share[0]:.0f} ± {100 * share[1]:.0f}%, "
+                         f"KL {kl[0]:.4f} ± {kl[1]:.4f}")
+        lines.append(f"| {recipe} | {compression} | {len(members)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipes", nargs="+", default=["arc", "text"], choices=sorted(CONFIGS))
@@ -179,6 +200,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(table(rows))
     print()
     print(headline_table(rows))
+    print()
+    print(seed_table(rows))
     return rows
 
 

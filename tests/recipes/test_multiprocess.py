@@ -120,3 +120,22 @@ def test_a_comparison_survives_main_only_evaluation_after_training_outlasting_th
         f"the final evaluation took {first['timings']['eval_finetuned']:.1f} s: too short to test anything"
     assert sorted(comparison["runs"]) == ["qlora_seed0", "qlora_seed1"]
     assert all(run["summary"]["world size"] == 2 for run in comparison["runs"].values())
+
+
+def test_a_run_that_training_only_worsens_returns_its_initial_adapter_under_deepspeed(tmp_path):
+    """load_best_model_at_end on a validation split: at a diverging rate no step beats the start, so both ranks load
+    checkpoint-0 back (DeepSpeed's own loader) and the saved adapter is the initial one, bit for bit."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    results = launch("accelerate_configs/deepspeed_zero2.yaml", out, "--per_device_train_batch_size", "4",
+                     "--learning_rate", "0.05", "--validation_fraction", "0.25", "--eval_strategy", "steps",
+                     "--eval_steps", "1", "--eval_on_start", "true", "--save_strategy", "steps", "--save_steps", "1",
+                     "--load_best_model_at_end", "true", num_processes=2)
+    assert results["summary"]["training backend"] == "deepspeed zero-2 x2"
+    curve = [point["loss"] for point in results["eval_loss"]]
+    assert results["best"] == {"step": 0, "eval_loss": curve[0]} and min(curve[1:]) > curve[0]
+    assert results["stages"]["finetuned"] == results["stages"]["compensated"]
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    initial = load_file(str(out / "eora_init" / "adapter_model.safetensors"))
+    assert saved.keys() == initial.keys() and all(saved[k].equal(initial[k]) for k in saved)
