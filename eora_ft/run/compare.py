@@ -33,7 +33,7 @@ from eora_ft.run.compare_table import (
     steps_to_target,
     with_sampling_error,
 )
-from eora_ft.run.compare_select import choose_rates, chosen_on_validation, sweep_markdown
+from eora_ft.run.compare_select import choose_rates, chosen_on_validation, next_rate, sweep_markdown
 from eora_ft.config import UNCOMPRESSED, AdapterInitArguments, CompressionArguments, EoraModelConfig, EoraSFTConfig, TaskArguments
 from eora_ft.init import INITIALIZERS, REBASING_INITS
 from eora_ft.run.pipeline import run, run_config
@@ -60,6 +60,11 @@ class CompareArguments:
         default=True, metadata={"help": "Reuse a run whose folder already holds results.json written with the same "
                                         "configuration, so an interrupted comparison restarts at its first unfinished "
                                         "run; false reruns every run."})
+    grid_extensions: int = field(
+        default=0, metadata={"help": "With learning_rates chosen on a validation split (validation_fraction): while an "
+                                     "init's chosen rate is the lowest or highest it ran, run it at the next rate beyond "
+                                     "(the ratio of the two rates nearest that end), at most this many times; 0 = "
+                                     "report a choice at the edge as such."})
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.inits if name not in INITIALIZERS]
@@ -71,6 +76,9 @@ class CompareArguments:
             raise ValueError(f"learning_rates={self.learning_rates} must be positive numbers")
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise ValueError(f"seeds={self.seeds} must be a non-empty list of distinct integers (or None)")
+        if self.grid_extensions < 0 or (self.grid_extensions and len(set(self.learning_rates or [])) < 2):
+            raise ValueError(f"grid_extensions={self.grid_extensions} must be >= 0, and above 0 it needs at least two "
+                             f"learning_rates to take the grid's ratio from (learning_rates={self.learning_rates})")
 
 
 def _label(init: str, lr: float | None) -> str:
@@ -85,36 +93,52 @@ def compare(task_args: TaskArguments, compress_args: CompressionArguments, init_
     out = Path(training_args.output_dir)
     rates = compare_args.learning_rates or [None]
     seeds = compare_args.seeds or [training_args.seed]
+    if compare_args.grid_extensions and task_args.validation_fraction == 0:
+        raise ValueError(f"grid_extensions={compare_args.grid_extensions} extends the learning-rate grid where the "
+                         "validation loss chose its edge: set validation_fraction (e.g. 0.1) and an eval_strategy")
     plans = ([(CEILING, "qlora", UNCOMPRESSED)] if compare_args.ceiling else []) + \
         [(init, init, compress_args.compress_method) for init in compare_args.inits]
     runs: dict[str, dict] = {}
     groups: dict[str, list[str]] = {}
     base = None
     total = len(plans) * len(rates) * len(seeds)
-    for name, init, method in plans:
+
+    def run_group(name: str, init: str, method: str, lr: float | None) -> None:
+        nonlocal base
+        group = _label(name, lr)
+        for seed in seeds:
+            label = group if len(seeds) == 1 else f"{group}_seed{seed}"
+            logger.info("comparison run %s (%d of %d)", label, len(runs) + 1, max(total, len(runs) + 1))
+            run_init = dataclasses.replace(init_args, init_method=init)
+            run_compress = dataclasses.replace(compress_args, compress_method=method)
+            run_task = copy.deepcopy(task_args)
+            run_task.eval_base = task_args.eval_base and base is None  # the uncompressed model once
+            run_training = copy.deepcopy(training_args)
+            run_training.output_dir = str(out / label)
+            run_training.seed = seed
+            if lr is not None:
+                run_training.learning_rate = lr
+            run_args = (run_task, run_compress, run_init, run_training, model_args)
+            results = finished_run(Path(run_training.output_dir), run_config(*run_args)) \
+                if compare_args.resume else None
+            if results is None:
+                results = run(*run_args)
+            if base is None:
+                base = results.get("stages", {}).get("base")
+            runs[label] = results
+            groups.setdefault(group, []).append(label)
+
+    for plan in plans:
         for lr in rates:
-            group = _label(name, lr)
-            for seed in seeds:
-                label = group if len(seeds) == 1 else f"{group}_seed{seed}"
-                logger.info("comparison run %s (%d of %d)", label, len(runs) + 1, total)
-                run_init = dataclasses.replace(init_args, init_method=init)
-                run_compress = dataclasses.replace(compress_args, compress_method=method)
-                run_task = copy.deepcopy(task_args)
-                run_task.eval_base = task_args.eval_base and base is None  # the uncompressed model once
-                run_training = copy.deepcopy(training_args)
-                run_training.output_dir = str(out / label)
-                run_training.seed = seed
-                if lr is not None:
-                    run_training.learning_rate = lr
-                run_args = (run_task, run_compress, run_init, run_training, model_args)
-                results = finished_run(Path(run_training.output_dir), run_config(*run_args)) \
-                    if compare_args.resume else None
-                if results is None:
-                    results = run(*run_args)
-                if base is None:
-                    base = results.get("stages", {}).get("base")
-                runs[label] = results
-                groups.setdefault(group, []).append(label)
+            run_group(*plan, lr)
+    by_method = {name: (name, init, method) for name, init, method in plans}
+    for _ in range(compare_args.grid_extensions):
+        beyond = _beyond_the_edges(runs, groups)
+        for method, lr in beyond:
+            logger.info("%s chose the edge of its learning-rate grid on validation: running it at %g", method, lr)
+            run_group(*by_method[method], lr)
+        if not beyond:
+            break
     comparison = {"title": f"{task_args.task}: {compress_args.describe()}, initializers compared on {model_args.model_name_or_path}",
                   "base": base or {}, "runs": runs, "groups": groups, "inits": compare_args.inits,
                   "learning_rates": compare_args.learning_rates, "seeds": seeds}
@@ -122,6 +146,20 @@ def compare(task_args: TaskArguments, compress_args: CompressionArguments, init_
         write_comparison(out, comparison)
     PartialState().wait_for_everyone()
     return comparison
+
+
+def _beyond_the_edges(runs: dict[str, dict], groups: dict[str, list[str]]) -> list[tuple[str, float]]:
+    """``[(method, rate)]``: the next rate for each method whose validation loss chose the edge of its grid. Decided
+    by the main process (the other ranks hold no results) and broadcast, so every rank runs the same groups."""
+    state = PartialState()
+    decided: list = [[]]
+    if state.is_main_process:
+        choices = choose_rates({"runs": runs, "groups": groups}) or {}
+        decided[0] = [(c.method, next_rate(c)) for c in choices.values()
+                      if c.at_edge and c.losses[c.rate] is not None and next_rate(c) not in c.losses]
+    if state.num_processes > 1:
+        broadcast_object_list(decided)
+    return decided[0]
 
 
 # fields that differ between the ranks of one launch, or between the runs of one comparison, without
@@ -172,8 +210,8 @@ def comparison_markdown(comparison: dict) -> str:
     n_seeds = max(len(labels) for labels in groups.values())
     validated = chosen_on_validation(comparison)
     choices = choose_rates(comparison)
-    if choices:  # each init at the rate its validation loss chose; the sweep follows the table
-        groups = {g: members for g, members in groups.items() if g in {c.chosen for c in choices.values()}}
+    if choices:  # each init at the rate its validation loss chose, in the inits' order; the sweep follows the table
+        groups = {c.chosen: groups[c.chosen] for c in choices.values()}
     reported_steps = any(run.get("best") for run in runs.values())
     compressed_groups = [g for g in groups if g != CEILING and not g.startswith(f"{CEILING}_lr")]
     first = runs[groups[compressed_groups[0] if compressed_groups else next(iter(groups))][0]]
@@ -276,5 +314,5 @@ def write_comparison(output_dir: Path, comparison: dict) -> None:
     groups = comparison.get("groups")
     choices = choose_rates(comparison) if groups else None
     if choices:  # the curves of each init at its chosen rate
-        groups = {g: members for g, members in groups.items() if g in {c.chosen for c in choices.values()}}
+        groups = {c.chosen: groups[c.chosen] for c in choices.values()}
     plot_loss_curves(comparison["runs"], output_dir / "loss_curves.png", comparison["title"], groups=groups)

@@ -73,6 +73,14 @@ def choose_rates(comparison: dict) -> dict[str, RateChoice] | None:
     return choices
 
 
+def next_rate(choice: RateChoice) -> float:
+    """One grid step beyond the edge ``choice`` sits at: the ratio of the two rates nearest that edge applied once
+    more (1e-4, 3e-4, 1e-3 chosen at 1e-3 -> 3.33e-3), to 3 significant digits."""
+    rates = sorted(choice.losses)
+    value = rates[0] ** 2 / rates[1] if choice.rate == rates[0] else rates[-1] ** 2 / rates[-2]
+    return float(f"{value:.3g}")
+
+
 def sweep_markdown(comparison: dict, choices: dict[str, RateChoice]) -> list[str]:
     """The sweep as markdown lines: one row per method, the validation loss at each rate (the chosen one in
     bold), then which choices sit at the grid's edge."""

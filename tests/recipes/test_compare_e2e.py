@@ -51,12 +51,15 @@ def test_rates_and_steps_are_chosen_on_a_validation_split_of_the_training_data(t
 
     out = tmp_path / "cmp"
     comparison = launch("accelerate_configs/cpu.yaml", out, "--inits", "qlora", "eora", "--seeds", "0",
-                        "--ceiling", "false", "--learning_rates", "1e-4", "0.05", "--validation_fraction", "0.25",
+                        "--ceiling", "false", "--learning_rates", "1e-4", "0.05", "--grid_extensions", "1",
+                        "--validation_fraction", "0.25",
                         "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
                         "--load_best_model_at_end", "true", "--per_device_train_batch_size", "8",
                         "--cache_dir", str(tmp_path / "cache"), num_processes=1, recipe="recipes/compare.py",
                         config="recipes/configs/compare_arc_nano_gptq2.yaml")
-    assert sorted(comparison["groups"]) == ["eora_lr0.0001", "eora_lr0.05", "qlora_lr0.0001", "qlora_lr0.05"]
+    # 0.05 diverges, so each init chose 1e-4, the low edge: the grid was extended one step below (1e-4^2 / 0.05)
+    assert sorted(comparison["groups"]) == ["eora_lr0.0001", "eora_lr0.05", "eora_lr2e-07", "qlora_lr0.0001",
+                                            "qlora_lr0.05", "qlora_lr2e-07"]
     for label, run in comparison["runs"].items():
         # 64 training items: 16 held out, never trained on; the 24 evaluation items are the reported ones
         assert run["summary"]["train items"] == 48 and run["summary"]["eval items"] == 24
@@ -71,9 +74,9 @@ def test_rates_and_steps_are_chosen_on_a_validation_split_of_the_training_data(t
         assert saved.keys() == at_best.keys() and all(saved[k].equal(at_best[k]) for k in saved)
     losses = {label: run["best"]["eval_loss"] for label, run in comparison["runs"].items()}
     table = (out / "results.md").read_text()
+    sweep = table.split("## Learning rates, chosen on validation")[1]
     for init in ("qlora", "eora"):
-        chosen = min((f"{init}_lr0.0001", f"{init}_lr0.05"), key=losses.get)
-        rate = "0.0001" if chosen.endswith("0.0001") else "0.05"
+        rates = {"2e-07": f"{init}_lr2e-07", "0.0001": f"{init}_lr0.0001", "0.05": f"{init}_lr0.05"}
+        rate = min(rates, key=lambda r: losses[rates[r]])
         assert f"| gptq 2-bit g128 act-order | {init} | {rate} | 1 |" in table
-        assert f"| {init} | " in table.split("## Learning rates, chosen on validation")[1]
-    assert "extend learning_rates" in table  # two rates: any choice is at an edge
+        assert f"| {init} | " in sweep and f"**{losses[rates[rate]]:.4f}**" in sweep

@@ -256,3 +256,36 @@ def test_no_rate_choice_without_a_validation_split_or_a_sweep():
     text = comparison_markdown(single)
     # without load_best_model_at_end the reported adapter is the last step's: its last logged validation loss
     assert "| validation loss |" in text and "reported step" not in text and "4.5500 ± 0.0707" in text
+
+
+def test_the_next_rate_is_one_grid_step_beyond_the_chosen_edge():
+    from eora_ft.run.compare_select import RateChoice, next_rate
+
+    losses = {1e-4: (5.0, 0.0), 3e-4: (4.9, 0.0), 1e-3: (4.8, 0.0)}
+    groups = {rate: f"eora_lr{rate:g}" for rate in losses}
+    assert next_rate(RateChoice("eora", 1e-3, losses, groups)) == pytest.approx(3.33e-3)
+    assert next_rate(RateChoice("eora", 1e-4, losses, groups)) == pytest.approx(3.33e-5)
+    assert not RateChoice("eora", 3e-4, losses, groups).at_edge
+
+
+def test_an_extended_grid_reports_each_init_at_its_new_best_rate_in_the_inits_order():
+    from eora_ft.run.compare_select import choose_rates
+
+    # qlora's third rate was added beyond the edge after eora's groups: its row still comes first
+    comparison = _validated_sweep({"qlora": {1e-4: (5.0, 5.2), 3e-4: (4.8, 4.9)},
+                                   "eora": {1e-4: (4.7, 4.8), 3e-4: (4.5, 4.9)}})
+    extra = _validated_sweep({"qlora": {9e-4: (4.7, 4.7)}})
+    comparison["runs"] |= extra["runs"]
+    comparison["groups"] |= extra["groups"]
+    assert choose_rates(comparison)["qlora"].rate == 9e-4
+    rows = [line.split(" | ")[1:3] for line in comparison_markdown(comparison).splitlines()
+            if line.startswith("| gptq 2-bit g128 | ")][1:]
+    assert rows == [["qlora", "0.0009"], ["eora", "0.0003"]]
+    assert "| eora | 4.7500 ± 0.0707 | **4.7000 ± 0.2828** | not run |" in comparison_markdown(comparison)
+
+
+@pytest.mark.parametrize("kwargs", [{"grid_extensions": 2}, {"grid_extensions": 1, "learning_rates": [1e-4]},
+                                    {"grid_extensions": -1, "learning_rates": [1e-4, 2e-4]}])
+def test_grid_extensions_need_a_grid(kwargs):
+    with pytest.raises(ValueError, match="grid_extensions"):
+        CompareArguments(**kwargs)
