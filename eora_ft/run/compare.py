@@ -33,7 +33,8 @@ from eora_ft.run.compare_table import (
     steps_to_target,
     with_sampling_error,
 )
-from eora_ft.run.compare_select import choose_rates, chosen_on_validation, next_rate, sweep_markdown
+from eora_ft.run.compare_select import (choose_rates, chosen_on_validation, next_rate, reported_groups,
+                                          sweep_markdown)
 from eora_ft.config import UNCOMPRESSED, AdapterInitArguments, CompressionArguments, EoraModelConfig, EoraSFTConfig, TaskArguments
 from eora_ft.init import INITIALIZERS, REBASING_INITS
 from eora_ft.run.pipeline import run, run_config
@@ -210,8 +211,7 @@ def comparison_markdown(comparison: dict) -> str:
     n_seeds = max(len(labels) for labels in groups.values())
     validated = chosen_on_validation(comparison)
     choices = choose_rates(comparison)
-    if choices:  # each init at the rate its validation loss chose, in the inits' order; the sweep follows the table
-        groups = {c.chosen: groups[c.chosen] for c in choices.values()}
+    groups = reported_groups(comparison, choices)  # with chosen rates, the sweep follows the table
     reported_steps = any(run.get("best") for run in runs.values())
     compressed_groups = [g for g in groups if g != CEILING and not g.startswith(f"{CEILING}_lr")]
     first = runs[groups[compressed_groups[0] if compressed_groups else next(iter(groups))][0]]
@@ -312,7 +312,6 @@ def write_comparison(output_dir: Path, comparison: dict) -> None:
     atomic_write_text(output_dir / "results.md", text)
     atomic_write_text(output_dir / "README.md", text)
     groups = comparison.get("groups")
-    choices = choose_rates(comparison) if groups else None
-    if choices:  # the curves of each init at its chosen rate
-        groups = {c.chosen: groups[c.chosen] for c in choices.values()}
+    if groups:  # the curves of each init at its chosen rate
+        groups = reported_groups(comparison, choose_rates(comparison))
     plot_loss_curves(comparison["runs"], output_dir / "loss_curves.png", comparison["title"], groups=groups)

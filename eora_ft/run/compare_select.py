@@ -73,6 +73,13 @@ def choose_rates(comparison: dict) -> dict[str, RateChoice] | None:
     return choices
 
 
+def reported_groups(comparison: dict, choices: dict[str, RateChoice] | None) -> dict[str, list[str]]:
+    """The groups a table and its plot show: each method at its chosen rate, in the methods' order, when rates
+    were chosen (``choices``); else every group."""
+    groups = comparison["groups"]
+    return {c.chosen: groups[c.chosen] for c in choices.values()} if choices else groups
+
+
 def next_rate(choice: RateChoice) -> float:
     """One grid step beyond the edge ``choice`` sits at: the ratio of the two rates nearest that edge applied once
     more (1e-4, 3e-4, 1e-3 chosen at 1e-3 -> 3.33e-3), to 3 significant digits."""
