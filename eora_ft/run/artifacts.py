@@ -217,6 +217,12 @@ def base_directory(init_entry: Path) -> Path | None:
     return None if _uncompressed(base_entry) else base_entry / BASE_DIR
 
 
+def compressed_base_name(init_entry: Path, model_name_or_path: str) -> str:
+    """What a run's ``compressed`` stage scores, as its summary names it: the packed base of ``init_entry``'s adapter
+    (LoftQ's own), or the uncompressed model ``model_name_or_path`` for the ceiling."""
+    return str(base_directory(init_entry) or f"{model_name_or_path} (uncompressed)")
+
+
 def _uncompressed(base_entry: Path) -> dict | None:
     return json.loads((base_entry / META).read_text()).get("uncompressed")
 

@@ -102,6 +102,7 @@ def compare(task_args: TaskArguments, compress_args: CompressionArguments, init_
     runs: dict[str, dict] = {}
     groups: dict[str, list[str]] = {}
     base = None
+    scored_bases: dict[str, dict] = {}  # main process: each compressed base is evaluated once per comparison
     total = len(plans) * len(rates) * len(seeds)
 
     def run_group(name: str, init: str, method: str, lr: float | None) -> None:
@@ -123,7 +124,9 @@ def compare(task_args: TaskArguments, compress_args: CompressionArguments, init_
             results = finished_run(Path(run_training.output_dir), run_config(*run_args)) \
                 if compare_args.resume else None
             if results is None:
-                results = run(*run_args)
+                results = run(*run_args, scored_bases=scored_bases)
+            if "compressed" in results.get("stages", {}) and "compressed base" in results.get("summary", {}):
+                scored_bases.setdefault(results["summary"]["compressed base"], results["stages"]["compressed"])
             if base is None:
                 base = results.get("stages", {}).get("base")
             runs[label] = results

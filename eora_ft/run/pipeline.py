@@ -25,10 +25,10 @@ from accelerate import PartialState
 from transformers import AutoConfig
 
 from eora_ft.run.artifacts import (
-    base_directory,
     base_key_parts,
     build_base,
     build_init,
+    compressed_base_name,
     export_base,
     init_key_parts,
     load_artifacts,
@@ -87,9 +87,10 @@ def run_config(task_args: TaskArguments, compress_args: CompressionArguments, in
 
 
 def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args: AdapterInitArguments,
-        training_args: EoraSFTConfig, model_args: EoraModelConfig) -> dict:
+        training_args: EoraSFTConfig, model_args: EoraModelConfig, scored_bases: dict[str, dict] | None = None) -> dict:
     """Run the whole recipe and return the results dict (also written to ``output_dir``; empty on ranks
-    other than the main one)."""
+    other than the main one). ``scored_bases``: ``{summary's "compressed base": its compressed stage}`` from earlier
+    runs with the same evaluation settings (a comparison's): a run on one of those bases reuses that row."""
     refuse_data_parallel(use_cpu=training_args.use_cpu)  # `python recipe.py` on a multi-GPU host: before any work
     state = PartialState()
     main = state.is_main_process
@@ -182,6 +183,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
         require_entry(cache_root, read_meta(entry)["base_entry"])
         built, dtype = {}, getattr(torch, posted["dtype"].removeprefix("torch."))
     meta = read_meta(entry)
+    base_name = compressed_base_name(entry, model_args.model_name_or_path)
     home = training_home(state, entry)
     with full_model_init():
         peft_model = load_artifacts(entry, dtype, home, attn_implementation=model_args.attn_implementation)
@@ -191,8 +193,13 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
     adapter_base = ("", "")
     if main:
         with handoff.main_work("evaluating the compressed model"):
-            with peft_model.disable_adapter():
-                stages["compressed"] = evaluate(peft_model)
+            scored = (scored_bases or {}).get(base_name)
+            if scored is not None:
+                logger.info("compressed model: scored by an earlier run on the same base (%s)", base_name)
+                stages["compressed"] = dict(scored)
+            else:
+                with peft_model.disable_adapter():
+                    stages["compressed"] = evaluate(peft_model)
             lap("eval_compressed")
             with full_model_init():  # the adapters name a base the user owns, not a cache entry
                 adapter_base = built.get("adapter_base") or export_base(entry, output_dir / "base", tokenizer,
@@ -257,7 +264,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                 "adapter calibration tokens": meta["adapter_calib_tokens"],
                 "artifact cache": f"base: {built.get('base', '–')}, init: {built.get('init', '–')}",
                 "init entry": str(entry),
-                "compressed base": str(base_directory(entry) or f"{model_args.model_name_or_path} (uncompressed)"),
+                "compressed base": base_name,
                 "adapter base": f"{adapter_base[0]} ({adapter_base[1]})",
                 "train items": len(train_items), "eval items": len(eval_items), "eval data": items.origin,
                 "eval loss on": (f"validation: {len(items.validation)} training items held out (seed "

@@ -113,7 +113,8 @@ def test_a_comparison_survives_main_only_evaluation_after_training_outlasting_th
     timeout = 4
     comparison = launch("accelerate_configs/cpu.yaml", tmp_path / "cmp", "--inits", "qlora", "--seeds", "0", "1",
                         "--ceiling", "false", "--per_device_train_batch_size", "4", "--ddp_timeout", str(timeout),
-                        "--eval_limit", "299", "--ppl_max_windows", "16", "--cache_dir", str(tmp_path / "cache"),
+                        "--eval_limit", "200", "--ppl_max_windows", "10", "--eval_base", "false",
+                        "--cache_dir", str(tmp_path / "cache"),
                         recipe="recipes/compare.py", config="recipes/configs/compare_arc_nano_gptq2.yaml")
     first = comparison["runs"]["qlora_seed0"]
     assert first["timings"]["eval_finetuned"] > timeout, \

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from eora_ft.run.artifacts import base_directory, base_key_parts, build_base, build_init, init_key_parts, load_artifacts
+from eora_ft.run.artifacts import (base_directory, base_key_parts, build_base, build_init, compressed_base_name,
+                                   init_key_parts, load_artifacts)
 from eora_ft.run.cache import cache_key, ensure_entry
 from eora_ft.config import AdapterInitArguments, CompressionArguments, EoraModelConfig
 
@@ -67,6 +68,9 @@ def test_one_base_serves_several_adapters_and_loftq_brings_its_own(setting, tmp_
     assert builds == ["base"]  # the second adapter found the compressed base
     assert base_directory(entries["eora"]) == tmp_path / base_key / "base"
     assert base_directory(entries["loftq"]) == entries["loftq"] / "base"
+    # a comparison scores each compressed base once, by this name: LoftQ's rewritten base is not the shared one
+    names = {init: compressed_base_name(entry, model_args.model_name_or_path) for init, entry in entries.items()}
+    assert names == {"eora": str(tmp_path / base_key / "base"), "loftq": str(entries["loftq"] / "base")}
 
     ids = adapter_calib[:2]
     eora = load_artifacts(entries["eora"], torch.float32, "cpu", trainable=False)
@@ -91,6 +95,7 @@ def test_uncompressed_ceiling_starts_as_the_original_model(setting, tmp_path):
                                                                   tokenizer, None, model_args, none, init_args, 0,
                                                                   entry=tmp_path / key))
     assert base_directory(entry) is None and not (base_entry / "base").exists()
+    assert compressed_base_name(entry, "org/model") == "org/model (uncompressed)"
     lora = load_artifacts(entry, torch.float32, "cpu")
     ids = torch.arange(16).reshape(1, 16)
     with torch.no_grad():

@@ -168,8 +168,11 @@ def test_an_interrupted_comparison_resumes_at_its_first_unfinished_run(tmp_path,
 
     calls = []
 
-    def fake_run(task_args, compress_args, init_args, training_args, model_args):
+    given = []
+
+    def fake_run(task_args, compress_args, init_args, training_args, model_args, scored_bases=None):
         calls.append(Path(training_args.output_dir).name)
+        given.append(dict(scored_bases))
         if len(calls) == 3 and not getattr(fake_run, "finish", False):
             raise KeyboardInterrupt  # the comparison is stopped during its third run
         results = {**_run(init_args.init_method, (0.28, 450.0), (0.30, 440.0)),
@@ -193,6 +196,8 @@ def test_an_interrupted_comparison_resumes_at_its_first_unfinished_run(tmp_path,
     fake_run.finish = True
     comparison = compare_module.compare(*parse(), compare_args)
     assert calls == ["qlora_seed0", "qlora_seed1", "eora_seed0", "eora_seed1"]  # the two finished runs are reused
+    # and so is the compressed row they measured: each later run is handed it rather than scoring that base again
+    assert all(scored == {"/c/k/base": {"arc_challenge/acc": 0.25, "wikitext2/ppl": 500.0}} for scored in given[3:])
     assert list(comparison["runs"]) == ["lora_seed0", "lora_seed1", "qlora_seed0", "qlora_seed1", "eora_seed0", "eora_seed1"]
     assert (tmp_path / "results.md").is_file()
 
