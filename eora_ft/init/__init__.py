@@ -24,6 +24,7 @@ from .eora import eora_factors
 from .eora_alt import eora_alt_factors
 from .factors import LowRankFactors, fake_quantize_rows
 from .loftq import loftq_factors
+from .pissa import pissa_factors
 from .qlora import qlora_factors
 from .svd import svd_factors
 
@@ -61,6 +62,14 @@ def _loftq(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, *, g
     return loftq_factors(weight, compressor, stats, rank, iters=iters)
 
 
+def _pissa(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, *, generator=None, weight=None,
+           compressor=None, **options) -> LowRankFactors:
+    if weight is None or compressor is None:
+        raise ValueError("pissa compresses the residual of the weight's principal part: call it with weight= and "
+                         "compressor=")
+    return pissa_factors(weight, compressor, stats, rank)
+
+
 def _eora_alt(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, *, generator=None, weight=None,
               compressor=None, iters: int = 2, **options) -> LowRankFactors:
     if stats is None or weight is None or compressor is None:
@@ -71,11 +80,12 @@ def _eora_alt(delta_w: torch.Tensor, stats: ActivationStats | None, rank: int, *
 
 INITIALIZERS: dict[str, Initializer] = {
     "eora": _eora, "eora_alt": _eora_alt, "act_diag": _act_diag, "svd": _svd, "loftq": _loftq, "qlora": _qlora,
+    "pissa": _pissa,
 }
 # the initializers that draw from the generator: only their results depend on the seed
 SEEDED_INITS = frozenset({"qlora"})
 # the initializers that re-compress W and may bring their own base (.base): they need weight= and compressor=
-REBASING_INITS = frozenset({"loftq", "eora_alt"})
+REBASING_INITS = frozenset({"loftq", "eora_alt", "pissa"})
 # the initializers that read the activation statistics themselves (the others get stats=None when nothing else
 # needs them: no fp64 X^T X is accumulated for RTN/NF4 with qlora, svd or loftq)
 STATISTICS_INITS = frozenset({"eora", "eora_alt", "act_diag"})
@@ -105,4 +115,4 @@ def check_rank(rank: int, in_features: int, out_features: int, layer: str = "lay
 
 __all__ = ["INITIALIZERS", "REBASING_INITS", "SEEDED_INITS", "STATISTICS_INITS", "init_needs_statistics",
            "LowRankFactors", "act_diag_factors", "check_rank", "eora_alt_factors", "eora_factors", "fake_quantize_rows",
-           "loftq_factors", "get_initializer", "qlora_factors", "svd_factors"]
+           "loftq_factors", "get_initializer", "pissa_factors", "qlora_factors", "svd_factors"]

@@ -51,7 +51,7 @@ from eora_ft.compress.io import (
 from eora_ft.config import UNCOMPRESSED, AdapterInitArguments, CompressionArguments, EoraModelConfig
 from eora_ft.data import resolve_path
 from eora_ft.data.sources import _looks_like_hub_id
-from eora_ft.init import REBASING_INITS
+from eora_ft.init import INITIALIZERS, REBASING_INITS
 from eora_ft.init.sequential import find_decoder_layers, target_linears
 from eora_ft.run.artifacts import BASE_DIR
 from eora_ft.run.cache import cache_key, ensure_entry, model_fingerprint
@@ -312,7 +312,7 @@ def check_same_weights(model: nn.Module, checkpoint: Checkpoint, *, max_tensors:
 
 
 def check_init_method(init_args: AdapterInitArguments, checkpoint: Checkpoint) -> None:
-    """Refuse an initializer that re-compresses the weights (``loftq``, ``eora_alt``): it would replace the
+    """Refuse an initializer that re-compresses the weights (:data:`REBASING_INITS`): it would replace the
     checkpoint with a base of its own (see the module docstring), naming the settings of a run that compresses
     the original itself on the checkpoint's grid."""
     if init_args.init_from_adapter or init_args.init_method not in REBASING_INITS:
@@ -320,8 +320,8 @@ def check_init_method(init_args: AdapterInitArguments, checkpoint: Checkpoint) -
     implied = implied_compression(checkpoint.directory)
     settings = ", ".join(f"{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in implied.items())
     raise ValueError(f"init_method={init_args.init_method!r} re-compresses the weights and replaces the base with its "
-                     f"own, so its adapter would not belong to {_FIELD} {checkpoint.name!r}: use eora, act_diag, svd "
-                     f"or qlora with a compressed checkpoint, or drop {_FIELD} and let the run compress "
+                     f"own, so its adapter would not belong to {_FIELD} {checkpoint.name!r}: use one of "
+                     f"{sorted(set(INITIALIZERS) - REBASING_INITS)} with a compressed checkpoint, or drop {_FIELD} and let the run compress "
                      f"model_name_or_path itself on the checkpoint's grid ({settings})")
 
 

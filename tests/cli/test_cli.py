@@ -121,8 +121,8 @@ def test_init_bad_input(compressed_dir, tmp_path, flags, error, match):
 
 
 def test_init_unknown_method_lists_valid_ones(compressed_dir, tmp_path):
-    with pytest.raises(ValueError, match=r"init_method='pissa' is unknown; valid: \[.*'eora'"):
-        main(["init", "--compressed_model", str(compressed_dir), "--init_method", "pissa", "--lora_r", "4",
+    with pytest.raises(ValueError, match=r"init_method='dora' is unknown; valid: \[.*'eora'"):
+        main(["init", "--compressed_model", str(compressed_dir), "--init_method", "dora", "--lora_r", "4",
               "--output_dir", str(tmp_path / "a")])
     assert not (tmp_path / "a").exists()
 

@@ -114,8 +114,8 @@ def test_qlora_is_peft_default_shape_and_zero_b():
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="unknown init method 'pissa'; valid: .*eora"):
-        get_initializer("pissa")
+    with pytest.raises(ValueError, match="unknown init method 'dora'; valid: .*eora"):
+        get_initializer("dora")
     with pytest.raises(ValueError, match="rank=0 .* valid: 1..8"):
         check_rank(0, 8, 12)
     with pytest.raises(ValueError, match="rank=9 .* valid: 1..8"):

@@ -36,7 +36,7 @@ def _run(model, method, inits, **kwargs):
                           init_options={"loftq": {"iters": 2}}, **kwargs)
 
 
-@pytest.mark.parametrize("inits", [["qlora", "svd"], ["loftq"]])
+@pytest.mark.parametrize("inits", [["qlora", "svd"], ["loftq"], ["pissa"]])
 def test_rtn_with_data_free_inits_accumulates_nothing_and_gives_the_same_adapters(nano_model_and_tokenizer,
                                                                                    accumulations, inits):
     skipped_model, reported_model = (copy.deepcopy(nano_model_and_tokenizer[0]) for _ in range(2))

@@ -57,7 +57,7 @@ def test_one_base_serves_several_adapters_and_loftq_brings_its_own(setting, tmp_
 
     base_key = cache_key(base_key_parts(model, model_args, compress_args, calib, model_args.model_name_or_path))
     entries = {}
-    for init in ("eora", "loftq"):
+    for init in ("eora", "loftq", "pissa"):
         base_entry, _ = ensure_entry(tmp_path, base_key, base_build)
         init_args = AdapterInitArguments(init_method=init, loftq_iters=2)
         key = cache_key(init_key_parts(base_key, model_args, init_args, adapter_calib, 0))
@@ -68,9 +68,11 @@ def test_one_base_serves_several_adapters_and_loftq_brings_its_own(setting, tmp_
     assert builds == ["base"]  # the second adapter found the compressed base
     assert base_directory(entries["eora"]) == tmp_path / base_key / "base"
     assert base_directory(entries["loftq"]) == entries["loftq"] / "base"
+    assert base_directory(entries["pissa"]) == entries["pissa"] / "base"
     # a comparison scores each compressed base once, by this name: LoftQ's rewritten base is not the shared one
     names = {init: compressed_base_name(entry, model_args.model_name_or_path) for init, entry in entries.items()}
-    assert names == {"eora": str(tmp_path / base_key / "base"), "loftq": str(entries["loftq"] / "base")}
+    assert names == {"eora": str(tmp_path / base_key / "base"), "loftq": str(entries["loftq"] / "base"),
+                     "pissa": str(entries["pissa"] / "base")}
 
     ids = adapter_calib[:2]
     eora = load_artifacts(entries["eora"], torch.float32, "cpu", trainable=False)
@@ -81,6 +83,13 @@ def test_one_base_serves_several_adapters_and_loftq_brings_its_own(setting, tmp_
         original = model(input_ids=ids).logits
     # EoRA's adapter, fitted on the adapter calibration, brings these tokens' logits closer to the original's
     assert (corrected - original).norm() < (plain - original).norm()
+    # PiSSA's adapter holds each linear's principal part: without it the residual base is far from the model
+    pissa = load_artifacts(entries["pissa"], torch.float32, "cpu", trainable=False)
+    with torch.no_grad():
+        with pissa.disable_adapter():
+            residual_only = pissa(input_ids=ids).logits
+        whole = pissa(input_ids=ids).logits
+    assert 3 * (whole - original).norm() < (residual_only - original).norm()
 
 
 def test_uncompressed_ceiling_starts_as_the_original_model(setting, tmp_path):

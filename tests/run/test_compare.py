@@ -147,7 +147,7 @@ def test_model_card_has_metadata_results_and_usage():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"inits": ["eora", "pissa"]}, r"unknown: \['pissa'\]"),
+    ({"inits": ["eora", "dora"]}, r"unknown: \['dora'\]"),
     ({"inits": []}, "non-empty"),
     ({"inits": ["eora", "eora"]}, "repeats"),
     ({"learning_rates": [1e-4, 0.0]}, "must be positive"),

@@ -400,9 +400,11 @@ def test_eora_ft_init_reads_a_gptq_v2_checkpoint_like_its_own_format(original, t
                            load_adapter(import_gptq(tmp_path / "g"), tmp_path / "adapter-g")(input_ids=ids).logits)
     with pytest.raises(ValueError, match=r"does not record the model it was compressed from: pass --original_model"):
         main(["init", "--compressed_model", str(tmp_path / "g"), *CLI_SMALL, "--output_dir", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match=r"init_method='eora_alt' re-compresses"):
-        main(["init", "--compressed_model", str(tmp_path / "g"), "--original_model", str(original), "--init_method",
-              "eora_alt", *CLI_SMALL, "--output_dir", str(tmp_path / "x")])
+    for rebasing in ("eora_alt", "pissa"):  # the refusal names the initializers that keep the checkpoint
+        with pytest.raises(ValueError, match=rf"init_method='{rebasing}' re-compresses.*use one of \['act_diag', "
+                                             r"'eora', 'qlora', 'svd'\]"):
+            main(["init", "--compressed_model", str(tmp_path / "g"), "--original_model", str(original),
+                  "--init_method", rebasing, *CLI_SMALL, "--output_dir", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
 
 
