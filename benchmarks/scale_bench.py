@@ -4,6 +4,7 @@ wrap and one training step, with per-layer time of each stage and peak memory.
     OMP_NUM_THREADS=2 python benchmarks/scale_bench.py --layers 1 --tokens 1024 --compress gptq --bits 4
     OMP_NUM_THREADS=2 python benchmarks/scale_bench.py --layers 1 --tokens 1024 --compress sparsegpt
     python benchmarks/scale_bench.py --device cuda --layers 2 --tokens 4096    # on a GPU: accelerator peaks too
+    OMP_NUM_THREADS=2 python benchmarks/scale_bench.py --shape 30b-a3b --layers 1 --tokens 4096   # one MoE layer
 
 The model is a ``LlamaForCausalLM`` with Llama-3-8B's decoder shapes (hidden 4096, 32 query and 8 key/value
 heads, intermediate 14336; ``--shape 70b``: hidden 8192, 64/8 heads, intermediate 28672) and a cut-down
@@ -12,6 +13,11 @@ decoder layer at a time to ``--device``. Peak host memory is the process's resid
 the budget it is compared with is the model's fp32 weights + its calibration activations (fp32, inputs and
 outputs of a layer) + one layer's fp64 input statistics. Prints one JSON object per stage and a markdown
 summary with the projection to a 32-layer (8B) or 80-layer (70B) run.
+
+``--shape 30b-a3b`` / ``8x7b``: a mixture-of-experts decoder with Qwen3-30B-A3B's shapes (hidden 2048, 32/4 heads of
+128, 128 experts of intermediate 768, 8 per token, 48 layers) or Mixtral-8x7B's (hidden 4096, 32/8 heads, 8 experts
+of 14336, 2 per token, 32 layers), its experts unfused into per-expert linears; the summary adds the tokens routed
+to each expert (min / median / max) and the experts calibrated on every token. ``--plan`` adds their memory plan.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ import time
 from typing import Iterator
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from eora_ft.compress import make_compressor
+from eora_ft.compress.experts import expert_projection_names, unfuse_experts
 from eora_ft.init.accounting import SequentialResult
 from eora_ft.init.sequential import compress_model
 from eora_ft.init import INITIALIZERS
@@ -39,6 +46,12 @@ SHAPES = {  # hidden, heads, kv heads, intermediate, layers of the real model
     "tiny": (256, 4, 2, 768, 4),  # the nano model's shapes: the smoke test that keeps this script working
 }
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# hidden, heads, kv heads, head dim, expert intermediate, experts, experts per token, layers, vocabulary
+MOE_SHAPES = {
+    "30b-a3b": (2048, 32, 4, 128, 768, 128, 8, 48, 151936),  # Qwen3-30B-A3B
+    "8x7b": (4096, 32, 8, 128, 14336, 8, 2, 32, 32000),  # Mixtral-8x7B
+    "tiny-moe": (256, 4, 2, 64, 256, 8, 2, 4, 8192),  # the smoke test's
+}
 
 
 class PeakRSS:
@@ -97,7 +110,48 @@ def instrument(sampler: PeakRSS, peaks: dict[str, int]) -> None:
         INITIALIZERS[name] = wrapped
 
 
+def build_moe_model(shape: str, layers: int, vocab: int):
+    """A Mixtral (``8x7b``) or Qwen3-MoE model with ``shape``'s decoder, random weights, experts unfused."""
+    hidden, heads, kv_heads, head_dim, intermediate, experts, top_k, _, _ = MOE_SHAPES[shape]
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  num_key_value_heads=kv_heads, head_dim=head_dim, num_experts_per_tok=top_k,
+                  max_position_embeddings=8192, tie_word_embeddings=False, initializer_range=0.02)
+    if shape == "8x7b":
+        config, cls = MixtralConfig(**common, intermediate_size=intermediate, num_local_experts=experts), MixtralForCausalLM
+    else:
+        config = Qwen3MoeConfig(**common, moe_intermediate_size=intermediate, intermediate_size=intermediate,
+                                num_experts=experts, decoder_sparse_step=1, mlp_only_layers=[])
+        cls = Qwen3MoeForCausalLM
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = cls(config).eval()
+    unfuse_experts(model)
+    return model
+
+
+def target_names(model) -> list[str]:
+    """The attention projections and the model's MLP (or expert) linears."""
+    return [*LINEARS[:4], *expert_projection_names(model.config.model_type)]
+
+
+def statistics_bytes(layer) -> int:
+    """fp64 ``X^T X`` of every distinct linear input of one decoder layer: q/k/v share one, gate/up (w1/w3) one."""
+    shared = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"})
+    seen, total = set(), 0
+    for name, module in layer.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        key = (parent, next((tuple(sorted(group)) for group in shared if leaf in group), leaf))
+        if key not in seen:
+            seen.add(key)
+            total += module.in_features ** 2 * 8
+    return total
+
+
 def build_model(shape: str, layers: int, vocab: int) -> LlamaForCausalLM:
+    if shape in MOE_SHAPES:
+        return build_moe_model(shape, layers, vocab)
     hidden, heads, kv_heads, intermediate, _ = SHAPES[shape]
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192,
@@ -112,8 +166,7 @@ def budget_bytes(model: LlamaForCausalLM, tokens: int) -> dict[str, int]:
     config = model.config
     weights = sum(p.numel() for p in model.parameters()) * 4
     activations = 2 * tokens * config.hidden_size * 4  # a layer's inputs and outputs, fp32
-    inputs = [config.hidden_size, config.hidden_size, config.hidden_size, config.intermediate_size]  # qkv, o, gate/up, down
-    statistics = sum(k * k * 8 for k in inputs)
+    statistics = statistics_bytes(model.model.layers[0])
     return {"weights": weights, "activations": activations, "statistics": statistics,
             "total": weights + activations + statistics}
 
@@ -160,6 +213,47 @@ def print_plan(tokens: int, batch_tokens: int) -> None:
     print_host_plan(tokens)
     print_training_plan()
     print_refine_plan(tokens, batch_tokens)
+    print_moe_plan(tokens, batch_tokens)
+
+
+def moe_plan(shape: str, tokens: int, batch_tokens: int, dtype_bytes: int = 2, rank: int = 16,
+             bits: int = 4, group_size: int = 128) -> dict[str, float]:
+    """GB to compress + initialise a mixture-of-experts model of ``shape`` layer by layer, and its adapter.
+
+    Accelerator: one decoder layer in the model dtype, the calibration activations (inputs and outputs), every
+    distinct input's fp64 ``X^T X`` of the layer at once (the one statistics pass holds each expert's gate/up and
+    down statistics: experts x (H^2 + I^2)), plus the largest linear's compressor working set. Host: the model in
+    its dtype. Packed: GPTQ ``bits`` with a scale and a zero point per ``group_size`` weights. LoRA: rank ``rank``
+    on every attention and expert linear; training state fp32 weights + gradients + Adam's two moments."""
+    hidden, heads, kv_heads, head_dim, intermediate, experts, _, layers, vocab = MOE_SHAPES[shape]
+    q, kv = heads * head_dim, kv_heads * head_dim
+    attention = 2 * hidden * q + 2 * hidden * kv
+    expert_params = experts * 3 * hidden * intermediate
+    layer_params = attention + expert_params + experts * hidden
+    model_params = layers * layer_params + 2 * vocab * hidden
+    statistics = (hidden**2 + q**2 + experts * (hidden**2 + intermediate**2)) * 8
+    widest = max(hidden, intermediate, q)
+    working = 2 * widest**2 * 8 + max(hidden, intermediate) * widest * (4 + 8)
+    activations = 2 * tokens * hidden * dtype_bytes
+    layer = layer_params * dtype_bytes
+    lora = layers * rank * (2 * (hidden + q) + 2 * (hidden + kv) + experts * 3 * (hidden + intermediate))
+    packed = layers * (attention + expert_params) * (bits + 2 * 16 / group_size) / 8
+    gb = 1e9
+    return {"params_b": model_params / 1e9, "layer": layer / gb, "statistics": statistics / gb,
+            "activations": activations / gb, "accelerator": (layer + statistics + activations + working) / gb,
+            "host": model_params * dtype_bytes / gb, "packed": packed / gb, "lora_params_m": lora / 1e6,
+            "lora_training": lora * 16 / gb}
+
+
+def print_moe_plan(tokens: int, batch_tokens: int) -> None:
+    print(f"\n| MoE model, bf16, {tokens} calibration tokens | params B | accelerator GB (compress + init) | of which one "
+          "layer / all experts' statistics / activations | host GB | packed 4-bit g128 GB | LoRA r16 on every expert: "
+          "params M / fp32 + Adam GB |\n|---|---|---|---|---|---|---|")
+    for shape in ("30b-a3b", "8x7b"):
+        plan = moe_plan(shape, tokens, batch_tokens)
+        print(f"| {shape} | {plan['params_b']:.1f} | {plan['accelerator']:.1f} | {plan['layer']:.2f} / "
+              f"{plan['statistics']:.2f} / {plan['activations']:.2f} | {plan['host']:.0f} | {plan['packed']:.1f} | "
+              f"{plan['lora_params_m']:.0f} / {plan['lora_training']:.1f} |")
 
 
 def host_plan(shape: str, tokens: int, bits: int = 4, group_size: int = 128, rank: int = 16) -> dict[str, float]:
@@ -241,7 +335,7 @@ def print_refine_plan(tokens: int, batch_tokens: int, seq_len: int = 2048) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--shape", choices=sorted(SHAPES | MOE_SHAPES), default="8b")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--tokens", type=int, default=1024, help="calibration tokens (sequences of --seq-len)")
@@ -283,8 +377,9 @@ def main() -> None:
                           generator=torch.Generator().manual_seed(1))
     options = {"bits": args.bits, "group_size": args.group_size, "sparsity": "2:4"}
     clock = time.perf_counter()
+    targets = target_names(model)
     result = compress_model(model, calib, make_compressor(args.compress, **options), ["eora"], rank=args.rank,
-                            target_modules=LINEARS, batch_size=1, execution_device=device, progress=False)
+                            target_modules=targets, batch_size=1, execution_device=device, progress=False)
     per_layer = {k: round(v / args.layers, 2) for k, v in {**result.stage_seconds,
                                                           **{f"init:{n}": s for n, s in result.init_seconds.items()}}.items()}
     stage("compress+eora", time.perf_counter() - clock, per_layer_seconds=per_layer,
@@ -292,7 +387,7 @@ def main() -> None:
 
     clock = time.perf_counter()
     factors = {path: per_init["eora"] for path, per_init in result.factors.items()}
-    peft_model = build_lora_model(model, factors, lora_config(args.rank, args.rank, 0.0, LINEARS))
+    peft_model = build_lora_model(model, factors, lora_config(args.rank, args.rank, 0.0, targets))
     stage("peft_wrap", time.perf_counter() - clock)
 
     peft_model.to(device).train()
@@ -304,7 +399,7 @@ def main() -> None:
     sampler.stop()
 
     peak = max(row["peak_host_gb"] for row in rows.values()) * 1e9
-    real_layers = SHAPES[args.shape][4]
+    real_layers = MOE_SHAPES[args.shape][7] if args.shape in MOE_SHAPES else SHAPES[args.shape][4]
     layer_seconds = rows["compress+eora"]["seconds"] / args.layers
     summary = {
         "shape": args.shape, "layers": args.layers, "vocab": args.vocab, "calibration_tokens": int(calib.numel()),
@@ -315,6 +410,11 @@ def main() -> None:
         "seconds_per_layer": round(layer_seconds, 1),
         f"projected_{args.shape}_hours": round(layer_seconds * real_layers / 3600, 2),
     }
+    if result.expert_routing:  # tokens routed to each expert, per layer: what the experts' statistics rest on
+        counts = sorted(count for report in result.expert_routing for count in report["routed_tokens"])
+        summary["expert_tokens"] = {"min": counts[0], "median": counts[len(counts) // 2], "max": counts[-1],
+                                    "experts": len(counts), "calibrated_on_every_token":
+                                        sum(len(report["all_token_experts"]) for report in result.expert_routing)}
     print(json.dumps(summary))
     print("\n| stage | seconds | peak host GB |\n|---|---|---|")
     for row in rows.values():

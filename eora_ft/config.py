@@ -23,6 +23,7 @@ from eora_ft.compress import COMPRESSORS, USES_BITS, USES_SPARSITY, PruneSpec
 from eora_ft.compress.nf4 import NF4_NEEDS, nf4_available
 from eora_ft.compress.quantizer import QuantSpec
 from eora_ft.compress.recompress import RECOMPRESS_METHODS as MERGE_METHODS
+from eora_ft.init.expert_calibration import DEFAULT_MIN_SHARE
 from eora_ft.init.sequential import CAPTURE_MODES
 from eora_ft.data.heldout import DEFAULT_PPL_DATASETS, heldout_texts
 from eora_ft.data.task_text import TASK_TEXT_FORMATS
@@ -183,6 +184,10 @@ class CompressionArguments:
         "help": "Compress q/k/v, then o, then gate/up, then down, re-collecting statistics from the partly compressed "
                 "layer (GPTQModel's default); false: every linear's statistics from one pass (llm-compressor's "
                 "scheme, a quarter faster, no worse on held-out text: BENCHMARKS.md)."})
+    expert_min_share: float = field(default=DEFAULT_MIN_SHARE, metadata={
+        "help": "Mixture-of-experts models: an expert routed fewer calibration tokens than this share of its uniform "
+                "share (routed tokens / experts) is calibrated on every token reaching its block (llm-compressor's "
+                "calibrate_all_experts, for that expert only); 0 = only experts routed no token. Logged per layer."})
     sparsity: str = field(default="2:4", metadata={"help": "sparsegpt / wanda / gptq+sparsegpt: 2:4, 4:8 or a ratio such as 0.5."})
     calib_dataset: str = field(
         default=f"{_ASSETS}/data/c4/c4_en_train_calib900.jsonl",
@@ -238,6 +243,9 @@ class CompressionArguments:
                              "does not quantize")
         if self.compress_method in USES_SPARSITY:
             PruneSpec.parse(self.sparsity)
+        if not 0.0 <= self.expert_min_share <= 1.0:
+            raise ValueError(f"expert_min_share={self.expert_min_share} must lie in [0, 1] (a share of an expert's "
+                             "uniform share of the routed calibration tokens; 0 = only experts routed none)")
         if self.act_order is None:
             self.act_order = self.compress_method == "gptq"
         if self.act_order and self.compress_method != "gptq":

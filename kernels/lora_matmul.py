@@ -85,6 +85,11 @@ class PackedLoraMatmul(torch.autograd.Function):
                 scaling: float, bias: torch.Tensor | None, packed: Packed | None = None,
                 force_fused: bool = False) -> torch.Tensor:
         tokens = x.numel() // x.shape[-1]
+        ctx.empty = tokens == 0
+        if ctx.empty:  # a mixture-of-experts expert no token was routed to, called so its adapters get zero
+            # gradients on every rank (FSDP2 and ZeRO-3 reduce the same tensors everywhere): nothing to compute
+            ctx.save_for_backward(x, lora_a, lora_b)
+            return x.new_zeros(*x.shape[:-1], lora_b.shape[0])
         # without autocast the LoRA term runs in the adapter's dtype (fp32 adapters on a bf16 base), as PEFT's
         # own layer does; under autocast packed_lora_linear has already cast everything to the autocast dtype
         u = x.to(lora_a.dtype) @ lora_a.t()  # [..., r]
@@ -113,6 +118,10 @@ class PackedLoraMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
+        if ctx.empty:
+            x, lora_a, lora_b = ctx.saved_tensors
+            grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+            return grad_x, None, torch.zeros_like(lora_a), torch.zeros_like(lora_b), None, None, None, None
         x, u, lora_a, lora_b, kept = ctx.saved_tensors
         s = ctx.scaling
         grad_y2 = grad_y.reshape(-1, grad_y.shape[-1])

@@ -10,20 +10,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_scale_bench_runs_every_stage_and_reports_its_memory_budget():
+def _scale_bench(shape: str, compress: str) -> list[dict]:
+    """The JSON lines ``scale_bench.py`` prints for ``shape`` at a toy size."""
     proc = subprocess.run(
-        [sys.executable, "benchmarks/scale_bench.py", "--shape", "tiny", "--vocab", "512", "--tokens", "128",
-         "--seq-len", "64", "--compress", "sparsegpt"],
+        [sys.executable, "benchmarks/scale_bench.py", "--shape", shape, "--vocab", "512", "--tokens", "128",
+         "--seq-len", "64", "--compress", compress],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
                                                                      "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_scale_bench_runs_every_stage_and_reports_its_memory_budget():
+    rows = _scale_bench("tiny", "sparsegpt")
     stages = [row.get("stage") for row in rows]
     assert stages[:4] == ["build", "compress+eora", "peft_wrap", "train_step"]
     compress = rows[1]
     assert {"statistics", "compressor", "errors", "init:eora"} <= set(compress["per_layer_seconds"])
     summary = rows[-1]
     assert summary["budget_gb"]["total"] > 0 and summary["peak_host_gb"] >= summary["start_host_gb"]
+
+
+def test_scale_bench_runs_a_mixture_of_experts_layer_and_counts_its_experts_tokens():
+    summary = _scale_bench("tiny-moe", "rtn")[-1]
+    tokens = summary["expert_tokens"]
+    assert tokens["experts"] == 8 and 0 <= tokens["min"] <= tokens["median"] <= tokens["max"] <= 128
+    assert summary["budget_gb"]["statistics"] > 0
 
 
 def test_gpu_check_dry_run_runs_every_part_on_the_cpu(tmp_path):

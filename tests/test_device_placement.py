@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from eora_ft.compress import COMPRESSORS, CompressedLinear, make_compressor
 from eora_ft.compress import nf4 as nf4_module
+from eora_ft.compress.experts import unfuse_experts
 from eora_ft.compress.io import load_compressed, save_compressed
 from eora_ft.init.sequential import compress_model
 from eora_ft.data.arc import MultipleChoiceItem
@@ -151,3 +152,35 @@ def test_adapters_follow_the_base_layer_device(bits):
     layer = peft_model.base_model.model.proj
     assert layer.lora_A["default"].weight.device.type == "meta"
     assert layer.lora_B["default"].weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_the_moe_path_creates_no_tensor_off_its_data_device(tmp_path, method):
+    """Unfused experts, per-expert statistics with the all-token fallback (1 x 6 tokens leave experts unrouted),
+    EoRA per expert, PEFT, training and the reload, under the meta default device."""
+    from tests.compress.test_experts import qwen3_moe
+
+    with _outside_eora_ft():
+        model = qwen3_moe()
+    moe_linears = [*LINEARS, "gate_proj", "up_proj", "down_proj"]
+    ids = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(5), device="cpu")
+    with _default_device_meta():
+        unfuse_experts(model, moe_linears)
+        result = compress_model(model, ids, make_compressor(method, bits=4, group_size=32), ["eora"], rank=4,
+                                target_modules=moe_linears, keep_stats=True, progress=False,
+                                execution_device="cpu", activations_device="cpu")
+        save_compressed(model, tmp_path / "base", {"method": method})
+        factors = {path: per_init["eora"] for path, per_init in result.factors.items()}
+        peft_model = build_lora_model(model, factors, lora_config(4, 8, 0.0, moe_linears))
+        peft_model.train()
+        losses = _train_two_steps(peft_model, ids)
+        save_adapter(peft_model, tmp_path / "adapter", str(tmp_path / "base"))
+        reloaded = load_adapter(load_compressed(tmp_path / "base"), tmp_path / "adapter")
+        peft_model.eval()
+        with torch.no_grad():
+            trained_logits = peft_model(input_ids=ids).logits
+            reloaded_logits = reloaded(input_ids=ids).logits
+    assert any(report["all_token_experts"] for report in result.expert_routing)
+    assert all(t.device.type == "cpu" for t in [*reloaded.parameters(), *reloaded.buffers()])
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert torch.allclose(trained_logits, reloaded_logits, atol=1e-5, rtol=1e-5)

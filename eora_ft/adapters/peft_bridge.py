@@ -6,6 +6,7 @@ writes the standard adapter files that plain PEFT reloads over the dequantized b
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from eora_ft.utils.atomic import atomic_directory
+from eora_ft.compress.experts import expert_owners, unfuse_experts
 from eora_ft.compress.linear import CompressedLinear
 from eora_ft.init import LowRankFactors, check_rank
 from eora_ft.kernels.lora_matmul import Packed, packed_lora_linear
@@ -235,7 +237,47 @@ def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = F
     A saved adapter is plain PEFT, but PEFT does not know our layer type: the custom-module mapping
     is registered on the loaded config here (a dequantized base needs none of this).
     """
-    check_adapter_fits(model, directory)
     config = LoraConfig.from_pretrained(str(directory))
+    targets = config.target_modules
+    unfuse_experts(model, sorted(targets) if isinstance(targets, (set, list, tuple)) else None)  # MoE: per-expert LoRA
+    check_adapter_fits(model, directory)
     config._register_custom_module({CompressedLinear: CompressedLoraLinear})
     return PeftModel.from_pretrained(model, str(directory), config=config, is_trainable=is_trainable)
+
+
+def _install_expert_aware_conversions() -> None:
+    """PEFT under transformers 5 rewrites the per-expert targets of Mixtral / Qwen-MoE adapters (``gate_proj``,
+    ``up_proj``, ``down_proj``, ``w1``...) into ``target_parameters`` on the fused 3-D expert tensors, and fuses such
+    adapters' weights on load, so that adapters trained on transformers 4's per-expert linears load on
+    transformers 5's fused experts. A model whose experts eora_ft unfused (:func:`eora_ft.compress.experts.unfuse_experts`)
+    has exactly the per-expert layout those adapters were made for: for such a model the conversion is skipped, on
+    every path that loads or wraps (``get_peft_model``, ``PeftModel.from_pretrained``, the Trainer's
+    ``load_adapter`` when it resumes or restores the best checkpoint); for any other model nothing changes. Installed
+    once, when this module is imported."""
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:  # a PEFT without the conversion converts nothing
+        return
+    config_fn = getattr(conversion, "convert_peft_config_for_transformers", None)
+    if config_fn is not None and not hasattr(config_fn, "_eora_ft_expert_aware"):
+        @functools.wraps(config_fn)
+        def convert_config(peft_config, model=None, *args, **kwargs):
+            if model is not None and expert_owners(model):
+                return None
+            return config_fn(peft_config, model, *args, **kwargs)
+
+        convert_config._eora_ft_expert_aware = True
+        conversion.convert_peft_config_for_transformers = convert_config
+    state_fn = getattr(conversion, "convert_peft_adapter_state_dict_for_transformers", None)
+    if state_fn is not None and not hasattr(state_fn, "_eora_ft_expert_aware"):
+        @functools.wraps(state_fn)
+        def convert_state(model, peft_config, adapter_state_dict, *args, **kwargs):
+            if expert_owners(model):
+                return adapter_state_dict
+            return state_fn(model, peft_config, adapter_state_dict, *args, **kwargs)
+
+        convert_state._eora_ft_expert_aware = True
+        conversion.convert_peft_adapter_state_dict_for_transformers = convert_state
+
+
+_install_expert_aware_conversions()

@@ -28,7 +28,7 @@ from .arguments import LegacyFlag, LegacyFlags, dashed, fields_of, parse_command
 logger = logging.getLogger("eora_ft")
 
 COMPRESSION_FIELDS = ["compress_method", "bits", "group_size", "sym", "grid_search", "damp_percent", "act_order",
-                      "true_sequential", "sparsity", "calib_dataset", "calib_num_samples", "calib_seq_len",
+                      "true_sequential", "expert_min_share", "sparsity", "calib_dataset", "calib_num_samples", "calib_seq_len",
                       "calib_seed", "calib_batch_size", "execution_device", "calib_activations_device"]
 MODEL_FIELDS = ["model_name_or_path", "dtype", "lora_target_modules"]
 
@@ -122,10 +122,12 @@ def compress_command(argv: list[str]) -> int:
     result = compress_model(model, calib, make_compressor(method, **options.compressor_options()),
                             target_modules=targets, batch_size=options.calib_batch_size,
                             true_sequential=options.true_sequential, progress=True,
+                            expert_min_share=options.expert_min_share,
                             execution_device=execution, activations_device=activations)
     print(error_table(result.layers))
     config = {"method": method, "description": options.describe(), "model": model_args.model_name_or_path,
               "options": options.compressor_options(), "true_sequential": options.true_sequential,
+              "expert_min_share": options.expert_min_share, "expert_routing": result.expert_routing,
               "calibration": {"dataset": options.calib_dataset, "num_samples": options.calib_num_samples,
                               "seq_len": options.calib_seq_len, "seed": options.calib_seed, "tokens": result.calib_tokens},
               "seconds": round(result.seconds, 2), "layers": result.layers}

@@ -32,6 +32,7 @@ import torch
 from eora_ft.compress import make_compressor
 from eora_ft.config import AdapterInitArguments, CompressionArguments, EoraModelConfig
 from eora_ft.init import REBASING_INITS, check_rank
+from eora_ft.init.expert_calibration import DEFAULT_MIN_SHARE
 from eora_ft.utils.placement import default_device
 
 from .arguments import LegacyFlag, LegacyFlags, dashed, fields_of, parse_command
@@ -168,6 +169,7 @@ def init_command(argv: list[str]) -> int:
     initial = initial_adapter(original, modules, compressor, calib, init_args, lora, calibration.calib_seed,
                               batch_size=calibration.calib_batch_size,
                               true_sequential=bool(meta.get("true_sequential", False)),
+                              expert_min_share=float(meta.get("expert_min_share", DEFAULT_MIN_SHARE)),
                               calib_seed=calibration.calib_seed, save_rewritten_base=save_rewritten_base,
                               execution_device=execution, activations_device=activations)
     del modules

@@ -199,7 +199,7 @@ def import_compressed_tensors(directory: str | os.PathLike, dtype: torch.dtype =
     del config.quantization_config  # rebuilt as a plain model carrying CompressedLinear layers
     tensors = _read_tensors(directory)
     prefixes = sorted(k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed"))
-    model = _build_model(config, dtype)
+    model = _build_model(config, dtype, module_paths=prefixes)
     state = {}
     for prefix in prefixes:
         args = _scheme_for(prefix, quant["config_groups"])

@@ -34,6 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from eora_ft.utils.atomic import atomic_directory
 
+from .experts import is_expert_linear_path, unfuse_experts
 from .gptq_format import ZERO_OFFSET, gptq_tensors, gptq_writer, layer_from_gptq
 from eora_ft.kernels.packing import pack_mask
 
@@ -134,14 +135,18 @@ def _require(directory: Path, names: list[str], what: str) -> None:
         raise FileNotFoundError(f"{directory} is not a {what}: missing {', '.join(missing)}")
 
 
-def _build_model(config, dtype: torch.dtype, attn_implementation: str | None = None) -> nn.Module:
+def _build_model(config, dtype: torch.dtype, attn_implementation: str | None = None, module_paths=()) -> nn.Module:
     """An architecture-only model: parameters on the meta device (no memory, no init), buffers that are
-    not saved (rotary frequencies) computed on the CPU; every parameter is assigned by :func:`_load_state`."""
+    not saved (rotary frequencies) computed on the CPU; every parameter is assigned by :func:`_load_state`.
+    When ``module_paths`` (the compressed modules a checkpoint lists) hold per-expert linears, the model's fused
+    mixture-of-experts experts are unfused to match (:func:`.experts.unfuse_experts`)."""
     from accelerate import init_empty_weights
 
     with torch.device("cpu"), init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.tie_weights()
+    if any(is_expert_linear_path(path) for path in module_paths):
+        unfuse_experts(model)
     return model
 
 
@@ -246,7 +251,7 @@ def load_compressed(directory: str | os.PathLike, dtype: torch.dtype = torch.flo
     meta, version = read_compression_config(directory)
     modules = meta["modules"]
     device = torch.device(device)
-    model = _build_model(AutoConfig.from_pretrained(directory), dtype, attn_implementation)
+    model = _build_model(AutoConfig.from_pretrained(directory), dtype, attn_implementation, modules)
     if device.type == "meta" and version >= 2 and not any(spec.get("kind") == "nf4" for spec in modules.values()):
         # the architecture only (FSDP2's CPU-RAM-efficient loading: the main process broadcasts the weights)
         for path, spec in modules.items():
@@ -418,7 +423,7 @@ def import_gptq(directory: str | os.PathLike, base_model: nn.Module | str | os.P
     prefixes = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
     if not prefixes:
         raise ValueError(f"{directory} holds no '*.qweight' tensor: not a GPTQ checkpoint")
-    model = _build_model(config, dtype)
+    model = _build_model(config, dtype, module_paths=prefixes)
     state = {}
     for prefix in prefixes:
         layer_tensors = {k: tensors.pop(f"{prefix}.{k}") for k in GPTQ_KEYS if f"{prefix}.{k}" in tensors}

@@ -47,6 +47,9 @@ class SequentialResult:
     base_replaced: bool = False  # an initializer's own base (LoftQ's Q_T) replaced the compressed linears
     error_curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     output_energies: dict[str, float] = field(default_factory=dict)  # ||W X^T||^2 per linear
+    # per mixture-of-experts block: {"layer", "experts", "routed_tokens": [per expert], "threshold",
+    # "all_token_experts": [calibrated on every token]} (eora_ft.init.expert_calibration)
+    expert_routing: list[dict] = field(default_factory=list)
 
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:

@@ -19,6 +19,7 @@ in :data:`~eora_ft.init.STATISTICS_INITS` (or a rebasing one over such a compres
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -28,11 +29,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eora_ft.compress import needs_statistics
+from eora_ft.compress.experts import is_expert_linear_path
 from eora_ft.compress.linear import set_module
 from eora_ft.compress.stats import ActivationStats, StatisticsComplete, StatsCollector
 
 from . import get_initializer, init_needs_statistics
 from .accounting import OutputError, SequentialResult
+from .expert_calibration import DEFAULT_MIN_SHARE, calibrate_under_routed, release
 from .factors import LowRankFactors
 
 
@@ -199,6 +202,7 @@ def compress_model(
     precompressed: dict[str, nn.Module] | None = None,
     output_errors: bool | None = None,
     before_layer: Callable[[int, nn.Module], None] | None = None,
+    expert_min_share: float = DEFAULT_MIN_SHARE,
 ) -> SequentialResult:
     """Compress every target linear of ``model`` in place and factor each init's correction.
 
@@ -230,6 +234,10 @@ def compress_model(
             its target linears are found (a merge turns its adapted linears into dense ``W_c + s B A`` there, one
             layer at a time). A compressor with a ``for_linear(path)`` method is asked for each linear's own
             compressor (a merge keeps each layer's grid and mask).
+        expert_min_share: a mixture-of-experts expert (unfused: :func:`eora_ft.compress.experts.unfuse_experts`)
+            routed fewer calibration tokens than this share of its uniform share is calibrated on every token
+            reaching its block (:mod:`eora_ft.init.expert_calibration`); the counts are in ``result.expert_routing``
+            and in its linears' rows (``routed_tokens``).
     Returns the factors on each layer's home device (fp32).
     """
     if capture not in CAPTURE_MODES:
@@ -276,32 +284,51 @@ def compress_model(
         if collect:
             with result.timed("statistics"):
                 collector = _collect(layer, inputs, linears, first_stage_only=true_sequential, run_on=run_on)
-            unreached = sorted(set(linears) - set(collector.stats))
+            # an expert the routed pass never reached is calibrated on every token below
+            unreached = sorted(name for name in set(linears) - set(collector.stats) if not is_expert_linear_path(name))
             if unreached:
                 raise ValueError(f"decoder layer {index}: no calibration activations reached {unreached}; "
                                  "they would stay uncompressed (a branch the calibration inputs never take?)")
-            stages = _stages_of(collector.stats)
+            stages = _stages_of(collector.stats, linears)
             # under true-sequential the later stages are re-collected from the partly compressed layer
             stats = {name: collector.stats[name] for name in (stages[0] if true_sequential else collector.stats)}
             energies = {name: collector.output_energy[name] for name in stats}
             del collector
         else:
             stages, stats, energies = [list(linears)], dict.fromkeys(linears), dict.fromkeys(linears)
+        decided: dict[str, dict] = {}
+        routed: dict[str, int] = {}
+
+        def under_routed(names: list[str]) -> None:
+            with result.timed("statistics"):
+                routed.update(calibrate_under_routed(
+                    layer, names, stats, energies, lambda subset: _collect(layer, inputs, subset, run_on=run_on),
+                    expert_min_share, decided, f"decoder layer {index}"))
+
+        if collect and not true_sequential:
+            under_routed(list(linears))
         for stage_index, stage in enumerate(stages):
-            if collect and true_sequential and stage_index:
-                with result.timed("statistics"):
-                    stage_collector = _collect(layer, inputs, {name: linears[name] for name in stage}, run_on=run_on)
-                stats.update(stage_collector.stats)
-                energies.update(stage_collector.output_energy)
-                del stage_collector  # its statistics must not outlive the layer
+            if collect and true_sequential:
+                if stage_index:
+                    with result.timed("statistics"):
+                        stage_collector = _collect(layer, inputs, {name: linears[name] for name in stage}, run_on=run_on)
+                    stats.update(stage_collector.stats)
+                    energies.update(stage_collector.output_energy)
+                    del stage_collector  # its statistics must not outlive the layer
+                under_routed(stage)
             for name in stage:
                 path = f"{prefix}.{index}.{name}"
                 # pop: the original fp32 linear goes as soon as its packed replacement is in
-                result.layers.append(_compress_linear(layer, name, linears.pop(name), stats.pop(name), energies.pop(name),
-                                                      context, path, home))
+                row = _compress_linear(layer, name, linears.pop(name), stats.pop(name), energies.pop(name), context,
+                                       path, home)
+                if name in routed:
+                    row["routed_tokens"] = routed[name]
+                result.layers.append(row)
                 if capture == "compensated":
                     factors = result.factors[path][init_methods[0]]
                     set_module(layer, name, _Compensated(layer.get_submodule(name), factors))
+        result.expert_routing.extend({"layer": index, **report} for report in decided.values())
+        release(layer)
         if collect:
             with result.timed("layer_outputs"):
                 inputs = _run_layer(layer, inputs, run_on=run_on, store_on=activations_device)
@@ -328,12 +355,32 @@ def _collect(layer: nn.Module, inputs, linears: dict[str, nn.Module], first_stag
     return collector
 
 
-def _stages_of(stats: dict[str, ActivationStats]) -> list[list[str]]:
-    """Linears grouped by shared statistics, in first-seen order (= execution order)."""
+_EXPERT_INDEX = re.compile(r"(^|\.)experts\.\d+\.")
+
+
+def _expert_pattern(name: str) -> str:
+    return _EXPERT_INDEX.sub(r"\1experts.N.", name)
+
+
+def _stages_of(stats: dict[str, ActivationStats], names=()) -> list[list[str]]:
+    """Linears grouped by shared statistics, in first-seen order (= execution order). The experts of a
+    mixture-of-experts block make one stage per projection (every expert's gate/up, then every expert's down:
+    true-sequential re-collects twice per block, not twice per expert), and a linear of ``names`` the routed
+    pass never reached (an expert no calibration token picked) joins its siblings' stage."""
     groups: dict[int, list[str]] = {}
     for name, entry in stats.items():
         groups.setdefault(id(entry), []).append(name)
-    return list(groups.values())
+    stages: dict[tuple[str, ...], list[str]] = {}
+    stage_of: dict[str, tuple[str, ...]] = {}
+    for group in groups.values():
+        key = tuple(sorted({_expert_pattern(name) for name in group}))
+        stages.setdefault(key, []).extend(group)
+        stage_of.update(dict.fromkeys(key, key))
+    for name in names:
+        if name not in stats:
+            key = stage_of.setdefault(_expert_pattern(name), (_expert_pattern(name),))
+            stages.setdefault(key, []).append(name)
+    return list(stages.values())
 
 
 class _Compensated(nn.Module):

@@ -28,6 +28,7 @@ from torch import nn
 
 from eora_ft.run.cache import META, model_fingerprint, read_meta, tensor_fingerprint
 from eora_ft.compress import make_compressor
+from eora_ft.compress.experts import expert_owners
 from eora_ft.compress.io import load_compressed, save_compressed
 from eora_ft.compress.packed_reader import compressed_linears
 from eora_ft.init.sequential import compress_model
@@ -55,21 +56,25 @@ def base_key_parts(model: nn.Module, model_args: EoraModelConfig, compress_args:
 
     ``calib`` is the compressor's int64 ``[samples, seq_len]`` calibration (None for ``none``)."""
     commit = getattr(model.config, "_commit_hash", None)
+    # the experts' calibration share matters only where there are experts: dense models' keys stay as they were
+    left_out = _NOT_IN_BASE_KEY | (set() if expert_owners(model) else {"expert_min_share"})
     return {
         "kind": "base",
         "model": model_fingerprint(model_dir, commit),
         "dtype": str(next(model.parameters()).dtype),
-        "compression": {k: v for k, v in dataclasses.asdict(compress_args).items() if k not in _NOT_IN_BASE_KEY},
+        "compression": {k: v for k, v in dataclasses.asdict(compress_args).items() if k not in left_out},
         "calibration": None if calib is None else {"tokens": tensor_fingerprint(calib), "shape": list(calib.shape)},
         "targets": model_args.lora_target_modules,
     }
 
 
 def init_key_parts(base_key: str, model_args: EoraModelConfig, init_args: AdapterInitArguments,
-                   adapter_calib: torch.Tensor | None, seed: int) -> dict:
+                   adapter_calib: torch.Tensor | None, seed: int, expert_min_share: float | None = None) -> dict:
     """What an initial adapter depends on: its base entry, the initializer, the LoRA shape, the adapter
     calibration tokens (int64 ``[samples, seq_len]``; None when the initializer reads none) and, for an
-    initializer that draws random numbers, the seed (so the seeds of a comparison share the others)."""
+    initializer that draws random numbers, the seed (so the seeds of a comparison share the others).
+    ``expert_min_share``: a mixture-of-experts model's (its adapter statistics depend on it; an imported base's
+    key does not hold it); None for a dense model, whose keys stay as they were."""
     if init_args.init_from_adapter:  # an existing adapter: its files are the whole input
         return {"kind": "init", "layout": INIT_LAYOUT, "base": base_key,
                 "from_adapter": model_fingerprint(init_args.init_from_adapter)}
@@ -86,6 +91,7 @@ def init_key_parts(base_key: str, model_args: EoraModelConfig, init_args: Adapte
         "lora": {"r": model_args.lora_r, "alpha": model_args.lora_alpha, "dropout": model_args.lora_dropout,
                  "targets": model_args.lora_target_modules},
         "seed": seed if init_args.init_method in SEEDED_INITS else None,
+        **({"expert_min_share": expert_min_share} if expert_min_share is not None else {}),
     }
 
 
@@ -105,10 +111,12 @@ def build_base(directory: Path, model: nn.Module, tokenizer, calib: torch.Tensor
     compressor = make_compressor(compress_args.compress_method, **compress_args.compressor_options())
     result = compress_model(model, calib, compressor, [], target_modules=model_args.lora_target_modules,
                             batch_size=compress_args.calib_batch_size, true_sequential=compress_args.true_sequential,
-                            progress=progress, execution_device=execution_device, activations_device=activations_device)
+                            progress=progress, execution_device=execution_device, activations_device=activations_device,
+                            expert_min_share=compress_args.expert_min_share)
     save_compressed(model, directory / BASE_DIR, {**_compression_config(compress_args),
                                                   "calib_tokens": result.calib_tokens}, tokenizer=tokenizer)
     return {"calib_tokens": result.calib_tokens, "layers": result.layers, "compress_seconds": result.seconds,
+            "expert_routing": result.expert_routing,
             "stage_seconds": result.stage_seconds, "build_seconds": time.perf_counter() - start,
             "compression": compress_args.describe()}
 
@@ -150,6 +158,7 @@ def build_init(directory: Path, base_entry: Path, original: Callable[[], nn.Modu
                                                               **compress_args.compressor_options()),
                               adapter_calib, init_args, model_args, seed, batch_size=compress_args.calib_batch_size,
                               true_sequential=compress_args.true_sequential, calib_seed=compress_args.calib_seed,
+                              expert_min_share=compress_args.expert_min_share,
                               save_rewritten_base=save_rewritten_base, execution_device=execution_device,
                               activations_device=activations_device, progress=progress)
     del modules
@@ -205,7 +214,8 @@ def export_base(init_entry: Path, directory: Path, tokenizer=None,
 
 def _compression_config(compress_args: CompressionArguments) -> dict:
     return {"method": compress_args.compress_method, **compress_args.compressor_options(),
-            "description": compress_args.describe(), "true_sequential": compress_args.true_sequential}
+            "description": compress_args.describe(), "true_sequential": compress_args.true_sequential,
+            "expert_min_share": compress_args.expert_min_share}
 
 
 def base_directory(init_entry: Path) -> Path | None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from eora_ft.adapters.peft_bridge import build_lora_model, lora_config
 from eora_ft.config import AdapterInitArguments, EoraModelConfig
+from eora_ft.init.expert_calibration import DEFAULT_MIN_SHARE
 from eora_ft.init.sequential import compress_model, find_decoder_layers, target_linears
 from eora_ft.utils.placement import fits_on
 
@@ -42,6 +43,7 @@ class InitialAdapter:
 def initial_adapter(model: nn.Module, compressed: dict[str, nn.Module], compressor, adapter_calib: torch.Tensor,
                     init_args: AdapterInitArguments, model_args: EoraModelConfig, seed: int, *, batch_size: int,
                     true_sequential: bool, calib_seed: int, save_rewritten_base: Callable[[nn.Module], None],
+                    expert_min_share: float = DEFAULT_MIN_SHARE,
                     execution_device: torch.device | None = None, activations_device: torch.device | None = None,
                     progress: bool = True) -> InitialAdapter:
     """Factor ``W - W_c`` for every linear of ``compressed`` and return the PEFT model holding the factors.
@@ -67,6 +69,7 @@ def initial_adapter(model: nn.Module, compressed: dict[str, nn.Module], compress
     method = init_args.init_method
     result = compress_model(model, adapter_calib, compressor, [method], rank=rank, init_options=init_args.options(),
                             target_modules=targets, batch_size=batch_size, seed=seed, true_sequential=true_sequential,
+                            expert_min_share=expert_min_share,
                             factor_bits=init_args.factor_bits, capture=init_args.capture, base_from=method,
                             progress=progress, execution_device=execution_device,
                             activations_device=activations_device, precompressed=compressed,

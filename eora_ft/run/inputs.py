@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eora_ft.compress import USES_BITS
+from eora_ft.compress.experts import unfuse_experts
 from eora_ft.config import AdapterInitArguments, CompressionArguments, EoraModelConfig, TaskArguments
 from eora_ft.data import resolve_path
 from eora_ft.data.file_checks import check_data_file
@@ -88,6 +89,7 @@ def load_model(model_args: EoraModelConfig, device: torch.device | str | None = 
         path, revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation,
     )
     check_finite_weights(model)
+    unfuse_experts(model, model_args.lora_target_modules)  # mixture-of-experts: one linear per expert matrix
     return tokenizer, model
 
 

@@ -70,7 +70,9 @@ from eora_ft.run.merge_run import merge_directory
 from eora_ft.run.report import init_description, write_model_card, write_results
 from eora_ft.run.training_home import training_home, unsharded_copy
 from eora_ft.eval.tasks import get_task
+from eora_ft.compress.experts import expert_owners
 from eora_ft.init.coverage import compression_coverage
+from eora_ft.init.expert_calibration import describe_routing
 from eora_ft.train.trainer import divergence, release_training_state, train_adapters, training_summary
 
 logger = logging.getLogger("eora_ft")
@@ -259,6 +261,7 @@ def run(task_args: TaskArguments, compress_args: CompressionArguments, init_args
                 "model": model_args.model_name_or_path,
                 "compression": built.get("compression", compress_args.describe()),
                 "decoder weights compressed": built.get("decoder weights compressed", "–"),
+                **({"compressor calibration, experts": built["expert tokens"]} if built.get("expert tokens") else {}),
                 "init": init_label,
                 "calibration tokens": built.get("calib_tokens", "–"),
                 "adapter calibration tokens": meta["adapter_calib_tokens"],
@@ -368,7 +371,8 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
             task_fraction=init_args.adapter_calib_task_fraction, seed=compress_args.calib_seed)
     base_key = base_entry.name if imported else cache_key(
         base_key_parts(model, model_args, compress_args, calib, resolve_path(model_args.model_name_or_path)))
-    init_key = cache_key(init_key_parts(base_key, model_args, init_args, adapter_calib, training_args.seed))
+    init_key = cache_key(init_key_parts(base_key, model_args, init_args, adapter_calib, training_args.seed,
+                                        compress_args.expert_min_share if expert_owners(model) else None))
     consumed = False  # building the base compresses the loaded model in place
 
     def original():
@@ -398,7 +402,8 @@ def _compress_on_main(state, task_args: TaskArguments, compress_args: Compressio
             entry=cache_root / init_key))
     built = {"base": "built" if base_built else "hit", "init": "built" if init_built else "hit",
              "decoder weights compressed": "0.0%" if uncompressed else coverage.summary(),
-             "calib_tokens": read_meta(base_entry)["calib_tokens"], "compression": read_meta(base_entry)["compression"]}
+             "calib_tokens": read_meta(base_entry)["calib_tokens"], "compression": read_meta(base_entry)["compression"],
+             "expert tokens": describe_routing(read_meta(base_entry).get("expert_routing"))}
     if imported:  # what the adapters name as their base: the user's checkpoint, nothing exported
         built["adapter_base"] = (imported.name, imported.format)
         built["adapter_revision"] = imported.commit  # a hub checkpoint: the commit it was trained on

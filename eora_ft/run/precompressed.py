@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from eora_ft.compress.experts import unfuse_experts
 from eora_ft.compress.formats import detect_format, import_model
 from eora_ft.compress.io import (
     COMPRESSOR_OPTIONS,
@@ -230,6 +231,7 @@ def _original_linears(original: nn.Module | PretrainedConfig, targets: list[str]
 
         with init_empty_weights():
             original = AutoModelForCausalLM.from_config(original)
+        unfuse_experts(original, targets)  # as the loaded model will be: per-expert linears
     prefix, layers = find_decoder_layers(original)
     return {f"{prefix}.{index}.{name}": (linear.out_features, linear.in_features)
             for index, layer in enumerate(layers) for name, linear in target_linears(layer, targets).items()}

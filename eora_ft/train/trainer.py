@@ -15,6 +15,7 @@ from torch import nn
 from trl import SFTConfig, SFTTrainer
 
 from eora_ft.adapters.peft_bridge import trainable_summary
+from eora_ft.compress.experts import ExpertLinears, expert_owners
 from eora_ft.train.adapter_trainer import AdapterSFTTrainer
 from eora_ft.train.checkpoints import agree_on_resume, last_complete_checkpoint  # noqa: F401 (re-exported)
 from eora_ft.train.distributed import fsdp2_requested
@@ -47,6 +48,7 @@ def train_adapters(model: nn.Module, tokenizer, train_dataset: datasets.Dataset,
     # decided before the Trainer exists: a refusal here costs nothing, and every rank refuses together
     resume = agree_on_resume(PartialState(), args.output_dir, args.save_on_each_node,
                              saves_checkpoints=args.save_strategy != "no")
+    mark_expert_blocks_for_zero3(model)
     sharded = fsdp2_requested()
     if sharded:
         packed_as_parameters(model)
@@ -64,6 +66,21 @@ def train_adapters(model: nn.Module, tokenizer, train_dataset: datasets.Dataset,
         logger.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
+
+
+def mark_expert_blocks_for_zero3(model: nn.Module) -> bool:
+    """Make each mixture-of-experts block a ZeRO-3 leaf: its parameters are gathered together when the block runs.
+    Otherwise ZeRO-3 gathers per expert as the forward reaches it, and ranks whose tokens reach different experts
+    (evaluation, where only routed experts run) would wait in different collectives. Marks only (harmless without
+    ZeRO-3); returns whether there was a block to mark."""
+    if not expert_owners(model):
+        return False
+    try:
+        from deepspeed.utils import set_z3_leaf_modules
+    except ImportError:  # no DeepSpeed, no ZeRO-3
+        return False
+    set_z3_leaf_modules(model, [ExpertLinears])
+    return True
 
 
 def loss_history(trainer: SFTTrainer, key: str = "loss") -> list[dict]:

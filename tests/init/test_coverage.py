@@ -66,10 +66,13 @@ def _rtn():
     return make_compressor("rtn", bits=4, group_size=32)
 
 
-def test_eora_ft_compress_logs_the_warning_and_prints_the_share(tmp_path, capsys, caplog):
+def test_eora_ft_compress_compresses_the_experts_and_warns_when_the_targets_leave_them_out(tmp_path, capsys, caplog):
+    import json
     import shutil
 
     from eora_ft.cli import main
+    from eora_ft.compress.io import load_compressed
+    from eora_ft.compress.linear import CompressedLinear
 
     nano = "eora_ft/assets/models/nano-llama-5m"  # its tokenizer: the model gets its vocabulary size
     model_dir = tmp_path / "mixtral"
@@ -78,9 +81,18 @@ def test_eora_ft_compress_logs_the_warning_and_prints_the_share(tmp_path, capsys
                                      num_experts_per_tok=2)).save_pretrained(model_dir)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(f"{nano}/{name}", model_dir / name)
+    common = ["compress", "--model_name_or_path", str(model_dir), "--compress_method", "rtn", "--bits", "4",
+              "--group_size", "32", "--calib_num_samples", "2", "--calib_seq_len", "16"]
+    mixtral_linears = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]  # Mixtral's experts: w1, w3, w2
     with caplog.at_level(logging.WARNING, logger="eora_ft"):
-        assert main(["compress", "--model_name_or_path", str(model_dir), "--compress_method", "rtn", "--bits", "4",
-                     "--group_size", "32", "--calib_num_samples", "2", "--calib_seq_len", "16",
-                     "--output_dir", str(tmp_path / "out")]) == 0
-    assert sum("3-D expert parameter" in message for message in caplog.messages) == 1
-    assert '"decoder_weights_compressed": "' in capsys.readouterr().out
+        assert main([*common, "--lora_target_modules", *mixtral_linears, "--output_dir", str(tmp_path / "all")]) == 0
+        everything = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert not any("stay dense" in message for message in caplog.messages)
+        assert main([*common, "--output_dir", str(tmp_path / "llama_names")]) == 0  # the default: Llama's names
+    warnings = [message for message in caplog.messages if "3-D expert parameter" in message]
+    assert len(warnings) == 1 and "add w1, w3, w2 to lora_target_modules" in warnings[0]
+    router = 2 * 4 * 64
+    assert everything["decoder_weights_compressed"] == \
+        f"{1 - router / (2 * (64 * 64 * 2 + 32 * 64 * 2) + 2 * 4 * 3 * 64 * 96 + router):.1%} (dense: mlp.gate.weight 0.3%)"
+    loaded = load_compressed(tmp_path / "all")  # the per-expert modules load back into an unfused model
+    assert isinstance(loaded.model.layers[1].mlp.experts[3].w3, CompressedLinear)

@@ -35,6 +35,23 @@ def test_gradients_match_autograd_through_the_reference(shape, with_bias):
         assert torch.allclose(got, want, atol=1e-10)
 
 
+def test_no_token_gives_an_empty_output_and_zero_adapter_gradients_without_touching_the_weight():
+    """A mixture-of-experts expert no token was routed to is still called in training: its adapters need a
+    gradient (zero) on every rank, and its packed weight must not be dequantized for nothing."""
+    a = torch.randn(4, 64, requires_grad=True)
+    b = torch.randn(24, 4, requires_grad=True)
+    x = torch.randn(0, 64, requires_grad=True)
+
+    def weight(dtype):
+        raise AssertionError("dequantized for an empty input")
+
+    y = packed_lora_linear(x, weight, a, b, 0.5, torch.ones(24))
+    assert y.shape == (0, 24) and y.dtype == x.dtype
+    y.sum().backward()
+    assert torch.equal(a.grad, torch.zeros_like(a)) and torch.equal(b.grad, torch.zeros_like(b))
+    assert x.grad.shape == (0, 64)
+
+
 def test_adapter_layer_uses_the_fused_path_with_the_same_result(nano_model_and_tokenizer):
     from eora_ft.compress import make_compressor
     from eora_ft.init.sequential import compress_model
