@@ -151,7 +151,8 @@ def headline_table(rows: list[dict]) -> str:
 
 def seed_table(rows: list[dict]) -> str:
     """Per recipe and compression, over its seeds: each merge's share of the adapter's change kept (headline
-    metric) and its KL to the unmerged model, mean ± sample std (± 0 with one seed)."""
+    metric) and its KL to the unmerged model, mean ± sample std (± 0 with one seed). A share rests only on the seeds
+    whose adapter moved the metric by more than ``MIN_CHANGE``: fewer than all are named in the cell."""
     runs: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         runs.setdefault((row["recipe"], row["compression"]), []).append(row)
@@ -160,11 +161,15 @@ def seed_table(rows: list[dict]) -> str:
     for (recipe, compression), members in runs.items():
         key, cells = HEADLINE[recipe], []
         for name in names:
-            share = mean_std([kept_share(r["stages"][BARE][key], r["stages"][REFERENCE][key], r["stages"][name][key])
-                              for r in members if name in r["stages"]])
+            shares = [kept_share(r["stages"][BARE][key], r["stages"][REFERENCE][key], r["stages"][name][key])
+                      for r in members if name in r["stages"]]
+            share = mean_std(shares)
+            defined = sum(value is not None for value in shares)
+            # a seed whose adapter moved the metric by less than MIN_CHANGE has no share: say what the mean rests on
+            count = "" if defined == len(shares) else f" ({defined} of {len(shares)} seeds)"
             kl = mean_std([r["stages"][name]["kl"] for r in members if name in r["stages"]])
-            cells.append("–" if share is None else f"{100 * share[0]:.0f} ± {100 * share[1]:.0f}%, "
-                         f"KL {kl[0]:.4f} ± {kl[1]:.4f}")
+            cells.append(f"–, KL {kl[0]:.4f} ± {kl[1]:.4f}" if share is None else
+                         f"{100 * share[0]:.0f} ± {100 * share[1]:.0f}%{count}, KL {kl[0]:.4f} ± {kl[1]:.4f}")
         lines.append(f"| {recipe} | {compression} | {len(members)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -9,7 +9,9 @@ dequantized (about 30 s; cached under ``$TORCH_EXTENSIONS_DIR``, default ``~/.ca
 rebuilt when the source changes), for the baseline x86-64/arm64 instruction set, so a cache shared between
 CPU models stays valid (``ninja``, which the build runs, comes from its pip wheel where the system has none).
 Without a compiler the reference runs, with one warning. ``EORA_FT_CPU_EXTENSION=0``
-forces the reference.
+forces the reference. A build killed midway (Ctrl-C, a scheduler's SIGTERM) leaves torch's ``lock`` file in the
+build directory, and torch then waits for it forever in every later process: a lock older than
+:data:`STALE_LOCK_SECONDS` is removed, with a warning, before the build.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +32,7 @@ DISABLE_ENV = "EORA_FT_CPU_EXTENSION"
 EXTENSION_NAME = "eora_ft_dequant_cpu"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "dequant_cpu.cpp"
 _OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STALE_LOCK_SECONDS = 600  # a build takes ~30 s: a lock this old belongs to a process that died while building
 _loaded: dict[str, object] = {}
 
 
@@ -43,6 +47,7 @@ def extension():
             from torch.utils.cpp_extension import load
 
             _put_ninja_on_path()
+            _remove_stale_lock()
             logger.info("building the CPU dequantize extension %s (once per source version, ~30 s)", EXTENSION_NAME)
             module = load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
                           extra_ldflags=["-fopenmp"], verbose=False)
@@ -52,6 +57,24 @@ def extension():
                            type(err).__name__, err, DISABLE_ENV)
     _loaded["module"] = module
     return module
+
+
+def _remove_stale_lock(now: float | None = None) -> bool:
+    """Remove torch's build ``lock`` for this extension when it is older than :data:`STALE_LOCK_SECONDS`; returns
+    whether one was removed. A younger lock is another process building now: torch waits for it."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(EXTENSION_NAME, verbose=False)) / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_SECONDS:
+        return False
+    logger.warning("removing %s, left %.0f s ago by a build that did not finish (a killed process): torch would "
+                   "wait for it forever", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def _put_ninja_on_path() -> None:

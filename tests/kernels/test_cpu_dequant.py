@@ -75,3 +75,20 @@ def test_the_pip_ninja_is_put_on_path_when_the_system_has_none(monkeypatch):
     assert shutil.which("ninja") is None
     cpu_dequant._put_ninja_on_path()
     assert shutil.which("ninja") == str(Path(ninja.BIN_DIR) / "ninja")
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch, caplog):
+    """torch waits forever on the lock file of a build that died; one from a build running now must stay."""
+    import os
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(cpu_dequant.EXTENSION_NAME, verbose=False)) / "lock"
+    lock.touch()
+    assert not cpu_dequant._remove_stale_lock() and lock.exists()  # just made: a build in progress
+    old = lock.stat().st_mtime - cpu_dequant.STALE_LOCK_SECONDS - 1
+    os.utime(lock, (old, old))
+    with caplog.at_level("WARNING"):
+        assert cpu_dequant._remove_stale_lock()
+    assert not lock.exists() and "did not finish" in caplog.text
