@@ -27,6 +27,7 @@ from torch import nn
 _LAYOUT_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
 # an expert's (gate, up, down) linears where the model type's conversion mapping names none
 DEFAULT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+_EXPERT_INDEX = re.compile(r"(^|\.)experts\.\d+\.")
 _EXPERT_PATH = re.compile(r"(^|\.)experts\.\d+\.[A-Za-z_]\w*$")
 
 
@@ -42,6 +43,11 @@ def is_fused_experts(module: nn.Module) -> bool:
 def is_expert_linear_path(path: str) -> bool:
     """True for ``...experts.{e}.{name}`` (a linear of an unfused expert)."""
     return _EXPERT_PATH.search(path) is not None
+
+
+def expert_pattern(name: str) -> str:
+    """``mlp.experts.N.w1`` for ``mlp.experts.7.w1``: the same name for every expert of a block."""
+    return _EXPERT_INDEX.sub(r"\1experts.N.", name)
 
 
 def _leaf(pattern: str) -> str | None:

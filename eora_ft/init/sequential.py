@@ -19,7 +19,6 @@ in :data:`~eora_ft.init.STATISTICS_INITS` (or a rebasing one over such a compres
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -29,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eora_ft.compress import needs_statistics
-from eora_ft.compress.experts import is_expert_linear_path
+from eora_ft.compress.experts import expert_pattern, is_expert_linear_path
 from eora_ft.compress.linear import set_module
 from eora_ft.compress.stats import ActivationStats, StatisticsComplete, StatsCollector
 
@@ -355,13 +354,6 @@ def _collect(layer: nn.Module, inputs, linears: dict[str, nn.Module], first_stag
     return collector
 
 
-_EXPERT_INDEX = re.compile(r"(^|\.)experts\.\d+\.")
-
-
-def _expert_pattern(name: str) -> str:
-    return _EXPERT_INDEX.sub(r"\1experts.N.", name)
-
-
 def _stages_of(stats: dict[str, ActivationStats], names=()) -> list[list[str]]:
     """Linears grouped by shared statistics, in first-seen order (= execution order). The experts of a
     mixture-of-experts block make one stage per projection (every expert's gate/up, then every expert's down:
@@ -373,12 +365,12 @@ def _stages_of(stats: dict[str, ActivationStats], names=()) -> list[list[str]]:
     stages: dict[tuple[str, ...], list[str]] = {}
     stage_of: dict[str, tuple[str, ...]] = {}
     for group in groups.values():
-        key = tuple(sorted({_expert_pattern(name) for name in group}))
+        key = tuple(sorted({expert_pattern(name) for name in group}))
         stages.setdefault(key, []).extend(group)
         stage_of.update(dict.fromkeys(key, key))
     for name in names:
         if name not in stats:
-            key = stage_of.setdefault(_expert_pattern(name), (_expert_pattern(name),))
+            key = stage_of.setdefault(expert_pattern(name), (expert_pattern(name),))
             stages.setdefault(key, []).append(name)
     return list(stages.values())
 
